@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+import orjson
+import pytest
+
+from trackbuf import codec
+from trackbuf.events import Event, new_event, uuid7, uuid7_time
+
+
+def sample(**changes: object) -> Event:
+    base = new_event(
+        "click", "spring-sale", "user-42", url="https://shop.example/a?b=1",
+        user_agent="Mozilla/5.0 (iPhone)", ip="203.0.113.9",
+    )  # fmt: skip
+    fields = {**{f: getattr(base, f) for f in base.__slots__}, **changes}
+    return Event(**fields)  # type: ignore[arg-type]
+
+
+def test_job_round_trip_keeps_every_field() -> None:
+    events = [sample(), sample(kind="open", url=None, user_agent=None, ip=None)]
+    body = codec.encode_job([codec.encode_event(e) for e in events])
+    assert codec.decode_job(body) == events
+    assert codec.event_count(body) == 2
+
+
+def test_occurred_at_is_utc_with_microseconds() -> None:
+    event = sample(occurred_at=datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC))
+    item = orjson.loads(codec.encode_event(event))
+    assert item["t"] == "2026-01-02T03:04:05.678901Z"
+    assert codec.decode_event(item).occurred_at == event.occurred_at
+
+
+def test_unknown_version_is_rejected() -> None:
+    body = orjson.dumps({"v": 2, "n": 0, "e": []})
+    with pytest.raises(codec.CodecError, match="unsupported wire version 2"):
+        codec.decode_job(body)
+    assert codec.event_count(body) is None
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"\xff\xfe", "not JSON"),
+        (b"[]", "not a JSON object"),
+        (b'{"v":1,"n":1}', "no event list"),
+        (b'{"v":1,"n":3,"e":[]}', "does not match"),
+    ],
+)
+def test_broken_frames_name_the_problem(body: bytes, reason: str) -> None:
+    with pytest.raises(codec.CodecError, match=reason):
+        codec.decode_job(body)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"k": "bounce"}, "bad kind"),
+        ({"id": "nope"}, "bad event id"),
+        ({"t": "yesterday"}, "bad timestamp"),
+        ({"t": "2026-01-01T00:00:00"}, "no time zone"),
+        ({"c": 7}, "'c' must be a string"),
+        ({"ua": ["x"]}, "'ua' must be a string or null"),
+    ],
+)
+def test_bad_events_name_the_field(change: dict[str, object], reason: str) -> None:
+    item = {**orjson.loads(codec.encode_event(sample())), **change}
+    with pytest.raises(codec.CodecError, match=reason):
+        codec.decode_event(item)
+
+
+def test_event_count_only_trusts_our_frame() -> None:
+    good = codec.encode_job([codec.encode_event(sample())] * 3)
+    assert codec.event_count(good) == 3
+    assert codec.event_count(good[:-1]) is None  # truncated
+    assert codec.event_count(b'{"n":3,"v":1,"e":[]}') is None  # not our byte layout
+
+
+def test_empty_job_is_refused() -> None:
+    with pytest.raises(codec.CodecError):
+        codec.encode_job([])
+
+
+def test_uuid7_is_version_7_and_time_ordered() -> None:
+    first = uuid7(1_700_000_000_000)
+    second = uuid7(1_700_000_000_001)
+    assert first.version == 7
+    assert first.variant == uuid.RFC_4122
+    assert first < second
+    assert uuid7_time(first) == datetime.fromtimestamp(1_700_000_000, tz=UTC)

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import pytest
+
+from consumer.sql import parse
+from ingest.pixel import GIF
+from trackbuf.events import MAX_USER_AGENT, clean_ip, new_event
+
+
+@pytest.mark.parametrize(
+    ("raw", "mode", "stored"),
+    [
+        ("203.0.113.77", "full", "203.0.113.77"),
+        ("203.0.113.77", "anonymize", "203.0.113.0"),
+        ("2001:db8:abcd:12:1:2:3:4", "anonymize", "2001:db8:abcd::"),
+        ("203.0.113.77", "drop", None),
+        ("not an ip", "full", None),
+        (None, "full", None),
+    ],
+)
+def test_ip_policy(raw: str | None, mode: str, stored: str | None) -> None:
+    assert clean_ip(raw, mode) == stored
+
+
+def test_user_agent_is_clipped() -> None:
+    event = new_event("open", "c", "r", user_agent="x" * 10_000)
+    assert event.user_agent is not None and len(event.user_agent) == MAX_USER_AGENT
+
+
+def test_pixel_is_a_43_byte_gif() -> None:
+    assert len(GIF) == 43 and GIF.startswith(b"GIF89a")
+
+
+def test_named_queries_parse() -> None:
+    text = "-- preamble\n-- name: a\nSELECT 1;\n\n-- name: b\nSELECT\n 2;\n"
+    assert parse(text) == {"a": "SELECT 1", "b": "SELECT\n 2"}
+    with pytest.raises(ValueError, match="defined twice"):
+        parse("-- name: a\nSELECT 1;\n-- name: a\nSELECT 2;\n")
+
+
+def test_log_lines_stay_on_one_line() -> None:
+    from trackbuf.log import kv
+
+    line = kv("dead_letter", reason='bad "x"\nDETAIL: row', n=3)
+    assert "\n" not in line
+    assert line == 'event=dead_letter reason="bad \\"x\\"\\nDETAIL: row" n=3'

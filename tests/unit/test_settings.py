@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import pytest
+
+from trackbuf.settings import Settings, SettingsError, as_environ, load
+
+
+def test_defaults_follow_the_design() -> None:
+    settings = load({})
+    assert settings.beanstalkd == "127.0.0.1:11300"
+    assert settings.tube == "trackbuf-events"
+    assert settings.threads == 4 and settings.batch_size == 1000 and settings.linger_ms == 200
+
+
+def test_environment_is_read_and_flags_win() -> None:
+    env = {"TRACKBUF_THREADS": "8", "TRACKBUF_BURST": "yes", "TRACKBUF_LINGER_MS": "5"}
+    settings = load(env, overrides={"threads": 2})
+    assert settings.threads == 2
+    assert settings.burst is True
+    assert settings.linger_ms == 5
+
+
+def test_round_trip_through_the_environment() -> None:
+    settings = load({}, overrides={"threads": 3, "trust_forwarded": True, "ip_mode": "drop"})
+    assert load(as_environ(settings)) == settings
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"TRACKBUF_THREADS": "many"}, "TRACKBUF_THREADS must be a number"),
+        ({"TRACKBUF_THREADS": "0"}, "TRACKBUF_THREADS must be at least 1"),
+        ({"TRACKBUF_BEANSTALKD": "localhost"}, "TRACKBUF_BEANSTALKD must be host:port"),
+        ({"TRACKBUF_IP_MODE": "hash"}, "TRACKBUF_IP_MODE"),
+        ({"TRACKBUF_BURST": "maybe"}, "must be a boolean"),
+        ({"TRACKBUF_PUBLIC_URL": "t.example.com"}, "must start with http"),
+    ],
+)
+def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        load(env)
+
+
+def test_settings_are_frozen() -> None:
+    settings = Settings()
+    with pytest.raises(AttributeError):
+        settings.threads = 9  # type: ignore[misc]
+
+
+def test_missing_database_is_a_clear_error() -> None:
+    with pytest.raises(SettingsError, match="TRACKBUF_DATABASE_URL is not set"):
+        Settings().require_database()

@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+import pytest
+
+from trackbuf import links, tokens
+from trackbuf.tokens import InvalidToken, Keyring, KeyringError, LinkError, LinkPayload
+
+OLD = "old:0123456789abcdef-old-secret"
+NEW = "new:fedcba9876543210-new-secret"
+
+
+def click(url: str = "https://example.com/landing?x=1") -> LinkPayload:
+    return LinkPayload("click", "camp", "rcpt-1", url)
+
+
+def test_round_trip() -> None:
+    keys = Keyring.parse(OLD)
+    for payload in (LinkPayload("open", "camp", "rcpt-1"), click()):
+        token = tokens.sign(keys, payload)
+        assert tokens.verify(keys, token, payload.kind) == payload
+
+
+def test_tampering_with_any_character_is_rejected() -> None:
+    keys = Keyring.parse(OLD)
+    token = tokens.sign(keys, click())
+    for i, ch in enumerate(token):
+        for replacement in {"A", "b", "_", "-", "0"} - {ch}:
+            forged = token[:i] + replacement + token[i + 1 :]
+            with pytest.raises(InvalidToken):
+                tokens.verify(keys, forged, "click")
+
+
+def test_unknown_kid_is_rejected() -> None:
+    token = tokens.sign(Keyring.parse(OLD), click())
+    with pytest.raises(InvalidToken) as info:
+        tokens.verify(Keyring.parse(NEW), token, "click")
+    assert info.value.reason == "unknown_kid"
+
+
+def test_same_kid_other_secret_is_a_bad_signature() -> None:
+    token = tokens.sign(Keyring.parse("k1:secret-number-one-xxxx"), click())
+    with pytest.raises(InvalidToken) as info:
+        tokens.verify(Keyring.parse("k1:secret-number-two-xxxx"), token, "click")
+    assert info.value.reason == "bad_signature"
+
+
+def test_rotation_new_key_signs_old_key_still_verifies() -> None:
+    old_token = tokens.sign(Keyring.parse(OLD), click())
+    rotated = Keyring.parse(f"{NEW},{OLD}")
+    assert tokens.verify(rotated, old_token, "click") == click()
+    new_token = tokens.sign(rotated, click())
+    assert new_token.startswith("new.")
+    assert tokens.verify(Keyring.parse(NEW), new_token, "click") == click()
+
+
+def test_open_token_is_not_a_click() -> None:
+    keys = Keyring.parse(OLD)
+    token = tokens.sign(keys, LinkPayload("open", "camp", "r"))
+    with pytest.raises(InvalidToken) as info:
+        tokens.verify(keys, token, "click")
+    assert info.value.reason == "wrong_kind"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "javascript:alert(1)",
+        "//evil.example/",
+        "/relative",
+        "ftp://files.example/",
+        "https://ok.example/\r\nSet-Cookie: x=1",
+        "https://ok.example/a b",
+        "https://" + "a" * 3000 + ".example/",
+    ],
+)
+def test_only_absolute_http_targets_can_be_signed(url: str) -> None:
+    with pytest.raises(LinkError):
+        tokens.sign(Keyring.parse(OLD), click(url))
+
+
+@pytest.mark.parametrize("junk", ["", "a.b", "a.b.c.d", "old.!!!.x", "x" * 5000])
+def test_garbage_is_rejected_not_crashing(junk: str) -> None:
+    with pytest.raises(InvalidToken):
+        tokens.verify(Keyring.parse(OLD), junk, "open")
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("", "no signing keys"),
+        ("k1", "expected kid:secret"),
+        ("k1:short", "at least 16"),
+        ("bad kid!:0123456789abcdef", "expected kid:secret"),
+        ("k1:0123456789abcdef,k1:0123456789abcdeg", "listed twice"),
+    ],
+)
+def test_keyring_errors_say_what_is_wrong(spec: str, message: str) -> None:
+    with pytest.raises(KeyringError, match=message):
+        Keyring.parse(spec)
+
+
+def test_links_are_full_urls_under_the_public_base() -> None:
+    keys = Keyring.parse(OLD)
+    pixel = links.open_url("https://t.example.com/", keys, "c", "r")
+    assert pixel.startswith("https://t.example.com/o/old.") and pixel.endswith(".gif")
+    token = pixel.removeprefix("https://t.example.com/o/").removesuffix(".gif")
+    assert tokens.verify(keys, token, "open") == LinkPayload("open", "c", "r")
+    target = links.click_url("https://t.example.com", keys, "c", "r", "https://x.example/")
+    assert target.startswith("https://t.example.com/c/old.")
+
+
+def test_new_key_is_usable() -> None:
+    spec = tokens.new_key("k9")
+    assert Keyring.parse(spec).signing_kid == "k9"
+
+
+def test_non_ascii_targets_are_percent_encoded_once() -> None:
+    keys = Keyring.parse(OLD)
+    token = tokens.sign(keys, click("https://example.com/café?q=ü"))
+    payload = tokens.verify(keys, token, "click")
+    assert payload.url == "https://example.com/caf%C3%A9?q=%C3%BC"
+    assert tokens.ascii_url("https://example.com/a%20b") == "https://example.com/a%20b"
+
+
+def test_a_token_ingest_would_refuse_is_never_signed() -> None:
+    keys = Keyring.parse(OLD)
+    url = "https://example.com/" + "a" * 2000
+    with pytest.raises(LinkError, match="ingest accepts"):
+        tokens.sign(keys, LinkPayload("click", "é" * 256, "ü" * 256, url))

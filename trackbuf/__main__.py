@@ -1,0 +1,3 @@
+from trackbuf.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,145 @@
+"""The wire codec: how events travel inside beanstalkd jobs.
+
+A job body is one JSON object, version 1::
+
+    {"v":1,"n":2,"e":[{"id":"...","k":"open","t":"2026-...Z","c":"...","r":"..."}, ...]}
+
+- ``v`` is the format version; readers reject versions they do not know.
+- ``n`` is the number of events, so a consumer can size its batches without parsing
+  the whole body.
+- ``e`` holds the events with short keys (``id`` event_id, ``k`` kind, ``t`` occurred_at,
+  ``c`` campaign, ``r`` recipient, ``u`` url, ``ua`` user agent, ``ip``); absent keys are
+  null. Short keys matter: every queued byte sits in beanstalkd's RAM.
+
+The body is written so that PostgreSQL can read it as-is (``jsonb_to_recordset``); the
+consumer's fast path never builds Python rows. ``decode_job`` below is the one decoder
+every Python reader uses (dead-letter inspection, the consumer's slow path, tests).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import datetime
+
+import orjson
+
+from trackbuf.events import KINDS, Event
+
+VERSION = 1
+HEADER = b'{"v":1,"n":'
+# Added around the joined events: the header, the count (up to 6 digits), the tail.
+FRAME_BYTES = len(HEADER) + 6 + len(',"e":[') + len("]}")
+_HEADER_RE = re.compile(rb'\{"v":1,"n":(\d{1,6}),"e":\[')
+
+
+class CodecError(ValueError):
+    """A job body or event that cannot be read; the message is the reason."""
+
+
+def encode_event(event: Event) -> bytes:
+    item: dict[str, object] = {
+        "id": str(event.event_id),
+        "k": event.kind,
+        "t": event.occurred_at,
+        "c": event.campaign,
+        "r": event.recipient,
+    }
+    if event.url is not None:
+        item["u"] = event.url
+    if event.user_agent is not None:
+        item["ua"] = event.user_agent
+    if event.ip is not None:
+        item["ip"] = event.ip
+    return orjson.dumps(item, option=orjson.OPT_UTC_Z)
+
+
+def encode_job(encoded_events: list[bytes]) -> bytes:
+    """Frame already-encoded events (from ``encode_event``) as one job body."""
+    if not encoded_events:
+        raise CodecError("a job needs at least one event")
+    return b"".join(
+        (HEADER, str(len(encoded_events)).encode(), b',"e":[', b",".join(encoded_events), b"]}")
+    )
+
+
+def event_count(body: bytes) -> int | None:
+    """The event count of a well-framed v1 body, or None if the frame is not ours.
+
+    Cheap (a prefix match), so the consumer can batch by events without decoding.
+    """
+    match = _HEADER_RE.match(body)
+    if match is None or not body.endswith(b"]}"):
+        return None
+    return int(match.group(1))
+
+
+def decode_job(body: bytes) -> list[Event]:
+    """Every event in a job body; raises CodecError naming the first problem."""
+    return [decode_event(item) for item in decode_frame(body)]
+
+
+def decode_frame(body: bytes) -> list[object]:
+    """The undecoded event items of a job body, after checking the frame.
+
+    Lets a reader keep the good events of a job that holds one bad event.
+    """
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise CodecError(f"not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise CodecError("job body is not a JSON object")
+    version = doc.get("v")
+    if version != VERSION:
+        raise CodecError(f"unsupported wire version {version!r}")
+    items = doc.get("e")
+    if not isinstance(items, list):
+        raise CodecError("job body has no event list")
+    if doc.get("n") != len(items):
+        raise CodecError(f"event count {doc.get('n')!r} does not match {len(items)} events")
+    return items
+
+
+def decode_event(item: object) -> Event:
+    if not isinstance(item, dict):
+        raise CodecError("event is not a JSON object")
+    try:
+        event_id = uuid.UUID(_text(item, "id"))
+    except ValueError:
+        raise CodecError(f"bad event id {item.get('id')!r}") from None
+    kind = _text(item, "k")
+    if kind not in KINDS:
+        raise CodecError(f"bad kind {kind!r}")
+    try:
+        occurred_at = datetime.fromisoformat(_text(item, "t"))
+    except ValueError:
+        raise CodecError(f"bad timestamp {item.get('t')!r}") from None
+    if occurred_at.tzinfo is None:
+        raise CodecError("timestamp has no time zone")
+    return Event(
+        event_id=event_id,
+        kind=kind,
+        occurred_at=occurred_at,
+        campaign=_text(item, "c"),
+        recipient=_text(item, "r"),
+        url=_optional_text(item, "u"),
+        user_agent=_optional_text(item, "ua"),
+        ip=_optional_text(item, "ip"),
+    )
+
+
+def _text(item: dict[str, object], key: str) -> str:
+    value = item.get(key)
+    if not isinstance(value, str):
+        raise CodecError(f"event field {key!r} must be a string")
+    return value
+
+
+def _optional_text(item: dict[str, object], key: str) -> str | None:
+    value = item.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise CodecError(f"event field {key!r} must be a string or null")
+    return value

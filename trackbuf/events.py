@@ -1,0 +1,93 @@
+"""The event model: one open or one click, as ingest saw it."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+KINDS = ("open", "click")
+MAX_USER_AGENT = 512
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    event_id: uuid.UUID
+    kind: str
+    occurred_at: datetime
+    campaign: str
+    recipient: str
+    url: str | None = None
+    user_agent: str | None = None
+    ip: str | None = None
+
+
+def uuid7(unix_ms: int | None = None) -> uuid.UUID:
+    """A UUIDv7 (RFC 9562): 48-bit millisecond time, then random bits.
+
+    Time-ordered ids keep the primary-key index append-mostly, which is what makes
+    bulk inserts into a large events table cheap.
+    """
+    ms = time.time_ns() // 1_000_000 if unix_ms is None else unix_ms
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & ((1 << 48) - 1)) << 80
+    value |= 0x7 << 76
+    value |= ((rand >> 62) & 0xFFF) << 64
+    value |= 0b10 << 62
+    value |= rand & ((1 << 62) - 1)
+    return uuid.UUID(int=value)
+
+
+def uuid7_time(value: uuid.UUID) -> datetime:
+    return datetime.fromtimestamp((value.int >> 80) / 1000, tz=UTC)
+
+
+def clean_ip(raw: str | None, mode: str) -> str | None:
+    """Apply the IP policy: ``full`` keeps it, ``anonymize`` zeroes the host part
+    (IPv4 /24, IPv6 /48, as common analytics practice), ``drop`` stores nothing."""
+    if raw is None or mode == "drop":
+        return None
+    try:
+        addr = ipaddress.ip_address(raw.strip())
+    except ValueError:
+        return None
+    if mode == "anonymize":
+        prefix = 24 if addr.version == 4 else 48
+        return str(ipaddress.ip_network(f"{addr}/{prefix}", strict=False).network_address)
+    return str(addr)
+
+
+def clip_user_agent(raw: str | None) -> str | None:
+    """At most MAX_USER_AGENT characters of valid text. Header bytes that are not UTF-8
+    reach us as lone surrogates (aiohttp decodes with surrogateescape); they become
+    U+FFFD so the event can still be encoded and stored."""
+    if not raw:
+        return None
+    if not raw.isascii():
+        raw = raw.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return raw[:MAX_USER_AGENT]
+
+
+def new_event(
+    kind: str,
+    campaign: str,
+    recipient: str,
+    url: str | None = None,
+    user_agent: str | None = None,
+    ip: str | None = None,
+    now_ns: int | None = None,
+) -> Event:
+    ns = time.time_ns() if now_ns is None else now_ns
+    return Event(
+        event_id=uuid7(ns // 1_000_000),
+        kind=kind,
+        occurred_at=datetime.fromtimestamp(ns / 1e9, tz=UTC),
+        campaign=campaign,
+        recipient=recipient,
+        url=url,
+        user_agent=clip_user_agent(user_agent),
+        ip=ip,
+    )

@@ -1,0 +1,36 @@
+"""Every metric name, declared once: code, dashboards, alert rules and tests share these.
+
+Prometheus conventions: ``trackbuf_`` prefix, base units in the name (seconds, bytes),
+``_total`` on counters (prometheus-client appends it to the names below).
+"""
+
+# ingest
+INGEST_REQUESTS = "trackbuf_ingest_requests"  # counter {route, outcome}
+INGEST_REQUEST_DURATION = "trackbuf_ingest_request_duration_seconds"  # histogram {route}
+INGEST_EVENTS = "trackbuf_ingest_events"  # counter {kind, outcome=queued|spooled|lost}
+INGEST_INVALID_TOKENS = "trackbuf_ingest_invalid_tokens"  # counter {route, reason}
+INGEST_ENQUEUE_DURATION = "trackbuf_ingest_enqueue_duration_seconds"  # histogram
+INGEST_JOB_EVENTS = "trackbuf_ingest_job_events"  # histogram: events per job put
+INGEST_BEANSTALKD_UP = "trackbuf_ingest_beanstalkd_up"  # gauge
+INGEST_SPOOL_BYTES = "trackbuf_ingest_spool_bytes"  # gauge: bytes waiting in the spool
+INGEST_SPOOL_JOBS = "trackbuf_ingest_spool_jobs"  # gauge: jobs waiting in the spool
+INGEST_SPOOL_REPLAYED = "trackbuf_ingest_spool_replayed_jobs"  # counter
+INGEST_BURIED_ON_PUT = "trackbuf_ingest_buried_on_put_jobs"  # counter
+
+# consumer
+CONSUMER_EVENTS_WRITTEN = "trackbuf_consumer_events_written"  # counter
+CONSUMER_DUPLICATES = "trackbuf_consumer_duplicate_events"  # counter
+CONSUMER_BATCHES = "trackbuf_consumer_batches"  # counter {outcome}
+CONSUMER_BATCH_EVENTS = "trackbuf_consumer_batch_events"  # histogram
+CONSUMER_INSERT_DURATION = "trackbuf_consumer_insert_duration_seconds"  # histogram
+CONSUMER_E2E_LATENCY = "trackbuf_consumer_end_to_end_latency_seconds"  # histogram
+CONSUMER_DATABASE_UP = "trackbuf_consumer_database_up"  # gauge
+CONSUMER_DEAD_EVENTS = "trackbuf_consumer_dead_events"  # counter {reason}
+
+# queue (read from beanstalkd at scrape time by the consumer's /metrics)
+QUEUE_UP = "trackbuf_queue_up"  # gauge: 1 if beanstalkd answered the scrape
+QUEUE_JOBS = "trackbuf_queue_jobs"  # gauge {tube, state=ready|reserved|delayed|buried}
+QUEUE_OLDEST_READY_AGE = "trackbuf_queue_oldest_ready_age_seconds"  # gauge {tube}
+QUEUE_CONSUMERS = "trackbuf_queue_consumers"  # gauge {tube}: connections watching it
+QUEUE_JOBS_PUT = "trackbuf_queue_jobs_put"  # counter {tube}: jobs ever put (since restart)
+QUEUE_BINLOG_SPAN = "trackbuf_queue_binlog_span_files"  # gauge: current - oldest binlog index

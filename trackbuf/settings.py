@@ -1,0 +1,163 @@
+"""Settings: read once from ``TRACKBUF_*`` variables, CLI flags over them, then frozen.
+
+Every setting has exactly one field here, one environment variable (``TRACKBUF_`` +
+the field name in upper case) and one CLI flag (``--`` + the field name with dashes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+ENV_PREFIX = "TRACKBUF_"
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = field(default="", metadata={"help": "PostgreSQL DSN (asyncpg form)"})
+    beanstalkd: str = field(default="127.0.0.1:11300", metadata={"help": "beanstalkd host:port"})
+    tube: str = field(default="trackbuf-events", metadata={"help": "beanstalkd tube"})
+    listen: str = field(default="127.0.0.1:8080", metadata={"help": "ingest host:port"})
+    workers: int = field(default=1, metadata={"help": "ingest processes (SO_REUSEPORT)"})
+    public_url: str = field(
+        default="http://127.0.0.1:8080", metadata={"help": "base URL printed in links"}
+    )
+    signing_keys: str = field(
+        default="", metadata={"help": "kid:secret[,kid:secret...]; the first signs, all verify"}
+    )
+    data_dir: str = field(default="./trackbuf-data", metadata={"help": "where `up` keeps state"})
+    threads: int = field(default=4, metadata={"help": "consumer worker threads"})
+    batch_size: int = field(default=1000, metadata={"help": "events per database batch"})
+    linger_ms: int = field(default=200, metadata={"help": "max wait to fill a batch"})
+    burst: bool = field(default=False, metadata={"help": "drain what is queued, then exit"})
+    metrics_listen: str = field(
+        default="127.0.0.1:9108", metadata={"help": "consumer /metrics, /healthz, /readyz"}
+    )
+    job_ttr: int = field(
+        default=120, metadata={"help": "seconds a consumer may hold a job before it returns"}
+    )
+    max_job_bytes: int = field(
+        default=60000,
+        metadata={"help": "upper bound on one job body (also capped by the server's limit)"},
+    )
+    ip_mode: str = field(
+        default="full", metadata={"help": "client IP storage: full, anonymize or drop"}
+    )
+    trust_forwarded: bool = field(
+        default=False,
+        metadata={"help": "take the client IP from the last X-Forwarded-For hop"},
+    )
+    spool_dir: str = field(
+        default="", metadata={"help": "ingest spool directory (default: <data dir>/spool)"}
+    )
+    spool_max_bytes: int = field(
+        default=1 << 30, metadata={"help": "spool size limit; beyond it events are lost"}
+    )
+    spool_fsync: str = field(
+        default="always", metadata={"help": "always (sync before answering) or never"}
+    )
+    shutdown_timeout: float = field(
+        default=10.0, metadata={"help": "seconds allowed for a graceful stop"}
+    )
+
+    def __post_init__(self) -> None:
+        positive = (
+            "workers", "threads", "batch_size", "job_ttr", "max_job_bytes", "spool_max_bytes",
+        )  # fmt: skip
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{env_name(name)} must be at least 1")
+        if self.linger_ms < 0:
+            raise SettingsError(f"{env_name('linger_ms')} must not be negative")
+        if self.ip_mode not in ("full", "anonymize", "drop"):
+            raise SettingsError(f"{env_name('ip_mode')} must be full, anonymize or drop")
+        if self.spool_fsync not in ("always", "never"):
+            raise SettingsError(f"{env_name('spool_fsync')} must be always or never")
+        for name in ("beanstalkd", "listen", "metrics_listen"):
+            parse_hostport(getattr(self, name), env_name(name))
+        if not self.public_url.startswith(("http://", "https://")):
+            raise SettingsError(f"{env_name('public_url')} must start with http:// or https://")
+
+    @property
+    def beanstalkd_address(self) -> tuple[str, int]:
+        return parse_hostport(self.beanstalkd, env_name("beanstalkd"))
+
+    @property
+    def spool_path(self) -> str:
+        return self.spool_dir or os.path.join(self.data_dir, "spool")
+
+    def require_database(self) -> str:
+        if not self.database_url:
+            raise SettingsError(f"{env_name('database_url')} is not set")
+        return self.database_url
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def parse_hostport(value: str, what: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SettingsError(f"{what} must be host:port, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def _convert(name: str, raw: str, kind: Any) -> Any:
+    if kind in (bool, "bool"):
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off", ""):
+            return False
+        raise SettingsError(f"{env_name(name)} must be a boolean, got {raw!r}")
+    try:
+        if kind in (int, "int"):
+            return int(raw)
+        if kind in (float, "float"):
+            return float(raw)
+    except ValueError:
+        raise SettingsError(f"{env_name(name)} must be a number, got {raw!r}") from None
+    return raw
+
+
+def field_types() -> dict[str, Any]:
+    return {f.name: f.type for f in fields(Settings)}
+
+
+def load(
+    environ: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None
+) -> Settings:
+    """Environment first, then explicit overrides (CLI flags); unknown names are errors."""
+    environ = os.environ if environ is None else environ
+    types = field_types()
+    values: dict[str, Any] = {}
+    for name, kind in types.items():
+        raw = environ.get(env_name(name))
+        if raw is not None:
+            values[name] = _convert(name, raw, kind)
+    for name, value in (overrides or {}).items():
+        if name not in types:
+            raise SettingsError(f"unknown setting {name!r}")
+        if value is not None:
+            values[name] = value
+    return Settings(**values)
+
+
+def as_environ(settings: Settings) -> dict[str, str]:
+    """The variables that reproduce these settings in a child process."""
+    out: dict[str, str] = {}
+    for name, value in dataclasses.asdict(settings).items():
+        out[env_name(name)] = ("1" if value else "0") if isinstance(value, bool) else str(value)
+    return out
