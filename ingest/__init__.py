@@ -1,0 +1,1 @@
+"""trackbuf ingest: the HTTP server that answers pixels and clicks and enqueues events."""

@@ -1,0 +1,137 @@
+"""Ingest's Prometheus metrics, registered on a registry the caller chooses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from trackbuf import metric_names as names
+
+# Latency buckets in seconds, fine-grained below 10 ms where a healthy pixel lives.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+JOB_EVENT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+ROUTES = ("open", "click")
+EVENT_OUTCOMES = ("queued", "spooled", "lost")
+REQUEST_OUTCOMES = (*EVENT_OUTCOMES, "invalid_token", "not_recorded", "error")
+TOKEN_REASONS = ("malformed", "too_long", "unknown_kid", "bad_signature", "wrong_kind")
+
+
+@dataclass
+class IngestMetrics:
+    requests: Counter
+    request_duration: Histogram
+    events: Counter
+    invalid_tokens: Counter
+    enqueue_duration: Histogram
+    job_events: Histogram
+    beanstalkd_up: Gauge
+    spool_bytes: Gauge
+    spool_jobs: Gauge
+    spool_replayed: Counter
+    buried_on_put: Counter
+    # Label children resolved once: labels() takes a lock and hashes on every call,
+    # which is measurable on a path that does little else.
+    _children: dict[tuple[str, ...], Any] = field(default_factory=dict)
+
+    def request_counter(self, route: str, outcome: str) -> Any:
+        return self._child(("requests", route, outcome), self.requests, route, outcome)
+
+    def event_counter(self, kind: str, outcome: str) -> Any:
+        return self._child(("events", kind, outcome), self.events, kind, outcome)
+
+    def duration(self, route: str) -> Any:
+        return self._child(("duration", route), self.request_duration, route)
+
+    def _child(self, key: tuple[str, ...], metric: Any, *labels: str) -> Any:
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> IngestMetrics:
+        metrics = cls._build(registry)
+        # Every label set exists from the start at 0, so rate() and increase() see the
+        # first error or loss (a series born at 1 has no increase to alert on).
+        for route in ROUTES:
+            metrics.request_duration.labels(route)
+            for outcome in REQUEST_OUTCOMES:
+                metrics.requests.labels(route, outcome)
+            for reason in TOKEN_REASONS:
+                metrics.invalid_tokens.labels(route, reason)
+        for kind in ROUTES:
+            for outcome in EVENT_OUTCOMES:
+                metrics.events.labels(kind, outcome)
+        return metrics
+
+    @classmethod
+    def _build(cls, registry: CollectorRegistry) -> IngestMetrics:
+        return cls(
+            requests=Counter(
+                names.INGEST_REQUESTS,
+                "HTTP requests answered, by route and outcome",
+                ["route", "outcome"],
+                registry=registry,
+            ),
+            request_duration=Histogram(
+                names.INGEST_REQUEST_DURATION,
+                "Time to answer a tracking request, enqueue included",
+                ["route"],
+                buckets=LATENCY_BUCKETS,
+                registry=registry,
+            ),
+            events=Counter(
+                names.INGEST_EVENTS,
+                "Events by where they went: queued in beanstalkd, spooled locally, or lost",
+                ["kind", "outcome"],
+                registry=registry,
+            ),
+            invalid_tokens=Counter(
+                names.INGEST_INVALID_TOKENS,
+                "Requests whose token was rejected (never enqueued)",
+                ["route", "reason"],
+                registry=registry,
+            ),
+            enqueue_duration=Histogram(
+                names.INGEST_ENQUEUE_DURATION,
+                "beanstalkd put round trip for one job",
+                buckets=LATENCY_BUCKETS,
+                registry=registry,
+            ),
+            job_events=Histogram(
+                names.INGEST_JOB_EVENTS,
+                "Events carried by one beanstalkd job",
+                buckets=JOB_EVENT_BUCKETS,
+                registry=registry,
+            ),
+            beanstalkd_up=Gauge(
+                names.INGEST_BEANSTALKD_UP,
+                "1 while ingest holds a beanstalkd connection",
+                registry=registry,
+                multiprocess_mode="livemin",
+            ),
+            spool_bytes=Gauge(
+                names.INGEST_SPOOL_BYTES,
+                "Bytes in the local spool waiting for beanstalkd",
+                registry=registry,
+                multiprocess_mode="livesum",
+            ),
+            spool_jobs=Gauge(
+                names.INGEST_SPOOL_JOBS,
+                "Jobs in the local spool waiting for beanstalkd",
+                registry=registry,
+                multiprocess_mode="livesum",
+            ),
+            spool_replayed=Counter(
+                names.INGEST_SPOOL_REPLAYED,
+                "Spooled jobs put into beanstalkd after an outage",
+                registry=registry,
+            ),
+            buried_on_put=Counter(
+                names.INGEST_BURIED_ON_PUT,
+                "Jobs beanstalkd stored as buried on put (out of memory for its ready heap)",
+                registry=registry,
+            ),
+        )

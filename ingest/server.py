@@ -1,0 +1,128 @@
+"""``trackbuf ingest``: serve the app, one process or several on one port."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import multiprocess
+
+from ingest.app import init_app
+from trackbuf.log import kv
+from trackbuf.settings import Settings, as_environ
+
+log = logging.getLogger("trackbuf.ingest")
+
+
+def run(settings: Settings) -> int:
+    if settings.workers > 1:
+        return _run_workers(settings)
+    _use_uvloop()
+    return asyncio.run(serve(settings))
+
+
+class _NoClientAddress(logging.Filter):
+    """aiohttp logs malformed requests as "Error handling request from <ip>" with a
+    traceback; keep the event, drop the address and the (uninformative) traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("Error handling request"):
+            error = record.exc_info[1] if record.exc_info else None
+            record.msg, record.args = kv("bad_request", error=type(error).__name__), ()
+            record.exc_info = None
+        return True
+
+
+async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
+    """Serve until SIGTERM/SIGINT (or ``stop``), then shut down gracefully.
+
+    Graceful: stop accepting, let in-flight requests finish, flush the enqueue task;
+    all bounded by ``shutdown_timeout``.
+    """
+    stop = stop or asyncio.Event()
+    logging.getLogger("aiohttp.server").addFilter(_NoClientAddress())
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    host, port = settings.listen.rsplit(":", 1)
+    app = init_app(settings)
+    runner = web.AppRunner(
+        app,
+        access_log=None,  # one line per pixel would cost more than serving it
+        shutdown_timeout=settings.shutdown_timeout,
+        handle_signals=False,
+    )
+    await runner.setup()
+    # reuse_port lets several worker processes share the port (the kernel balances).
+    site = web.TCPSite(runner, host.strip("[]"), int(port), reuse_port=True, backlog=1024)
+    await site.start()
+    log.info(kv("ingest_listening", listen=settings.listen, pid=os.getpid()))
+    await stop.wait()
+    log.info(kv("ingest_stopping", pid=os.getpid()))
+    await runner.cleanup()
+    log.info(kv("ingest_stopped", pid=os.getpid()))
+    return 0
+
+
+def _use_uvloop() -> None:
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def _run_workers(settings: Settings) -> int:
+    """Start ``workers`` single-process servers on the same port and supervise them.
+
+    The kernel spreads connections across them (SO_REUSEPORT). Their metrics go to a
+    shared directory (prometheus-client multiprocess mode), so any one of them answers
+    /metrics with the totals of all. A worker that dies is replaced; its spool is
+    claimed and replayed by its replacement.
+    """
+    metrics_dir = Path(settings.data_dir) / "ingest-metrics"
+    shutil.rmtree(metrics_dir, ignore_errors=True)  # counters restart with the processes
+    metrics_dir.mkdir(parents=True)
+    env = {
+        **os.environ,
+        **as_environ(settings),
+        "TRACKBUF_WORKERS": "1",
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+    }
+    cmd = [sys.executable, "-m", "trackbuf", "ingest"]
+    children = [subprocess.Popen(cmd, env=env) for _ in range(settings.workers)]
+    stopping = False
+
+    def forward(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes: dict[int, int] = {}
+    while len(codes) < len(children):
+        for i, child in enumerate(children):
+            code = child.poll()
+            if code is None or i in codes:
+                continue
+            multiprocess.mark_process_dead(child.pid, str(metrics_dir))  # type: ignore[no-untyped-call]
+            if not stopping:
+                log.error(kv("ingest_worker_died", pid=child.pid, code=code))
+                time.sleep(0.5)  # a worker that dies at once must not spin the CPU
+            if stopping:  # also when SIGTERM arrived during that pause
+                codes[i] = code
+            else:
+                children[i] = subprocess.Popen(cmd, env=env)
+        time.sleep(0.1)
+    return max(codes.values(), key=abs)

@@ -1,0 +1,243 @@
+"""The local spool: where events go while beanstalkd cannot take them.
+
+An append-only file of records, each ``length(4) crc32(4) job-body``. A record is
+appended (and, with ``fsync=always``, synced) *before* the request is answered, so an
+acknowledged event is on disk even if ingest is killed a moment later.
+
+Files and ownership, so several ingest processes can share one directory:
+
+- ``active-*.spool``: the file one live process appends to, held with ``flock``.
+- ``replay-*.spool``: sealed files waiting to be put into beanstalkd.
+
+On start, a process claims every file in the directory that no live process holds
+(a crashed ingest's spool) and replays it. Replay puts records in order and deletes a
+file once all of it is in beanstalkd. A crash mid-replay replays the file again from
+the start; the duplicates this makes are dropped by the consumer (``event_id``).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import struct
+import uuid
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from trackbuf.log import kv
+
+log = logging.getLogger("trackbuf.ingest.spool")
+
+_HEADER = struct.Struct(">II")
+# No job body is near this; a larger length is a torn or garbage header, not a record.
+MAX_RECORD = 1 << 20
+FSYNC_POLICIES = ("always", "never")
+
+
+@dataclass
+class _ReplayFile:
+    path: Path
+    handle: BinaryIO  # kept open: it carries our flock
+    records: int  # still to replay
+    size: int  # bytes still to replay
+    offset: int = 0
+
+
+class Spool:
+    def __init__(self, directory: Path, max_bytes: int, fsync: str = "always") -> None:
+        if fsync not in FSYNC_POLICIES:
+            raise ValueError(f"spool fsync must be one of {FSYNC_POLICIES}")
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.fsync = fsync
+        self._active: BinaryIO | None = None
+        self._active_path: Path | None = None
+        self._active_bytes = 0
+        self._active_records = 0
+        self._replay: list[_ReplayFile] = []
+
+    # Setup ----------------------------------------------------------------------------
+
+    def open(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for path in sorted(self.directory.glob("*.spool")):
+            self._claim(path)
+        if self._replay:
+            log.info(
+                kv("spool_found", files=len(self._replay), records=self.pending_records,
+                   bytes=self.pending_bytes)
+            )  # fmt: skip
+
+    def _claim(self, path: Path) -> None:
+        """Take over a spool file nobody holds (its writer died) for replay."""
+        try:
+            handle = open(path, "rb")  # noqa: SIM115 - kept open to hold the lock
+        except FileNotFoundError:
+            return  # another process claimed and renamed it first
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()  # a live process owns it
+            return
+        if not path.exists():  # renamed by a claimer between our open and our lock
+            handle.close()
+            return
+        target = path
+        if not path.name.startswith("replay-"):
+            target = self.directory / f"replay-{uuid.uuid4().hex}.spool"
+            path.rename(target)
+        records, size = _count(handle)
+        self._replay.append(_ReplayFile(target, handle, records, size))
+
+    def close(self) -> None:
+        if self._active is not None:
+            self._active.close()
+            self._active = None
+            if self._active_records == 0 and self._active_path is not None:
+                self._active_path.unlink(missing_ok=True)
+        for replay in self._replay:
+            replay.handle.close()
+        self._replay.clear()
+
+    # Writing --------------------------------------------------------------------------
+
+    def has_room(self, nbytes: int = 0) -> bool:
+        return self.pending_bytes + nbytes + _HEADER.size <= self.max_bytes
+
+    def append(self, body: bytes) -> bool:
+        """Append one job body; True once it is on disk (synced with fsync=always)."""
+        if not self.has_room(len(body)):
+            return False
+        record = _HEADER.pack(len(body), zlib.crc32(body)) + body
+        try:
+            handle = self._writer()
+            handle.write(record)
+            handle.flush()
+            if self.fsync == "always":
+                os.fdatasync(handle.fileno())
+        except Exception as exc:
+            log.error(kv("spool_write_failed", error=repr(exc)))
+            self._reset_writer()
+            return False
+        self._active_bytes += len(record)
+        self._active_records += 1
+        return True
+
+    def _writer(self) -> BinaryIO:
+        if self._active is None:
+            path = self.directory / f"active-{uuid.uuid4().hex}.spool"
+            # a+b: the same handle (and its lock) later reads the file for replay.
+            handle = open(path, "a+b")  # noqa: SIM115 - lives as long as the process
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if self.fsync == "always":
+                _sync_dir(self.directory)  # the new file's name must survive a crash too
+            self._active, self._active_path = handle, path
+            self._active_bytes = self._active_records = 0
+        return self._active
+
+    def _reset_writer(self) -> None:
+        """After a failed write the file may end in a torn record: seal it and start
+        a new one; replay stops at the torn record (it was never acknowledged)."""
+        if self._active is not None:
+            try:
+                self._seal()
+            except OSError as exc:
+                log.error(kv("spool_seal_failed", error=repr(exc)))
+            finally:
+                self._active = self._active_path = None
+
+    # Replay ---------------------------------------------------------------------------
+
+    @property
+    def pending_records(self) -> int:
+        return sum(r.records for r in self._replay) + self._active_records
+
+    @property
+    def pending_bytes(self) -> int:
+        return sum(r.size for r in self._replay) + self._active_bytes
+
+    @property
+    def empty(self) -> bool:
+        return self.pending_records == 0
+
+    def _seal(self) -> None:
+        """Move the active file to the replay queue; new appends start a fresh file.
+
+        The handle stays open: it keeps the lock, so no other process can claim the
+        file between the rename and the replay."""
+        assert self._active is not None and self._active_path is not None
+        handle, path = self._active, self._active_path
+        self._active = self._active_path = None
+        self._active_bytes = self._active_records = 0
+        target = self.directory / f"replay-{uuid.uuid4().hex}.spool"
+        path.rename(target)
+        # Counted from the file, not from what append() acknowledged: a record whose
+        # sync failed may be whole on disk, and it will be replayed like the others.
+        records, size = _count(handle)
+        self._replay.append(_ReplayFile(target, handle, records, size))
+
+    def peek(self) -> bytes | None:
+        """The oldest spooled job body, not yet removed; None when nothing is left.
+
+        The caller puts it into beanstalkd and calls ``replayed()`` once the put
+        succeeded; if the put fails, the same body comes back on the next ``peek()``.
+        """
+        while True:
+            if not self._replay:
+                if self._active is None or not self._active_records:
+                    return None
+                self._seal()
+            current = self._replay[0]
+            current.handle.seek(current.offset)
+            header = current.handle.read(_HEADER.size)
+            if len(header) == _HEADER.size:
+                length, crc = _HEADER.unpack(header)
+                if 0 < length <= MAX_RECORD:
+                    body = current.handle.read(length)
+                    if len(body) == length and zlib.crc32(body) == crc:
+                        return body
+                # Never acknowledged: the writer died (or failed) mid-append.
+                log.error(kv("spool_torn_record", file=current.path.name, offset=current.offset))
+            self._finish(current)
+
+    def replayed(self, body: bytes) -> None:
+        current = self._replay[0]
+        current.offset += _HEADER.size + len(body)
+        current.records = max(current.records - 1, 0)
+        current.size = max(current.size - _HEADER.size - len(body), 0)
+
+    def _finish(self, current: _ReplayFile) -> None:
+        current.path.unlink(missing_ok=True)
+        current.handle.close()
+        self._replay.pop(0)
+        log.info(kv("spool_file_replayed", file=current.path.name))
+
+
+def _count(handle: BinaryIO) -> tuple[int, int]:
+    """Records and bytes of a spool file, up to its first torn record."""
+    handle.flush()
+    handle.seek(0)
+    records = size = 0
+    while True:
+        header = handle.read(_HEADER.size)
+        if len(header) < _HEADER.size:
+            return records, size
+        length, _ = _HEADER.unpack(header)
+        if not 0 < length <= MAX_RECORD:
+            return records, size
+        body = handle.read(length)
+        if len(body) < length:
+            return records, size
+        records += 1
+        size += _HEADER.size + length
+
+
+def _sync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from ingest.spool import Spool
+
+
+def drain(spool: Spool) -> list[bytes]:
+    out = []
+    while (body := spool.peek()) is not None:
+        spool.replayed(body)
+        out.append(body)
+    return out
+
+
+def test_append_then_replay_in_order_and_empty_afterwards(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_bytes=1 << 20)
+    spool.open()
+    bodies = [f"job-{i}".encode() for i in range(10)]
+    assert all(spool.append(b) for b in bodies)
+    assert spool.pending_records == 10 and spool.pending_bytes > 0
+    assert drain(spool) == bodies
+    assert spool.empty and spool.pending_bytes == 0
+    assert list(tmp_path.glob("*.spool")) == []
+    spool.close()
+
+
+def test_a_stopped_replay_resumes_where_it_stopped(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_bytes=1 << 20)
+    spool.open()
+    for i in range(5):
+        spool.append(b"x%d" % i)
+    first = spool.peek()
+    assert first == b"x0"
+    spool.replayed(first)  # one put succeeded...
+    assert spool.peek() == b"x1"  # ...the next one failed: it is offered again
+    assert drain(spool) == [b"x1", b"x2", b"x3", b"x4"]
+    spool.close()
+
+
+def test_a_crashed_writers_spool_is_claimed_and_replayed(tmp_path: Path) -> None:
+    crashed = Spool(tmp_path, max_bytes=1 << 20)
+    crashed.open()
+    crashed.append(b"acknowledged-1")
+    crashed.append(b"acknowledged-2")
+    # The process dies: its file handles close, which releases its lock.
+    assert crashed._active is not None
+    crashed._active.close()
+    crashed._active = None
+
+    successor = Spool(tmp_path, max_bytes=1 << 20)
+    successor.open()
+    assert successor.pending_records == 2
+    assert drain(successor) == [b"acknowledged-1", b"acknowledged-2"]
+    successor.close()
+
+
+def test_a_live_writers_spool_is_left_alone(tmp_path: Path) -> None:
+    live = Spool(tmp_path, max_bytes=1 << 20)
+    live.open()
+    live.append(b"mine")
+    neighbour = Spool(tmp_path, max_bytes=1 << 20)
+    neighbour.open()
+    assert neighbour.empty
+    assert drain(live) == [b"mine"]
+    live.close()
+    neighbour.close()
+
+
+def test_a_torn_tail_is_skipped_and_the_rest_kept(tmp_path: Path) -> None:
+    writer = Spool(tmp_path, max_bytes=1 << 20)
+    writer.open()
+    writer.append(b"whole")
+    assert writer._active is not None and writer._active_path is not None
+    writer._active.write(b"\x00\x00\x00\x10\x00\x00")  # a crash mid-append
+    writer._active.close()
+    writer._active = None
+    reader = Spool(tmp_path, max_bytes=1 << 20)
+    reader.open()
+    assert drain(reader) == [b"whole"]
+    assert list(tmp_path.glob("*.spool")) == []
+    reader.close()
+
+
+def test_a_full_spool_refuses(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_bytes=100)
+    spool.open()
+    assert spool.append(b"a" * 50)
+    assert not spool.append(b"b" * 50)
+    assert spool.pending_records == 1
+    spool.close()
+
+
+def test_a_failed_sync_does_not_break_the_spool(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    spool = Spool(tmp_path, max_bytes=1 << 20)
+    spool.open()
+    assert spool.append(b"first")
+    real = os.fdatasync
+
+    def broken(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", broken)
+    assert not spool.append(b"unsynced")  # not acknowledged
+    monkeypatch.setattr(os, "fdatasync", real)
+    assert spool.append(b"third")  # a fresh file, the spool carries on
+    replayed = drain(spool)
+    assert replayed[0] == b"first" and replayed[-1] == b"third"
+    spool.close()
+
+
+def test_a_zero_filled_tail_is_not_replayed(tmp_path: Path) -> None:
+    writer = Spool(tmp_path, max_bytes=1 << 20)
+    writer.open()
+    writer.append(b"real")
+    assert writer._active is not None
+    writer._active.write(b"\x00" * 4096)  # what a crash can leave after the last record
+    writer._active.close()
+    writer._active = None
+    reader = Spool(tmp_path, max_bytes=1 << 20)
+    reader.open()
+    assert drain(reader) == [b"real"]
+    reader.close()
