@@ -1,0 +1,1 @@
+"""trackbuf consumer: drains beanstalkd into PostgreSQL in batched, idempotent inserts."""

@@ -1,0 +1,139 @@
+"""One worker thread's PostgreSQL connection, and the batch insert.
+
+asyncpg is asynchronous but each worker thread is a plain blocking loop, so every
+``Database`` runs its own private event loop: no loop is shared between threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import asyncpg
+
+from consumer.sql import query
+
+log = logging.getLogger("trackbuf.consumer.database")
+
+T = TypeVar("T")
+
+CONNECT_TIMEOUT_S = 5.0
+# A statement that runs longer than this is treated as a database outage (the batch is
+# released and retried later) rather than left to hold its jobs until their TTR.
+STATEMENT_TIMEOUT_S = 60.0
+
+# SQLSTATE classes that mean "this data cannot be stored": 22 data exception, 23
+# integrity constraint violation. Anything else (connection lost, shutdown, disk full,
+# missing table) says nothing against the data, so the batch waits for the database.
+_DATA_ERROR_CLASSES = ("22", "23")
+
+
+class DatabaseUnavailable(Exception):
+    """The database cannot take writes now; nothing was committed."""
+
+
+class RejectedData(Exception):
+    """The database refused the data itself; retrying the same batch cannot succeed."""
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    events: int
+    inserted: int
+    # End-to-end latency of the inserted rows: histogram slots, their counts, the sum.
+    latency_slots: list[int]
+    latency_counts: list[int]
+    latency_sum: float
+
+    @property
+    def duplicates(self) -> int:
+        return self.events - self.inserted
+
+
+class Database:
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+        self._loop = asyncio.new_event_loop()
+        self._conn: asyncpg.Connection | None = None
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self._loop.run_until_complete(coro)
+
+    def _connection(self) -> asyncpg.Connection:
+        if self._conn is None or self._conn.is_closed():
+            self._conn = self._run(
+                asyncpg.connect(
+                    self._dsn,
+                    timeout=CONNECT_TIMEOUT_S,
+                    command_timeout=STATEMENT_TIMEOUT_S,
+                    server_settings={"application_name": "trackbuf-consumer"},
+                )
+            )
+        return self._conn
+
+    def ping(self) -> bool:
+        try:
+            self._call(lambda conn: conn.fetchval("SELECT 1"))
+            return True
+        except DatabaseUnavailable:
+            return False
+
+    def insert_jobs(
+        self, bodies: Sequence[bytes], events: int, latency_bounds: Sequence[float]
+    ) -> WriteResult:
+        """Insert every event of these job bodies in one transaction (one statement)."""
+        try:
+            payload = "[" + ",".join(body.decode("utf-8") for body in bodies) + "]"
+        except UnicodeDecodeError:
+            raise RejectedData("job body is not UTF-8") from None
+        bounds = list(latency_bounds)
+        row = self._call(lambda conn: conn.fetchrow(query("insert_jobs"), payload, bounds))
+        return WriteResult(
+            events, row["inserted"], list(row["buckets"]), list(row["counts"]), row["latency_sum"]
+        )
+
+    def execute(self, sql: str, *args: object) -> str:
+        result: str = self._call(lambda conn: conn.execute(sql, *args))
+        return result
+
+    def _call(self, op: Any) -> Any:
+        try:
+            conn = self._connection()
+            return self._run(op(conn))
+        except asyncpg.PostgresError as exc:
+            state = getattr(exc, "sqlstate", "") or ""
+            if state[:2] in _DATA_ERROR_CLASSES:
+                raise RejectedData(f"{state}: {exc}") from None
+            self._drop()
+            raise DatabaseUnavailable(f"{state}: {exc}") from None
+        except (
+            OSError,
+            asyncpg.InterfaceError,
+            # Raised when a connection is killed in the middle of a protocol exchange.
+            asyncpg.InternalClientError,
+            TimeoutError,
+            EOFError,
+        ) as exc:
+            self._drop()
+            raise DatabaseUnavailable(repr(exc)) from None
+
+    def reset(self) -> None:
+        """Forget the connection after an unexpected error; the next call reconnects."""
+        self._drop()
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            conn.terminate()
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            try:
+                self._run(asyncio.wait_for(conn.close(), 2.0))
+            except Exception:
+                conn.terminate()
+        self._loop.close()

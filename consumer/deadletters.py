@@ -1,0 +1,107 @@
+"""``trackbuf dead list|show|kick|delete``: inspect and replay what the consumer set aside.
+
+``kick`` puts an entry back into beanstalkd (a whole job as it was, a single event
+wrapped in a job of its own) and deletes it from ``dead_letters`` once the put is
+acknowledged. Kick after fixing the cause (a schema change, say), or the consumer sets
+the entry aside again.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import asyncpg
+import greenstalk
+import orjson
+
+from consumer import queue
+from consumer.sql import query
+from trackbuf import codec
+from trackbuf.settings import Settings
+
+
+async def list_(settings: Settings, limit: int) -> int:
+    conn = await asyncpg.connect(settings.require_database())
+    try:
+        total = await conn.fetchval(query("dead_count"))
+        rows = await conn.fetch(query("dead_list"), limit)
+    finally:
+        await conn.close()
+    print(f"{total} dead letter(s)")
+    for row in rows:
+        created = row["created_at"].isoformat(timespec="seconds")
+        event = row["event_id"] or "-"
+        reason = " ".join(row["reason"].split())[:160]  # one line per entry
+        print(f"{row['id']}\t{created}\t{row['bytes']}B\tevent={event}\t{reason}")
+    return 0
+
+
+async def show(settings: Settings, ids: Sequence[int]) -> int:
+    conn = await asyncpg.connect(settings.require_database())
+    try:
+        rows = await conn.fetch(query("dead_get"), list(ids))
+    finally:
+        await conn.close()
+    missing = set(ids) - {row["id"] for row in rows}
+    for row in rows:
+        print(f"id: {row['id']}\ncreated_at: {row['created_at'].isoformat()}")
+        print(f"event_id: {row['event_id'] or '-'}\nreason: {row['reason']}\nbody:")
+        print(_pretty(bytes(row["body"])))
+    for ident in sorted(missing):
+        print(f"trackbuf dead: no dead letter {ident}", file=sys.stderr)
+    return 1 if missing else 0
+
+
+async def kick(settings: Settings, ids: Sequence[int], everything: bool) -> int:
+    conn = await asyncpg.connect(settings.require_database())
+    client = queue.connect(settings.beanstalkd_address, settings.tube, watch=False)
+    kicked = 0
+    try:
+        if everything:
+            ids = [row["id"] for row in await conn.fetch(query("dead_all_ids"))]
+        rows = await conn.fetch(query("dead_get"), list(ids))
+        for row in rows:
+            client.put(as_job(bytes(row["body"])), ttr=settings.job_ttr)
+            await conn.execute(query("dead_delete"), [row["id"]])
+            kicked += 1
+    except greenstalk.Error as exc:
+        print(f"trackbuf dead kick: beanstalkd refused the put: {exc!r}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+        await conn.close()
+    print(f"kicked {kicked} dead letter(s) back into {settings.tube}")
+    return 0 if kicked == len(ids) else 1
+
+
+async def delete(settings: Settings, ids: Sequence[int], everything: bool) -> int:
+    conn = await asyncpg.connect(settings.require_database())
+    try:
+        if everything:
+            ids = [row["id"] for row in await conn.fetch(query("dead_all_ids"))]
+        status = await conn.execute(query("dead_delete"), list(ids))
+    finally:
+        await conn.close()
+    print(f"deleted {status.split()[-1]} dead letter(s)")
+    return 0
+
+
+def as_job(body: bytes) -> bytes:
+    """A dead letter's body as a job: jobs go back as they were, events get a frame."""
+    if codec.event_count(body) is not None:
+        return body
+    try:
+        item = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body  # not ours at all: put it back verbatim for the operator's tooling
+    if isinstance(item, dict) and "id" in item:
+        return codec.encode_job([orjson.dumps(item)])
+    return body
+
+
+def _pretty(body: bytes) -> str:
+    try:
+        return orjson.dumps(orjson.loads(body), option=orjson.OPT_INDENT_2).decode()
+    except orjson.JSONDecodeError:
+        return repr(body)

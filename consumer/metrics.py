@@ -1,0 +1,129 @@
+"""The consumer's Prometheus metrics, registered on a registry the caller chooses."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from trackbuf import metric_names as names
+
+BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2000, 5000)
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+# End-to-end spans a healthy sub-second pipeline and an hours-long outage backlog.
+E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400)
+
+
+@dataclass
+class ConsumerMetrics:
+    events_written: Counter
+    duplicates: Counter
+    batches: Counter
+    batch_events: Histogram
+    insert_duration: Histogram
+    end_to_end: BucketHistogram
+    database_up: Gauge
+    dead_events: Counter
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> ConsumerMetrics:
+        metrics = cls._build(registry)
+        # Label sets exist at 0 from the start so increase() sees the first one.
+        for outcome in ("committed", "released", "split"):
+            metrics.batches.labels(outcome)
+        for reason in ("undecodable_job", "invalid_event", "rejected_by_database"):
+            metrics.dead_events.labels(reason)
+        return metrics
+
+    @classmethod
+    def _build(cls, registry: CollectorRegistry) -> ConsumerMetrics:
+        return cls(
+            events_written=Counter(
+                names.CONSUMER_EVENTS_WRITTEN,
+                "Events newly stored in PostgreSQL",
+                registry=registry,
+            ),
+            duplicates=Counter(
+                names.CONSUMER_DUPLICATES,
+                "Events skipped because their event_id was already stored",
+                registry=registry,
+            ),
+            batches=Counter(
+                names.CONSUMER_BATCHES,
+                "Database batches by outcome (committed, released, split)",
+                ["outcome"],
+                registry=registry,
+            ),
+            batch_events=Histogram(
+                names.CONSUMER_BATCH_EVENTS,
+                "Events per committed batch",
+                buckets=BATCH_BUCKETS,
+                registry=registry,
+            ),
+            insert_duration=Histogram(
+                names.CONSUMER_INSERT_DURATION,
+                "Time of one batch insert statement, commit included",
+                buckets=DURATION_BUCKETS,
+                registry=registry,
+            ),
+            end_to_end=BucketHistogram(
+                names.CONSUMER_E2E_LATENCY,
+                "From the request (occurred_at) to the insert, per stored event",
+                E2E_BUCKETS,
+                registry,
+            ),
+            database_up=Gauge(
+                names.CONSUMER_DATABASE_UP,
+                "1 while the consumer can write to PostgreSQL",
+                registry=registry,
+            ),
+            dead_events=Counter(
+                names.CONSUMER_DEAD_EVENTS,
+                "Jobs or events set aside in dead_letters, by reason",
+                ["reason"],
+                registry=registry,
+            ),
+        )
+
+
+class BucketHistogram(Collector):
+    """A histogram fed with bucket counts computed elsewhere (here: by PostgreSQL).
+
+    prometheus-client's Histogram takes one observation at a time; the consumer gets a
+    whole batch's latency distribution from the insert statement, so it adds counts.
+    Bucket slot i counts values below ``bounds[i]`` (slot len(bounds) is +Inf), which
+    is what ``width_bucket(value, bounds)`` returns.
+    """
+
+    def __init__(
+        self, name: str, documentation: str, bounds: Sequence[float], registry: CollectorRegistry
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.bounds = tuple(bounds)
+        self._counts = [0] * (len(self.bounds) + 1)
+        self._sum = 0.0
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def add(self, slots: Sequence[int], counts: Sequence[int], total: float) -> None:
+        with self._lock:
+            for slot, count in zip(slots, counts, strict=True):
+                self._counts[min(max(slot, 0), len(self.bounds))] += count
+            self._sum += total
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            counts, total = list(self._counts), self._sum
+        cumulative, running = [], 0
+        for bound, count in zip((*self.bounds, float("inf")), counts, strict=True):
+            running += count
+            cumulative.append((floatToGoString(bound), running))  # type: ignore[no-untyped-call]
+        yield HistogramMetricFamily(
+            self.name, self.documentation, buckets=cumulative, sum_value=total
+        )

@@ -1,0 +1,78 @@
+"""``trackbuf migrate``: apply the numbered SQL files in ``migrations/`` once each.
+
+Idempotent and safe to run concurrently (an advisory lock serialises migrators), so
+every deployment can run it at start.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+import asyncpg
+
+from trackbuf.log import kv
+
+log = logging.getLogger("trackbuf.migrate")
+
+# Any constant works; it only has to be the same for every trackbuf migrator.
+_LOCK_KEY = 0x747262756631
+_FILE = re.compile(r"^(\d{4})_(\w+)\.sql$")
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def available() -> list[Migration]:
+    found = []
+    for entry in resources.files("consumer").joinpath("migrations").iterdir():
+        match = _FILE.match(entry.name)
+        if match:
+            found.append(Migration(int(match.group(1)), match.group(2), entry.read_text()))
+    found.sort(key=lambda m: m.version)
+    return found
+
+
+async def migrate(conn: asyncpg.Connection) -> list[int]:
+    """Apply what is missing; returns the versions applied by this call."""
+    applied_now: list[int] = []
+    await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
+    try:
+        await conn.execute(
+            """CREATE TABLE IF NOT EXISTS trackbuf_migrations (
+                   version    int PRIMARY KEY,
+                   name       text NOT NULL,
+                   applied_at timestamptz NOT NULL DEFAULT now())"""
+        )
+        done = {
+            row["version"] for row in await conn.fetch("SELECT version FROM trackbuf_migrations")
+        }
+        for migration in available():
+            if migration.version in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(migration.sql)
+                await conn.execute(
+                    "INSERT INTO trackbuf_migrations (version, name) VALUES ($1, $2)",
+                    migration.version,
+                    migration.name,
+                )
+            log.info(kv("migration_applied", version=migration.version, name=migration.name))
+            applied_now.append(migration.version)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+    return applied_now
+
+
+async def run(database_url: str) -> list[int]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return await migrate(conn)
+    finally:
+        await conn.close()

@@ -1,0 +1,65 @@
+"""``trackbuf consume``: N worker threads, metrics and health, graceful stop."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+
+from prometheus_client import CollectorRegistry
+
+from consumer.health import Health, serve
+from consumer.metrics import ConsumerMetrics
+from consumer.queue_metrics import QueueCollector
+from consumer.worker import Worker
+from trackbuf.log import kv
+from trackbuf.settings import Settings, parse_hostport
+
+log = logging.getLogger("trackbuf.consumer")
+
+
+def run(settings: Settings, stop: threading.Event | None = None) -> int:
+    """Run until SIGTERM/SIGINT (or, with ``burst``, until the queue is empty).
+
+    On a stop request each worker finishes (or releases) its current batch; a worker
+    that does not finish within ``shutdown_timeout`` is abandoned, and the process
+    exit then closes its connections, which hands its jobs back to beanstalkd.
+    """
+    settings.require_database()
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: stop.set())
+    registry = CollectorRegistry()
+    metrics = ConsumerMetrics.create(registry)
+    QueueCollector(settings.beanstalkd_address, settings.tube).register(registry)
+    health = Health(metrics)
+    server = serve(parse_hostport(settings.metrics_listen, "metrics_listen"), registry, health)
+    workers = [Worker(i, settings, metrics, health, stop) for i in range(settings.threads)]
+    threads = [
+        threading.Thread(target=w.run, name=f"consumer-{w.index}", daemon=True) for w in workers
+    ]
+    for thread in threads:
+        thread.start()
+    log.info(kv("consumer_started", threads=settings.threads, burst=settings.burst))
+    crashed = False
+    while any(t.is_alive() for t in threads) and not stop.is_set():
+        stop.wait(0.2)
+        if not settings.burst and not all(t.is_alive() for t in threads):
+            # A worker died of a bug: stop cleanly and let the supervisor restart us
+            # rather than limp on with fewer threads than configured.
+            crashed = True
+            stop.set()
+    deadline = time.monotonic() + settings.shutdown_timeout
+    for thread in threads:
+        thread.join(max(deadline - time.monotonic(), 0))
+    server.shutdown()
+    server.server_close()
+    stuck = [t.name for t in threads if t.is_alive()]
+    if stuck:
+        log.error(kv("consumer_stop_timeout", stuck=",".join(stuck)))
+        return 1
+    jobs = sum(w.state.jobs_done for w in workers)
+    log.info(kv("consumer_stopped", jobs=jobs, crashed=crashed))
+    return 1 if crashed else 0

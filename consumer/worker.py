@@ -1,0 +1,288 @@
+"""One consumer worker thread: reserve jobs, batch them, write them, delete them.
+
+The order is the guarantee: a job is deleted from beanstalkd only after the batch that
+holds it has committed. A crash anywhere before that puts the job back (connection drop
+or TTR) and the insert skips what was already stored, so every event ends up stored
+exactly once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+
+import greenstalk
+import orjson
+
+from consumer import queue
+from consumer.batch import Batch, halves
+from consumer.database import Database, DatabaseUnavailable, RejectedData
+from consumer.health import Health
+from consumer.metrics import E2E_BUCKETS, ConsumerMetrics
+from consumer.sql import query
+from trackbuf import codec
+from trackbuf.log import kv
+from trackbuf.settings import Settings
+
+log = logging.getLogger("trackbuf.consumer")
+
+Job = queue.Job
+
+# While a batch is open and nothing is ready, poll this often until its linger ends
+# (beanstalkd's reserve timeout has whole-second resolution).
+POLL_S = 0.01
+# Reserve timeout while idle: also how quickly an idle worker notices a stop request.
+IDLE_RESERVE_S = 1
+BACKOFF_START_S = 0.25
+BACKOFF_MAX_S = 5.0
+
+
+def jittered(delay: float) -> float:
+    """Full jitter: many workers retrying an outage do not stampede together."""
+    return random.uniform(delay / 2, delay)
+
+
+@dataclass
+class WorkerState:
+    jobs_done: int = 0
+    drained: bool = False
+
+
+class Worker:
+    def __init__(
+        self,
+        index: int,
+        settings: Settings,
+        metrics: ConsumerMetrics,
+        health: Health,
+        stop: threading.Event,
+    ) -> None:
+        self.index = index
+        self.settings = settings
+        self.metrics = metrics
+        self.health = health
+        self.stop = stop
+        self.state = WorkerState()
+        self._db = Database(settings.require_database())
+        self._client: queue.Client | None = None
+        self._db_up = False
+        self._db_backoff = BACKOFF_START_S
+        self._bs_backoff = BACKOFF_START_S
+
+    # Main loop ------------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                if not self._db_up and not self._wait_for_database():
+                    continue
+                client = self._beanstalkd()
+                if client is None:
+                    continue
+                batch = self._fill(client)
+                if batch.items:
+                    self._flush(batch)
+                elif self.settings.burst and self.state.drained:
+                    break
+        except Exception:
+            log.exception(kv("worker_crashed", worker=self.index))
+            raise
+        finally:
+            # Closing the connection hands any job still reserved back to beanstalkd.
+            self._drop_client()
+            self._db.close()
+
+    def _fill(self, client: queue.Client) -> Batch[Job]:
+        batch: Batch[Job] = Batch(self.settings.batch_size, self.settings.linger_ms / 1000)
+        while True:
+            now = time.monotonic()
+            if batch.due(now) or (self.stop.is_set() and batch.items):
+                return batch
+            if self.stop.is_set():
+                return batch
+            try:
+                idle_wait = 0 if self.settings.burst else IDLE_RESERVE_S
+                job = client.reserve(timeout=0 if batch.items else idle_wait)
+            except greenstalk.TimedOutError:
+                if not batch.items:
+                    self.state.drained = True
+                    if self.settings.burst:
+                        return batch
+                    continue
+                if self.settings.burst:
+                    return batch  # nothing more to wait for
+                self.stop.wait(min(POLL_S, max(batch.remaining(now), 0)))
+                continue
+            except greenstalk.DeadlineSoonError:
+                return batch  # a held job is near its TTR: write now
+            except queue.CONNECTION_ERRORS as exc:
+                # The server returns our reserved jobs to ready when the connection drops,
+                # so the partial batch is simply forgotten, not written.
+                log.warning(kv("beanstalkd_lost", worker=self.index, error=repr(exc)))
+                self._drop_client()
+                return Batch(self.settings.batch_size, 0)
+            self.state.drained = False
+            batch.add(job, codec.event_count(job.body) or 1, now)
+
+    # Writing --------------------------------------------------------------------------
+
+    def _flush(self, batch: Batch[Job]) -> None:
+        pending = {job.id: job for job in batch.items}
+        framed: list[Job] = []
+        unframed: list[Job] = []
+        for job in batch.items:
+            (unframed if codec.event_count(job.body) is None else framed).append(job)
+        try:
+            if framed:
+                self._store(framed, pending)
+            for job in unframed:
+                self._salvage(job, "job is not a trackbuf v1 frame", pending)
+        except DatabaseUnavailable as exc:
+            self._give_back(pending, exc)
+        except Exception as exc:
+            # Unexpected, so not trusted to say anything about the data: hand the jobs
+            # back and carry on after a pause rather than kill the consumer.
+            log.exception(kv("batch_failed", worker=self.index, jobs=len(pending)))
+            self._db.reset()
+            self._give_back(pending, exc)
+
+    def _give_back(self, pending: dict[int, Job], exc: Exception) -> None:
+        """Release a failed batch and pause: the database may answer pings yet refuse
+        writes (read-only after a failover, disk full), and retrying at once would
+        spin through reserve, fail, release."""
+        self._database_down(exc)
+        self._release(list(pending.values()))
+        self.metrics.batches.labels("released").inc()
+        self.health.pause(jittered(self._db_backoff), self.stop)
+        self._db_backoff = min(self._db_backoff * 2, BACKOFF_MAX_S)
+
+    def _store(self, jobs: list[Job], pending: dict[int, Job]) -> None:
+        """Insert these jobs in one statement; on a data error, split to isolate it."""
+        events = sum(codec.event_count(job.body) or 0 for job in jobs)
+        started = time.perf_counter()
+        try:
+            result = self._db.insert_jobs([job.body for job in jobs], events, E2E_BUCKETS)
+        except RejectedData as exc:
+            if len(jobs) == 1:
+                self._salvage(jobs[0], str(exc), pending)
+            else:
+                self.metrics.batches.labels("split").inc()
+                for half in halves(jobs):
+                    self._store(half, pending)
+            return
+        self._db_backoff = BACKOFF_START_S  # a commit, not a ping, proves the database
+        self.health.committed()
+        self.metrics.insert_duration.observe(time.perf_counter() - started)
+        self.metrics.events_written.inc(result.inserted)
+        self.metrics.duplicates.inc(result.duplicates)
+        self.metrics.batches.labels("committed").inc()
+        self.metrics.batch_events.observe(events)
+        self.metrics.end_to_end.add(result.latency_slots, result.latency_counts, result.latency_sum)
+        self._delete(jobs, pending)
+
+    def _salvage(self, job: Job, reason: str, pending: dict[int, Job]) -> None:
+        """Store a job's good events one by one and set its bad ones aside."""
+        try:
+            items = codec.decode_frame(job.body)
+        except codec.CodecError as exc:
+            self._dead_letter("undecodable_job", f"{reason}; {exc}", None, job.body)
+            self._delete([job], pending)
+            return
+        for item in items:
+            try:
+                event = codec.decode_event(item)
+            except codec.CodecError as exc:
+                self._dead_letter("invalid_event", str(exc), None, orjson.dumps(item))
+                continue
+            single = codec.encode_job([codec.encode_event(event)])
+            try:
+                result = self._db.insert_jobs([single], 1, E2E_BUCKETS)
+            except RejectedData as exc:
+                self._dead_letter("rejected_by_database", str(exc), event.event_id, single)
+                continue
+            self.metrics.events_written.inc(result.inserted)
+            self.metrics.duplicates.inc(result.duplicates)
+        self._delete([job], pending)
+
+    def _dead_letter(self, label: str, reason: str, event_id: object, body: bytes) -> None:
+        status = self._db.execute(query("insert_dead_letter"), reason, event_id, body)
+        if status.endswith(" 0"):
+            return  # set aside already, by an earlier delivery of the same job
+        self.metrics.dead_events.labels(label).inc()
+        # First line only: PostgreSQL's DETAIL repeats the row, IP address included.
+        detail = reason.splitlines()[0][:200] if reason else ""
+        log.warning(kv("dead_letter", worker=self.index, reason=label, detail=detail))
+
+    def _delete(self, jobs: list[Job], pending: dict[int, Job]) -> None:
+        for job in jobs:
+            pending.pop(job.id, None)
+            if self._client is None:
+                continue  # connection gone: the job comes back and is deduplicated
+            try:
+                self._client.delete(job)
+                self.state.jobs_done += 1
+            except greenstalk.NotFoundError:
+                pass  # TTR ran out and someone else has it; their insert is a no-op
+            except queue.CONNECTION_ERRORS as exc:
+                log.warning(kv("delete_failed", worker=self.index, error=repr(exc)))
+                self._drop_client()
+
+    def _release(self, jobs: list[Job]) -> None:
+        if self._client is None:
+            return
+        for job in jobs:
+            try:
+                self._client.release(job)
+            except (greenstalk.NotFoundError, greenstalk.BuriedError):
+                pass  # gone (TTR), or buried by a server out of memory: kept either way
+            except queue.CONNECTION_ERRORS:
+                self._drop_client()  # closing releases everything we still held
+                return
+
+    # Outages --------------------------------------------------------------------------
+
+    def _database_down(self, exc: Exception) -> None:
+        if self._db_up:
+            log.error(kv("database_down", worker=self.index, error=str(exc)[:200]))
+        self._db_up = False
+        self.health.database(False)
+
+    def _wait_for_database(self) -> bool:
+        """Probe the database holding no jobs; back off with jitter while it is down.
+
+        Holding nothing matters: reserve/release-with-delay loops during an outage
+        would pin beanstalkd binlog files, and reserved jobs would idle until TTR.
+        """
+        if self._db.ping():
+            if not self._db_up:
+                log.info(kv("database_up", worker=self.index))
+            self._db_up = True
+            self.health.database(True)
+            return True
+        self._database_down(DatabaseUnavailable("ping failed"))
+        self.health.pause(jittered(self._db_backoff), self.stop)
+        self._db_backoff = min(self._db_backoff * 2, BACKOFF_MAX_S)
+        return False
+
+    def _beanstalkd(self) -> queue.Client | None:
+        if self._client is not None:
+            return self._client
+        try:
+            self._client = queue.connect(self.settings.beanstalkd_address, self.settings.tube)
+        except queue.CONNECTION_ERRORS as exc:
+            log.error(kv("beanstalkd_unreachable", worker=self.index, error=repr(exc)))
+            self.stop.wait(jittered(self._bs_backoff))
+            self._bs_backoff = min(self._bs_backoff * 2, BACKOFF_MAX_S)
+            return None
+        self._bs_backoff = BACKOFF_START_S
+        return self._client
+
+    def _drop_client(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(OSError):
+                client.close()
