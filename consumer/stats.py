@@ -1,0 +1,45 @@
+"""``trackbuf stats --campaign C``: totals and unique recipients, human and machine."""
+
+from __future__ import annotations
+
+import asyncpg
+import orjson
+
+from consumer.sql import query
+
+# User agents of fetchers that are not a person reading: mail image proxies, security
+# link scanners, prefetchers and scripts. A pattern list, not a verdict: extend it.
+MACHINE_AGENTS = (
+    r"GoogleImageProxy|YahooMailProxy|ggpht\.com|bot\b|crawler|spider|"
+    r"Barracuda|Mimecast|Proofpoint|python-requests|curl/|wget|Go-http-client|HeadlessChrome"
+)
+
+
+async def campaign(database_url: str, name: str, as_json: bool) -> int:
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(query("campaign_stats"), name, MACHINE_AGENTS)
+    finally:
+        await conn.close()
+    report = {
+        row["kind"]: {
+            "total": row["total"],
+            "unique_recipients": row["unique_recipients"],
+            "machine_total": row["machine_total"],
+            "human_unique_recipients": row["human_unique_recipients"],
+        }
+        for row in rows
+    }
+    for kind in ("open", "click"):
+        report.setdefault(kind, dict.fromkeys(("total", "unique_recipients", "machine_total",
+                                               "human_unique_recipients"), 0))  # fmt: skip
+    if as_json:
+        print(orjson.dumps({"campaign": name, **report}).decode())
+        return 0
+    print(f"campaign {name}")
+    print(f"{'':8}{'total':>10}{'unique':>10}{'machine':>10}{'human unique':>14}")
+    for kind in ("open", "click"):
+        r = report[kind]
+        print(f"{kind + 's':8}{r['total']:>10,}{r['unique_recipients']:>10,}"
+              f"{r['machine_total']:>10,}{r['human_unique_recipients']:>14,}")  # fmt: skip
+    return 0

@@ -1,0 +1,181 @@
+"""``trackbuf status``: the queue on one screen, and a non-zero exit when it is unwell.
+
+Reads beanstalkd directly (depth, oldest ready age, consumers, job rates) and the
+ingest and consumer ``/metrics`` pages (event rates, spool, database state). Rates are
+two samples ``interval`` seconds apart.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+
+import orjson
+
+from consumer import queue
+from consumer.queue_metrics import QueueSnapshot, snapshot
+from trackbuf import metric_names as names
+from trackbuf.settings import Settings
+
+
+@dataclass
+class Status:
+    at: str
+    beanstalkd: str
+    tube: str
+    beanstalkd_up: bool
+    jobs: dict[str, int] = field(default_factory=dict)
+    oldest_ready_age_s: int = 0
+    consumers: int = 0
+    binlog_span_files: int = 0
+    jobs_in_per_s: float = 0.0
+    jobs_out_per_s: float = 0.0
+    events_in_per_s: float | None = None
+    events_out_per_s: float | None = None
+    spool_jobs: float | None = None
+    spool_bytes: float | None = None
+    database_up: bool | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def scrape(url: str) -> dict[str, float] | None:
+    """Sum of each metric family's samples on a /metrics page (labels folded)."""
+    if not url:
+        return None
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/metrics", timeout=2) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name_part, _, value = line.rpartition(" ")
+        name = name_part.split("{", 1)[0]
+        try:
+            totals[name] = totals.get(name, 0.0) + float(value)
+        except ValueError:
+            continue
+    return totals
+
+
+def gather(
+    settings: Settings, ingest_url: str, consumer_url: str, interval: float, max_age_s: int
+) -> Status:
+    status = Status(
+        at=datetime.now(UTC).isoformat(timespec="seconds"),
+        beanstalkd=settings.beanstalkd,
+        tube=settings.tube,
+        beanstalkd_up=False,
+    )
+    events_in, events_out = names.INGEST_EVENTS + "_total", names.CONSUMER_EVENTS_WRITTEN + "_total"
+    try:
+        first: QueueSnapshot | None = snapshot(settings.beanstalkd_address, settings.tube)
+    except queue.CONNECTION_ERRORS:
+        first = None
+    ingest_before, consumer_before = scrape(ingest_url), scrape(consumer_url)
+    time.sleep(interval)
+    ingest_after, consumer_after = scrape(ingest_url), scrape(consumer_url)
+    try:
+        second: QueueSnapshot | None = snapshot(settings.beanstalkd_address, settings.tube)
+    except queue.CONNECTION_ERRORS:
+        second = None
+
+    if first is None or second is None:
+        status.problems.append(f"beanstalkd {settings.beanstalkd} is unreachable")
+    else:
+        status.beanstalkd_up = True
+        status.jobs = second.jobs
+        status.oldest_ready_age_s = second.oldest_ready_age_s
+        status.consumers = second.consumers
+        status.binlog_span_files = second.binlog_span
+        status.jobs_in_per_s = max(second.jobs_put - first.jobs_put, 0) / interval
+        status.jobs_out_per_s = max(second.jobs_deleted - first.jobs_deleted, 0) / interval
+        if second.jobs["ready"] and second.consumers == 0:
+            status.problems.append("jobs are waiting and no consumer is connected")
+        if second.oldest_ready_age_s > max_age_s:
+            status.problems.append(
+                f"oldest ready job is {second.oldest_ready_age_s}s old (limit {max_age_s}s)"
+            )
+        if second.jobs["buried"]:
+            status.problems.append(f"{second.jobs['buried']} buried job(s): see trackbuf dead")
+
+    if ingest_after is None:
+        if ingest_url:
+            status.problems.append(f"ingest metrics unreachable at {ingest_url}")
+    else:
+        status.spool_jobs = ingest_after.get(names.INGEST_SPOOL_JOBS, 0.0)
+        status.spool_bytes = ingest_after.get(names.INGEST_SPOOL_BYTES, 0.0)
+        if ingest_before is not None:
+            delta = ingest_after.get(events_in, 0.0) - ingest_before.get(events_in, 0.0)
+            status.events_in_per_s = max(delta, 0.0) / interval
+        if status.spool_jobs:
+            status.problems.append(f"ingest is spooling: {status.spool_jobs:.0f} job(s) on disk")
+    if consumer_after is None:
+        if consumer_url:
+            status.problems.append(f"consumer metrics unreachable at {consumer_url}")
+    else:
+        status.database_up = consumer_after.get(names.CONSUMER_DATABASE_UP, 0.0) >= 1
+        if consumer_before is not None:
+            delta = consumer_after.get(events_out, 0.0) - consumer_before.get(events_out, 0.0)
+            status.events_out_per_s = max(delta, 0.0) / interval
+        if not status.database_up:
+            status.problems.append("consumer cannot reach the database")
+    return status
+
+
+def render(status: Status) -> str:
+    def rate(value: float | None) -> str:
+        return "?" if value is None else f"{value:,.0f}/s"
+
+    jobs = status.jobs or dict.fromkeys(("ready", "reserved", "delayed", "buried"), 0)
+    lines = [
+        f"trackbuf status  {status.at}",
+        f"queue     beanstalkd {status.beanstalkd} ({'up' if status.beanstalkd_up else 'DOWN'})"
+        f"  tube {status.tube}",
+        "          "
+        + "  ".join(f"{k} {v:,}" for k, v in jobs.items())
+        + f"  oldest ready {status.oldest_ready_age_s}s",
+        f"          consumers {status.consumers}  jobs in {rate(status.jobs_in_per_s)}"
+        f"  jobs out {rate(status.jobs_out_per_s)}  binlog span {status.binlog_span_files}",
+        f"events    in {rate(status.events_in_per_s)}  stored {rate(status.events_out_per_s)}",
+        "ingest    spool "
+        + ("?" if status.spool_jobs is None else f"{status.spool_jobs:,.0f} job(s)")
+        + ("" if status.spool_bytes is None else f", {status.spool_bytes:,.0f} bytes"),
+        "consumer  database " + {None: "?", True: "up", False: "DOWN"}[status.database_up],
+    ]
+    if status.ok:
+        lines.append("OK")
+    else:
+        lines.extend(f"PROBLEM   {problem}" for problem in status.problems)
+    return "\n".join(lines)
+
+
+def run(
+    settings: Settings,
+    as_json: bool,
+    watch: bool,
+    interval: float,
+    max_age_s: int,
+    ingest_url: str,
+    consumer_url: str,
+) -> int:
+    while True:
+        status = gather(settings, ingest_url, consumer_url, interval, max_age_s)
+        if as_json:
+            out = orjson.dumps({**asdict(status), "ok": status.ok}).decode()
+        else:
+            out = render(status)
+        if watch and not as_json and sys.stdout.isatty():
+            sys.stdout.write("\x1b[2J\x1b[H")  # clear the screen between refreshes
+        print(out, flush=True)
+        if not watch:
+            return 0 if status.ok else 1

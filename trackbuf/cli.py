@@ -1,0 +1,249 @@
+"""The ``trackbuf`` command. Every flag also reads ``TRACKBUF_<FLAG>``; the flag wins.
+
+This module dispatches to ``ingest`` and ``consumer`` lazily, so the core never
+imports them at module level and each command loads only what it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import fields
+from typing import Any
+
+from trackbuf import log as tlog
+from trackbuf.settings import Settings, SettingsError, env_name, flag_name, load
+from trackbuf.tokens import KeyringError, LinkError
+from trackbuf.up import UpError
+
+_FIELDS = {f.name: f for f in fields(Settings)}
+
+QUEUE = ("beanstalkd", "tube")
+INGEST = ("listen", "workers", *QUEUE, "signing_keys", "job_ttr", "max_job_bytes",
+          "ip_mode", "trust_forwarded", "data_dir", "spool_dir", "spool_max_bytes",
+          "spool_fsync", "shutdown_timeout")  # fmt: skip
+CONSUME = ("database_url", *QUEUE, "threads", "batch_size", "linger_ms", "burst",
+           "metrics_listen", "shutdown_timeout")  # fmt: skip
+LINKS = ("public_url", "signing_keys")
+
+
+def _add_settings(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    defaults = Settings()
+    for name in names:
+        spec = _FIELDS[name]
+        env = env_name(name)
+        current = os.environ.get(env, getattr(defaults, name))
+        # Secrets never reach a terminal: keys and a DSN's password are hidden.
+        shown = "(set)" if name in ("signing_keys", "database_url") and current else current
+        helptext = f"{spec.metadata.get('help', '')} [env {env}; now: {shown!s}]"
+        if spec.type in (bool, "bool"):
+            parser.add_argument(
+                flag_name(name), dest=name, action="store_true", default=None, help=helptext
+            )
+        else:
+            kind: Callable[[str], Any] = {"int": int, "float": float}.get(str(spec.type), str)
+            parser.add_argument(flag_name(name), dest=name, type=kind, default=None, help=helptext)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    """Flags over environment over the env file a running ``trackbuf up`` left behind."""
+    from trackbuf.up import read_env_file
+
+    overrides = {k: v for k, v in vars(args).items() if k in _FIELDS and v is not None}
+    data_dir = overrides.get("data_dir") or os.environ.get(env_name("data_dir"))
+    environ = {**read_env_file(data_dir or Settings().data_dir), **os.environ}
+    if args.command == "up":
+        environ = dict(os.environ)  # up writes that file; it must not read a stale one
+    return load(environ, overrides=overrides)
+
+
+def _explicit(args: argparse.Namespace) -> frozenset[str]:
+    given = {k for k, v in vars(args).items() if k in _FIELDS and v is not None}
+    return frozenset(given | {name for name in _FIELDS if env_name(name) in os.environ})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trackbuf", description="Email open and click tracking through a beanstalkd buffer."
+    )
+    parser.add_argument("--log-level", default=os.environ.get("TRACKBUF_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="run everything on this machine (embedded servers if unset)")
+    _add_settings(up, ("data_dir", "database_url", "listen", "public_url", "signing_keys",
+                       *QUEUE, "threads", "metrics_listen"))  # fmt: skip
+    up.set_defaults(func=_cmd_up)
+
+    ingest = sub.add_parser("ingest", help="serve pixels and click redirects")
+    _add_settings(ingest, INGEST)
+    ingest.set_defaults(func=_cmd_ingest)
+
+    consume = sub.add_parser("consume", help="drain beanstalkd into PostgreSQL")
+    _add_settings(consume, CONSUME)
+    consume.set_defaults(func=_cmd_consume)
+
+    migrate = sub.add_parser("migrate", help="create or upgrade the database schema")
+    _add_settings(migrate, ("database_url",))
+    migrate.set_defaults(func=_cmd_migrate)
+
+    link = sub.add_parser("link", help="print a signed tracking URL")
+    link_sub = link.add_subparsers(dest="link_kind", required=True, metavar="KIND")
+    for kind, what in (("open", "an open-pixel URL"), ("click", "a click-redirect URL")):
+        p = link_sub.add_parser(kind, help=f"print {what}")
+        p.add_argument("--campaign", required=True)
+        p.add_argument("--recipient", required=True, help="recipient or message id")
+        if kind == "click":
+            p.add_argument("--url", required=True, help="where the click goes (http/https)")
+        _add_settings(p, LINKS)
+        p.set_defaults(func=_cmd_link)
+
+    keygen = sub.add_parser("keygen", help="print a new signing key as kid:secret")
+    keygen.add_argument("--kid", default="k1")
+    keygen.set_defaults(func=_cmd_keygen)
+
+    dead = sub.add_parser("dead", help="inspect and replay events the consumer set aside")
+    dead_sub = dead.add_subparsers(dest="dead_action", required=True, metavar="ACTION")
+    dead_list = dead_sub.add_parser("list", help="list dead letters with their reasons")
+    dead_list.add_argument("--limit", type=int, default=50)
+    dead_show = dead_sub.add_parser("show", help="show dead letters in full")
+    dead_show.add_argument("ids", type=int, nargs="+")
+    for action, what in (("kick", "put back into beanstalkd"), ("delete", "delete for good")):
+        p = dead_sub.add_parser(action, help=f"{what}, by id or --all")
+        p.add_argument("ids", type=int, nargs="*")
+        p.add_argument("--all", action="store_true", dest="everything")
+    for p in dead_sub.choices.values():
+        _add_settings(p, ("database_url", *QUEUE, "job_ttr"))
+    dead.set_defaults(func=_cmd_dead)
+
+    status = sub.add_parser("status", help="queue depth, age, rates and health on one screen")
+    status.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    status.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    status.add_argument("--interval", type=float, default=1.0, help="seconds between samples")
+    status.add_argument(
+        "--max-age", type=int, default=60, help="oldest ready job age (s) that counts as a problem"
+    )
+    status.add_argument("--ingest-url", help="ingest base URL for /metrics ('' to skip)")
+    status.add_argument("--consumer-url", help="consumer base URL for /metrics ('' to skip)")
+    _add_settings(status, (*QUEUE, "listen", "metrics_listen"))
+    status.set_defaults(func=_cmd_status)
+
+    stats = sub.add_parser("stats", help="a campaign's totals and uniques, human vs machine")
+    stats.add_argument("--campaign", required=True)
+    stats.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    _add_settings(stats, ("database_url",))
+    stats.set_defaults(func=_cmd_stats)
+
+    events = sub.add_parser("events", help="show recently stored events")
+    events.add_argument("--limit", type=int, default=20)
+    events.add_argument("--tail", action="store_true", help="keep printing new events")
+    _add_settings(events, ("database_url",))
+    events.set_defaults(func=_cmd_events)
+    return parser
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from trackbuf import up
+
+    return up.run(_settings(args), _explicit(args))
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from ingest import server
+
+    return server.run(_settings(args))
+
+
+def _cmd_consume(args: argparse.Namespace) -> int:
+    from consumer import run
+
+    return run.run(_settings(args))
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from consumer import migrate
+
+    applied = asyncio.run(migrate.run(_settings(args).require_database()))
+    print(f"migrations applied: {applied or 'none (schema is current)'}")
+    return 0
+
+
+def _cmd_link(args: argparse.Namespace) -> int:
+    from trackbuf import links
+    from trackbuf.tokens import Keyring
+
+    settings = _settings(args)
+    keyring = Keyring.parse(settings.signing_keys)
+    if args.link_kind == "open":
+        print(links.open_url(settings.public_url, keyring, args.campaign, args.recipient))
+    else:
+        print(
+            links.click_url(settings.public_url, keyring, args.campaign, args.recipient, args.url)
+        )
+    return 0
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from trackbuf.tokens import new_key
+
+    print(new_key(args.kid))
+    return 0
+
+
+def _cmd_dead(args: argparse.Namespace) -> int:
+    from consumer import deadletters
+
+    settings = _settings(args)
+    action = args.dead_action
+    if action == "list":
+        return asyncio.run(deadletters.list_(settings, args.limit))
+    if action == "show":
+        return asyncio.run(deadletters.show(settings, args.ids))
+    if not args.ids and not args.everything:
+        raise SettingsError(f"dead {action}: give ids or --all")
+    if action == "kick":
+        return asyncio.run(deadletters.kick(settings, args.ids, args.everything))
+    return asyncio.run(deadletters.delete(settings, args.ids, args.everything))
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from consumer import status
+
+    settings = _settings(args)
+    ingest = f"http://{settings.listen}" if args.ingest_url is None else args.ingest_url
+    consumer = (
+        f"http://{settings.metrics_listen}" if args.consumer_url is None else args.consumer_url
+    )
+    return status.run(
+        settings, args.json, args.watch, args.interval, args.max_age, ingest, consumer
+    )
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from consumer import stats
+
+    settings = _settings(args)
+    return asyncio.run(stats.campaign(settings.require_database(), args.campaign, args.json))
+
+
+def _cmd_events(args: argparse.Namespace) -> int:
+    from consumer import inspect
+
+    settings = _settings(args)
+    return asyncio.run(inspect.events(settings.require_database(), args.limit, args.tail))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    tlog.setup(args.log_level)
+    try:
+        result: int = args.func(args)
+    except (SettingsError, KeyringError, LinkError, UpError) as exc:
+        print(f"trackbuf {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return result
