@@ -1,0 +1,173 @@
+"""Benchmark results as JSON, PNG charts and the tables in BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display here; files only
+import matplotlib.pyplot as plt
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def write_json(results: dict[str, Any], out: Path) -> Path:
+    path = out / "results.json"
+    path.write_text(json.dumps(results, indent=2, default=str))
+    return path
+
+
+def charts(results: dict[str, Any], out: Path) -> list[Path]:
+    made = []
+    if "ingest" in results:
+        ingest = results["ingest"]
+        names = ["nginx_empty_gif", "aiohttp_bare", "trackbuf_ingest", "naive_insert_per_request"]
+        values = [ingest[n]["requests_per_s"] for n in names]
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.bar(
+            [n.replace("_", "\n") for n in names], values, color=["#999", "#69c", "#2a7", "#c55"]
+        )
+        ax.set_ylabel("requests/s (wrk, 64 connections)")
+        ax.set_title("Pixel requests per second, same machine, same run")
+        made.append(_save(fig, out / "ingest.png"))
+    if "drain" in results:
+        drain = results["drain"]
+        labels = ["raw COPY", "COPY+staging\n+ON CONFLICT"] + [
+            f"consumer\n{t} thread(s)" for t in drain["consumer_events_per_s"]
+        ]
+        values = list(drain["ceilings_rows_per_s"].values()) + list(
+            drain["consumer_events_per_s"].values()
+        )
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.bar(labels, values, color=["#999", "#999"] + ["#2a7"] * (len(values) - 2))
+        ax.set_ylabel("events/s into PostgreSQL")
+        ax.set_title("Drain rate against COPY ceilings")
+        made.append(_save(fig, out / "drain.png"))
+    if "spike" in results:
+        made.append(_spike_chart(results["spike"], out / "spike.png"))
+    return made
+
+
+def _spike_chart(spike: dict[str, Any], path: Path) -> Path:
+    per_second = {int(k): v for k, v in spike["per_second"].items()}
+    p99 = {int(k): v for k, v in spike["p99_per_second_ms"].items()}
+    down, up = spike["database_down_s"]
+    fig, axes = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
+    # The last second is partial (the run ends inside it): leave it out.
+    seconds = [s for s in sorted(per_second) if s < spike["duration_s"] - 1]
+    axes[0].plot(seconds, [per_second[s] for s in seconds], color="#2a7")
+    axes[0].set_ylabel("answered/s")
+    axes[0].set_ylim(0, max(per_second.values(), default=1) * 1.3)
+    axes[1].plot(seconds, [p99.get(s, 0.0) for s in seconds], color="#69c")
+    axes[1].set_ylabel("p99 latency (ms)")
+    axes[1].set_ylim(bottom=0)
+    queue = spike["queue"]
+    axes[2].plot([q["t"] for q in queue], [q["ready_jobs"] for q in queue], color="#c55")
+    axes[2].set_ylabel("ready jobs in beanstalkd")
+    axes[2].set_xlabel("seconds")
+    for ax in axes:
+        ax.axvspan(down, up, color="#fdd", label="PostgreSQL stopped")
+    axes[0].legend(loc="lower left")
+    axes[0].set_title(
+        f"Spike demo: lost {spike['lost']} of {spike['client']['acknowledged']} acknowledged"
+    )
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def tables(results: dict[str, Any]) -> str:
+    lines: list[str] = []
+    if "ingest" in results:
+        ing = results["ingest"]
+        lines += ["### Ingest (wrk -t2 -c64, best of two interleaved rounds)", "",
+                  "| server | requests/s | p50 ms | p99 ms | errors |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for name in (
+            "nginx_empty_gif",
+            "aiohttp_bare",
+            "naive_insert_per_request",
+            "trackbuf_ingest",
+        ):
+            r = ing[name]
+            lines.append(f"| {name} | {r['requests_per_s']:,.0f} | {r['p50_ms']:.2f} | "
+                         f"{r['p99_ms']:.2f} | {r['errors'] + r['non_2xx_3xx']} |")  # fmt: skip
+        ratios = ing["ratios"]
+        paced = ing["trackbuf_at_70pct"]
+        lines += ["", f"trackbuf / bare aiohttp = **{ratios['trackbuf_vs_bare']}**, "
+                  f"trackbuf / naive = **{ratios['trackbuf_vs_naive']}**, "
+                  f"trackbuf / nginx = {ratios['trackbuf_vs_nginx']}.", "",
+                  f"At 70% of its maximum ({paced['target_rate']:,} req/s asked of wrk paced "
+                  f"per connection, {paced['requests_per_s']:,.0f} answered): p50 "
+                  f"{paced['p50_ms']} ms, p99 **{paced['p99_ms']} ms**.", ""]  # fmt: skip
+        outage = ing["database_outage"]
+        lines += ["Database stopped for the middle third of a wrk run:", "",
+                  "| server | requests/s | failed requests |", "|---|---|---|"]  # fmt: skip
+        for name, r in outage.items():
+            lines.append(
+                f"| {name} | {r['requests_per_s']:,.0f} | {r['errors'] + r['non_2xx_3xx']:,} |"
+            )
+        lines.append("")
+    if "drain" in results:
+        d = results["drain"]
+        lines += [f"### Drain ({d['events']:,} events, {d['events_per_job']} per job)", "",
+                  "| writer | events/s |", "|---|---|"]  # fmt: skip
+        for name, value in d["ceilings_rows_per_s"].items():
+            lines.append(f"| {name} (rows prebuilt in Python, 1000 per COPY) | {value:,} |")
+        for threads, value in d["consumer_events_per_s"].items():
+            lines.append(f"| trackbuf consumer, {threads} thread(s) | {value:,} |")
+        lines += ["", f"Best consumer / COPY+staging+ON CONFLICT = **{d['best_vs_copy_staging']}**"
+                  f" (/ raw COPY = {d['best_vs_raw_copy']}).", ""]  # fmt: skip
+    if "backlog" in results:
+        b = results["backlog"]
+        lines += ["### Backlog", "",
+                  f"{b['events']:,} events ({b['jobs']:,} jobs) queued with PostgreSQL stopped; "
+                  f"drained in **{b['drain_s']} s** ({b['events_per_s']:,} events/s) after it "
+                  f"started; {b['stored']:,} rows stored.", "",
+                  f"beanstalkd RSS {b['beanstalkd_rss_empty_mb']} MB empty, "
+                  f"{b['beanstalkd_rss_full_mb']} MB full: "
+                  f"**{b['beanstalkd_mb_per_million_events']} MB per million queued events**.",
+                  ""]  # fmt: skip
+    if "e2e" in results:
+        e = results["e2e"]
+        c = e["client"]
+        lines += ["### End-to-end latency", "",
+                  f"wrk paced at {e['target_rate']:,} requests/s for {e['duration_s']:.0f} s "
+                  f"({c['requests_per_s']:,.0f}/s answered, HTTP p99 {c['p99_ms']} ms); "
+                  f"{e['stored']:,} rows. occurred_at to insert: p50 **{e['e2e_p50_s']} s**, "
+                  f"p99 **{e['e2e_p99_s']} s**.", "",
+                  f"RSS every 10 s (MB): ingest {e['rss_mb']['ingest']}, "
+                  f"consumer {e['rss_mb']['consumer']}.", ""]  # fmt: skip
+    if "spike" in results:
+        s = results["spike"]
+        c = s["client"]
+        back_up = s["database_down_s"][1]
+        empty = next((q["t"] for q in s["queue"] if q["t"] > back_up and not q["ready_jobs"]), None)
+        peak = max((q["ready_jobs"] for q in s["queue"]), default=0)
+        lines += ["### Spike demonstration", "",
+                  f"{s['duration_s']:.0f} s at {c['rate_per_s']:,} req/s with PostgreSQL stopped "
+                  f"from {s['database_down_s'][0]} s to {s['database_down_s'][1]} s: "
+                  f"{c['acknowledged']:,} acknowledged, {c['failed']} failed, client p99 "
+                  f"{c['p99_ms']} ms; the queue peaked at {peak:,} jobs and was empty again at "
+                  f"{empty} s; **lost {s['lost']}**.", "", "![spike](benchmarks/spike.png)",
+                  ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def update_markdown(path: Path, results: dict[str, Any], command: str) -> None:
+    """Replace the generated block of BENCHMARKS.md, keeping the prose around it."""
+    block = f"{START}\n_Generated by `{command}`._\n\n{tables(results)}\n{END}"
+    text = path.read_text() if path.exists() else f"# Benchmarks\n\n{START}\n{END}\n"
+    if START not in text:
+        text += f"\n{START}\n{END}\n"
+    path.write_text(re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: block, text,
+                           flags=re.DOTALL))  # fmt: skip
