@@ -1,0 +1,83 @@
+"""Smoke runs of the load generator and the benchmark runner: seconds, tiny counts.
+
+The full benchmark is a documented command (BENCHMARKS.md), never a timed test; this
+checks the machinery: loss accounting, the JSON, the charts, the Markdown tables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from loadtest.traffic import drive
+from tests.procs import Process, start_ingest
+from trackbuf.settings import Settings
+from trackbuf.tokens import Keyring
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_generator_records_every_acknowledged_request(
+    make_settings, keyring: Keyring, tmp_path: Path
+) -> None:
+    settings: Settings = make_settings()
+    ingest = start_ingest(settings, tmp_path / "ingest.log")
+    consumer = Process(settings, "consume", log_path=tmp_path / "consumer.log")
+    try:
+        result = asyncio.run(
+            drive(f"http://{settings.listen}", keyring, "smoke", profile="spike", rate=100,
+                  duration_s=2, max_requests=300)
+        )  # fmt: skip
+        # The generator's campaigns vary, so audit by recipient across all of them.
+        stored = asyncio.run(recipients(settings.database_url, set(result.acked)))
+    finally:
+        consumer.terminate()
+        ingest.terminate()
+    assert result.failed == 0 and result.sent == len(result.acked) > 100
+    assert result.sent <= 300
+    assert set(result.acked) <= stored
+    assert max(result.per_second.values()) > min(result.per_second.values())  # the spike
+
+
+async def recipients(dsn: str, expected: set[str]) -> set[str]:
+    """Stored recipients, once all expected ones arrived (or after 20 s)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        for _ in range(200):
+            stored = {row["recipient"] for row in await conn.fetch("SELECT recipient FROM events")}
+            if expected <= stored:
+                break
+            await asyncio.sleep(0.1)
+        return stored
+    finally:
+        await conn.close()
+
+
+def test_benchmark_runner_writes_json_charts_and_tables(tmp_path: Path) -> None:
+    markdown = tmp_path / "BENCHMARKS.md"
+    markdown.write_text(
+        "# Benchmarks\n\nProse kept.\n\n<!-- bench:start -->\nold\n<!-- bench:end -->\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtest", "bench", "--quick", "--only", "drain,spike",
+         "--out", str(tmp_path), "--markdown", str(markdown)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["drain"]["consumer_events_per_s"]["1"] > 0
+    assert results["drain"]["ceilings_rows_per_s"]["copy_staging_on_conflict"] > 0
+    assert results["spike"]["lost"] == 0
+    assert results["spike"]["client"]["acknowledged"] == results["spike"]["stored"]
+    for chart in ("drain.png", "spike.png"):
+        assert (tmp_path / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = markdown.read_text()
+    assert "Prose kept." in text and "old" not in text
+    assert "### Drain" in text and "**lost 0**" in text

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import pytest
+
+from loadtest.bench import histogram_quantile
+from loadtest.traffic import rate_at, require_loopback
+
+
+def test_profiles_shape_the_rate() -> None:
+    assert rate_at("steady", 100, 5, 10) == 100
+    assert rate_at("spike", 100, 1, 10) == 100
+    assert rate_at("spike", 100, 5, 10) == 1000  # the middle tenth is 10x
+    assert rate_at("burst", 100, 0, 10) == 100
+    assert rate_at("burst", 100, 5, 10) < 30  # decays
+    with pytest.raises(ValueError):
+        rate_at("sawtooth", 100, 1, 10)
+
+
+@pytest.mark.parametrize("url", ["http://10.0.0.1:8080", "http://example.com", "http://[::2]/"])
+def test_load_goes_to_loopback_only(url: str) -> None:
+    with pytest.raises(ValueError, match="loopback only"):
+        require_loopback(url)
+
+
+def test_loopback_is_allowed() -> None:
+    for url in (
+        "http://127.0.0.1:8080",
+        "http://localhost:1",
+        "http://[::1]:8080",
+        "http://127.0.0.9",
+    ):
+        require_loopback(url)
+
+
+def test_histogram_quantile_interpolates_like_prometheus() -> None:
+    name = "h"
+    before = {'h_bucket{le="0.1"}': 0.0, 'h_bucket{le="1.0"}': 0.0, 'h_bucket{le="+Inf"}': 0.0}
+    after = {'h_bucket{le="0.1"}': 50.0, 'h_bucket{le="1.0"}': 100.0, 'h_bucket{le="+Inf"}': 100.0}
+    assert histogram_quantile(0.5, before, after, name) == pytest.approx(0.1)
+    assert histogram_quantile(0.75, before, after, name) == pytest.approx(0.55)
