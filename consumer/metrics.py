@@ -29,6 +29,7 @@ class ConsumerMetrics:
     end_to_end: BucketHistogram
     database_up: Gauge
     dead_events: Counter
+    kicked_jobs: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> ConsumerMetrics:
@@ -86,6 +87,12 @@ class ConsumerMetrics:
                 names.CONSUMER_DEAD_EVENTS,
                 "Jobs or events set aside in dead_letters, by reason",
                 ["reason"],
+                registry=registry,
+            ),
+            kicked_jobs=Counter(
+                names.CONSUMER_KICKED_JOBS,
+                "Buried jobs (put or released while beanstalkd was out of memory) kicked "
+                "back to ready",
                 registry=registry,
             ),
         )

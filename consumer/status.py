@@ -106,7 +106,9 @@ def gather(
                 f"oldest ready job is {second.oldest_ready_age_s}s old (limit {max_age_s}s)"
             )
         if second.jobs["buried"]:
-            status.problems.append(f"{second.jobs['buried']} buried job(s): see trackbuf dead")
+            status.problems.append(
+                f"{second.jobs['buried']} buried job(s): beanstalkd out of memory?"
+            )
 
     if ingest_after is None:
         if ingest_url:

@@ -39,6 +39,11 @@ POLL_S = 0.01
 IDLE_RESERVE_S = 1
 BACKOFF_START_S = 0.25
 BACKOFF_MAX_S = 5.0
+# trackbuf never buries a job on purpose: beanstalkd buries a put or a release that it
+# has no memory to queue. Those jobs hold good events and pin binlog files, so the
+# first worker kicks them back to ready this often (and whenever it starts).
+KICK_INTERVAL_S = 5.0
+KICK_BOUND = 10_000
 
 
 def jittered(delay: float) -> float:
@@ -72,6 +77,7 @@ class Worker:
         self._db_up = False
         self._db_backoff = BACKOFF_START_S
         self._bs_backoff = BACKOFF_START_S
+        self._next_kick = 0.0
 
     # Main loop ------------------------------------------------------------------------
 
@@ -83,6 +89,10 @@ class Worker:
                 client = self._beanstalkd()
                 if client is None:
                     continue
+                if self.index == 0:
+                    self._kick_buried(client)
+                    if self._client is None:
+                        continue
                 batch = self._fill(client)
                 if batch.items:
                     self._flush(batch)
@@ -280,6 +290,26 @@ class Worker:
             return None
         self._bs_backoff = BACKOFF_START_S
         return self._client
+
+    def _kick_buried(self, client: queue.Client) -> None:
+        now = time.monotonic()
+        if now < self._next_kick:
+            return
+        self._next_kick = now + KICK_INTERVAL_S
+        try:
+            # Checked first because a kick with nothing buried would kick delayed jobs.
+            buried = client.stats_tube(self.settings.tube)["current-jobs-buried"]
+            if not buried:
+                return
+            kicked = client.kick(KICK_BOUND)
+        except greenstalk.NotFoundError:
+            return  # the tube does not exist yet: nothing was ever put
+        except queue.CONNECTION_ERRORS as exc:
+            log.warning(kv("beanstalkd_lost", worker=self.index, error=repr(exc)))
+            self._drop_client()
+            return
+        self.metrics.kicked_jobs.inc(kicked)
+        log.warning(kv("buried_jobs_kicked", worker=self.index, buried=buried, kicked=kicked))
 
     def _drop_client(self) -> None:
         client, self._client = self._client, None

@@ -26,6 +26,7 @@ CONSUMER_INSERT_DURATION = "trackbuf_consumer_insert_duration_seconds"  # histog
 CONSUMER_E2E_LATENCY = "trackbuf_consumer_end_to_end_latency_seconds"  # histogram
 CONSUMER_DATABASE_UP = "trackbuf_consumer_database_up"  # gauge
 CONSUMER_DEAD_EVENTS = "trackbuf_consumer_dead_events"  # counter {reason}
+CONSUMER_KICKED_JOBS = "trackbuf_consumer_kicked_jobs"  # counter: buried jobs made ready
 
 # queue (read from beanstalkd at scrape time by the consumer's /metrics)
 QUEUE_UP = "trackbuf_queue_up"  # gauge: 1 if beanstalkd answered the scrape

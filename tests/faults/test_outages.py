@@ -398,3 +398,39 @@ def test_a_full_binlog_disk_sends_events_to_the_spool(
         assert consumer.terminate() == 0 and ingest.terminate() == 0
     finally:
         full.kill()
+
+
+def test_buried_jobs_are_kicked_back_and_stored(
+    make_settings, beanstalkd: Beanstalkd, tmp_path: Path
+) -> None:
+    """beanstalkd buries a put (answers BURIED) or a release it has no memory to queue.
+    Running out of memory on demand is not possible here, so the test buries jobs with
+    a plain client: the state the consumer then finds is the same."""
+    settings = make_settings(threads=2)
+    events = [new_event("open", "buried", f"r{i}") for i in range(30)]
+    with beanstalkd.client() as client:
+        for i in range(0, 30, 10):
+            client.put(codec.encode_job([codec.encode_event(e) for e in events[i : i + 10]]))
+        for _ in range(3):
+            client.bury(client.reserve(timeout=1))
+    assert beanstalkd.tube_stats()["current-jobs-buried"] == 3
+    consumer = start_consumer(settings, tmp_path / "consumer.log")
+    stored = asyncio.run(_wait_for_rows(settings.database_url, "buried", expected=30, timeout_s=15))
+    assert sorted(stored) == sorted(e.event_id for e in events)
+    assert beanstalkd.tube_stats()["current-jobs-buried"] == 0
+    assert metric(settings, "trackbuf_consumer_kicked_jobs_total", consumer=True) == 3
+    assert "buried_jobs_kicked" in consumer.log()
+    assert consumer.terminate() == 0
+
+
+async def _wait_for_rows(dsn: str, campaign: str, expected: int, timeout_s: float) -> list[object]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = await conn.fetch("SELECT event_id FROM events WHERE campaign = $1", campaign)
+            if len(found) >= expected or time.monotonic() > deadline:
+                return [row["event_id"] for row in found]
+            await asyncio.sleep(0.1)
+    finally:
+        await conn.close()
