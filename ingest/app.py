@@ -32,6 +32,29 @@ ENQUEUER = web.AppKey("enqueuer", Enqueuer)
 METRICS = web.AppKey("metrics", IngestMetrics)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 
+
+class ShutdownClock:
+    """One deadline for the whole graceful stop: the server waits for in-flight
+    requests and then the enqueue task flushes, and together they must fit in
+    ``shutdown_timeout`` rather than each taking all of it."""
+
+    def __init__(self) -> None:
+        self.deadline: float | None = None
+        self.clean = True  # False once any part of the stop ran out of time
+
+    def start(self, timeout: float) -> None:
+        self.deadline = time.monotonic() + timeout
+
+    def remaining(self, default: float) -> float:
+        if self.deadline is None:
+            return default
+        # Past the deadline, still a moment to flush: what is pending then belongs to
+        # requests that were never answered, so this is best effort, not a promise.
+        return max(self.deadline - time.monotonic(), 0.1)
+
+
+SHUTDOWN = web.AppKey("shutdown", ShutdownClock)
+
 INVALID_LINK_PAGE = (
     "<!doctype html><title>Link not valid</title>"
     "<h1>This link is not valid</h1>"
@@ -46,6 +69,7 @@ def init_app(settings: Settings, registry: CollectorRegistry | None = None) -> w
     app[KEYRING] = tokens.Keyring.parse(settings.signing_keys)
     app[REGISTRY] = registry if registry is not None else CollectorRegistry()
     app[METRICS] = metrics = IngestMetrics.create(app[REGISTRY])
+    app[SHUTDOWN] = ShutdownClock()
 
     app[ENQUEUER] = Enqueuer(
         settings.beanstalkd_address,
@@ -71,10 +95,11 @@ async def _enqueuer_ctx(app: web.Application) -> AsyncIterator[None]:
     await enqueuer.start()
     yield
     # Runs after the server stopped taking requests: flush what is still pending.
-    timeout = app[SETTINGS].shutdown_timeout
+    timeout = app[SHUTDOWN].remaining(app[SETTINGS].shutdown_timeout)
     finished = await enqueuer.close(timeout)
     if not finished:
-        log.error(kv("enqueue_flush_timeout", timeout_s=timeout))
+        app[SHUTDOWN].clean = False
+        log.error(kv("enqueue_flush_timeout", timeout_s=round(timeout, 3)))
 
 
 async def open_pixel(request: web.Request) -> web.Response:

@@ -16,11 +16,14 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import multiprocess
 
-from ingest.app import init_app
+from ingest.app import SHUTDOWN, init_app
 from trackbuf.log import kv
 from trackbuf.settings import Settings, as_environ
 
 log = logging.getLogger("trackbuf.ingest")
+
+# What the stop may take beyond shutdown_timeout: closing sockets and files.
+STOP_GRACE_S = 0.5
 
 
 def run(settings: Settings) -> int:
@@ -68,9 +71,20 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
     log.info(kv("ingest_listening", listen=settings.listen, pid=os.getpid()))
     await stop.wait()
     log.info(kv("ingest_stopping", pid=os.getpid()))
-    await runner.cleanup()
-    log.info(kv("ingest_stopped", pid=os.getpid()))
-    return 0
+    clock = app[SHUTDOWN]
+    clock.start(settings.shutdown_timeout)
+    try:
+        # aiohttp waits shutdown_timeout for in-flight requests and then as long again
+        # for the ones it could not finish (a handler waiting for a hung beanstalkd
+        # ignores that second stage), so the whole stop gets its own bound.
+        async with asyncio.timeout(settings.shutdown_timeout + STOP_GRACE_S):
+            await runner.cleanup()
+    except TimeoutError:
+        # Only unanswered requests are left behind: nothing acknowledged is lost.
+        log.error(kv("ingest_stop_timeout", timeout_s=settings.shutdown_timeout))
+        return 1
+    log.info(kv("ingest_stopped", pid=os.getpid(), clean=clock.clean))
+    return 0 if clock.clean else 1
 
 
 def _use_uvloop() -> None:

@@ -296,6 +296,31 @@ def test_sigterm_ingest_flushes_and_exits_zero(
     assert audit.lost == 0 and audit.duplicated == 0 and audit.acked > 0
 
 
+def test_sigterm_ingest_stops_within_its_timeout_when_beanstalkd_hangs(
+    make_settings, beanstalkd: Beanstalkd, keyring: Keyring, tmp_path: Path
+) -> None:
+    """The whole stop is bounded by shutdown_timeout, even when requests cannot finish:
+    with a hung beanstalkd (stopped, so puts neither succeed nor fail) aiohttp alone
+    would wait the timeout twice, and the flush could take it a third time."""
+    settings = make_settings(shutdown_timeout=1.0)
+    ingest = start_ingest(settings, tmp_path / "ingest.log")
+    assert beanstalkd.proc is not None
+    beanstalkd.proc.send_signal(signal.SIGSTOP)
+    try:
+        load = Load(f"http://{settings.listen}", keyring, "hung", count=20, rate=200).start()
+        time.sleep(0.3)  # requests are now waiting for a put that hangs
+        t0 = time.monotonic()
+        code = ingest.terminate(timeout=10)
+        took = time.monotonic() - t0
+        load.wait()
+    finally:
+        beanstalkd.proc.send_signal(signal.SIGCONT)
+    report("SIGTERM ingest, beanstalkd hung", f"exit={code} took={took:.2f}s", "")
+    # The stop could not be graceful, and says so: exit 1 and a log line, in time.
+    assert code == 1 and "event=ingest_stop_timeout" in ingest.log()
+    assert took < settings.shutdown_timeout + 1.0, f"stop took {took:.2f}s"
+
+
 def test_sigterm_consumer_releases_its_batch_and_exits_zero(
     make_settings, beanstalkd: Beanstalkd, tmp_path: Path
 ) -> None:
