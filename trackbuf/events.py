@@ -25,6 +25,36 @@ class Event:
     ip: str | None = None
 
 
+class _RandomPool:
+    """os.urandom bytes fetched a page at a time.
+
+    One getrandom() syscall per event was the single largest cost trackbuf added to a
+    pixel request under load (~7 us of ~85); a 4 KiB page serves 409 ids. The bytes
+    are still the kernel's CSPRNG output, as RFC 9562 asks for UUIDv7. A forked child
+    drops the inherited page, so two processes never hand out the same bytes.
+    """
+
+    PAGE = 4096
+
+    def __init__(self) -> None:
+        self._page = b""
+        self._at = 0
+
+    def take(self, n: int) -> bytes:
+        at = self._at
+        if at + n > len(self._page):
+            self._page, at = os.urandom(self.PAGE), 0
+        self._at = at + n
+        return self._page[at : at + n]
+
+    def forget(self) -> None:
+        self._page, self._at = b"", 0
+
+
+_random = _RandomPool()
+os.register_at_fork(after_in_child=_random.forget)
+
+
 def uuid7(unix_ms: int | None = None) -> uuid.UUID:
     """A UUIDv7 (RFC 9562): 48-bit millisecond time, then random bits.
 
@@ -32,7 +62,7 @@ def uuid7(unix_ms: int | None = None) -> uuid.UUID:
     bulk inserts into a large events table cheap.
     """
     ms = time.time_ns() // 1_000_000 if unix_ms is None else unix_ms
-    rand = int.from_bytes(os.urandom(10), "big")
+    rand = int.from_bytes(_random.take(10), "big")
     value = (ms & ((1 << 48) - 1)) << 80
     value |= 0x7 << 76
     value |= ((rand >> 62) & 0xFFF) << 64

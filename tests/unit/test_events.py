@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+import os
+import uuid
+
 import pytest
 
 from consumer.sql import parse
 from ingest.pixel import GIF
+from trackbuf import events
 from trackbuf.events import MAX_USER_AGENT, clean_ip, new_event
 
 
@@ -44,3 +48,25 @@ def test_log_lines_stay_on_one_line() -> None:
     line = kv("dead_letter", reason='bad "x"\nDETAIL: row', n=3)
     assert "\n" not in line
     assert line == 'event=dead_letter reason="bad \\"x\\"\\nDETAIL: row" n=3'
+
+
+def test_uuid7_random_bits_are_not_shared_with_a_forked_child() -> None:
+    # The ids' random bits come from a buffered page of os.urandom; a child that kept
+    # its parent's page would hand out the parent's next ids.
+    events.uuid7()  # make sure a page is buffered
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: report its next id and leave at once
+        os.write(write, str(events.uuid7(1)).encode())
+        os._exit(0)
+    os.close(write)
+    child = uuid.UUID(os.read(read, 64).decode())
+    os.close(read)
+    os.waitpid(pid, 0)
+    parent = events.uuid7(1)
+    assert child.int & ((1 << 74) - 1) != parent.int & ((1 << 74) - 1)
+
+
+def test_uuid7_ids_are_unique_across_page_refills() -> None:
+    ids = {events.uuid7(1) for _ in range(5_000)}  # same millisecond, ~12 pages
+    assert len(ids) == 5_000
