@@ -22,7 +22,7 @@ from typing import Any
 import asyncpg
 
 from loadtest import stack as st
-from loadtest.servers import free_port
+from loadtest.servers import cpu_seconds, free_port
 from loadtest.traffic import drive
 from trackbuf import codec, links
 from trackbuf.events import new_event
@@ -76,19 +76,41 @@ def bench_ingest(work: Path, plan: Plan) -> dict[str, Any]:
         ingest, ingest_at = st.start_ingest(stack)
         targets = {"nginx_empty_gif": nginx_at, "aiohttp_bare": bare_at,
                    "naive_insert_per_request": naive_at, "trackbuf_ingest": ingest_at}  # fmt: skip
-        # Two rounds, interleaved, so drift in the machine's speed hits all alike.
+        procs = {"nginx_empty_gif": nginx, "aiohttp_bare": bare,
+                 "naive_insert_per_request": naive, "trackbuf_ingest": ingest}  # fmt: skip
+        pids = {name: proc.proc.pid for name, proc in procs.items()}
+        assert stack.bs.proc is not None
+        queue_pid = stack.bs.proc.pid
+        # Three rounds, interleaved, so drift in the machine's speed hits all alike.
         rounds: dict[str, list[st.WrkResult]] = {name: [] for name in targets}
-        for _ in range(2):
+        cpu_us: dict[str, list[float]] = {name: [] for name in targets}
+        queue_cpu_us: list[float] = []
+        for _ in range(3):
             for name, at in targets.items():
-                rounds[name].append(st.wrk(at, urls, plan.wrk_s))
+                before = cpu_seconds(pids[name]), cpu_seconds(queue_pid)
+                run = st.wrk(at, urls, plan.wrk_s)
+                after = cpu_seconds(pids[name]), cpu_seconds(queue_pid)
+                rounds[name].append(run)
+                # Server CPU per answered request: unlike requests/s, this barely moves
+                # when wrk, sharing the two cores, gets more or less of them.
+                answered = max(run.requests_per_s * max(int(plan.wrk_s), 1), 1)
+                cpu_us[name].append(round((after[0] - before[0]) / answered * 1e6, 1))
+                if name == "trackbuf_ingest":
+                    queue_cpu_us.append(round((after[1] - before[1]) / answered * 1e6, 1))
         for name, runs in rounds.items():
             best = max(runs, key=lambda r: r.requests_per_s)
-            results[name] = {**asdict(best), "runs_rps": [r.requests_per_s for r in runs]}
+            results[name] = {**asdict(best), "runs_rps": [r.requests_per_s for r in runs],
+                             "cpu_us_per_request": min(cpu_us[name]),
+                             "runs_cpu_us": cpu_us[name]}  # fmt: skip
+        results["trackbuf_ingest"]["beanstalkd_cpu_us_per_request"] = min(queue_cpu_us)
         rps = {name: results[name]["requests_per_s"] for name in targets}
+        cpu = {name: results[name]["cpu_us_per_request"] for name in targets}
         results["ratios"] = {
             "trackbuf_vs_bare": round(rps["trackbuf_ingest"] / rps["aiohttp_bare"], 3),
             "trackbuf_vs_naive": round(rps["trackbuf_ingest"] / rps["naive_insert_per_request"], 3),
             "trackbuf_vs_nginx": round(rps["trackbuf_ingest"] / rps["nginx_empty_gif"], 3),
+            # Requests per CPU-second, trackbuf over bare: the same ratio without wrk.
+            "trackbuf_vs_bare_cpu": round(cpu["aiohttp_bare"] / cpu["trackbuf_ingest"], 3),
         }
         # Latency at 70% of trackbuf's measured maximum: wrk paced per connection.
         rate = 0.7 * rps["trackbuf_ingest"]

@@ -85,13 +85,23 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def _cpu_lines(ing: dict[str, Any]) -> list[str]:
+    """Requests per CPU-second: the throughput ratio without wrk's share of the cores."""
+    if "trackbuf_vs_bare_cpu" not in ing["ratios"]:
+        return []
+    queue = ing["trackbuf_ingest"]["beanstalkd_cpu_us_per_request"]
+    return [f"By server CPU per request (lowest of the rounds), trackbuf / bare aiohttp = "
+            f"**{ing['ratios']['trackbuf_vs_bare_cpu']}**; beanstalkd adds {queue:.1f} us "
+            f"per request on top of trackbuf's own.", ""]  # fmt: skip
+
+
 def tables(results: dict[str, Any]) -> str:
     lines: list[str] = []
     if "ingest" in results:
         ing = results["ingest"]
-        lines += ["### Ingest (wrk -t2 -c64, best of two interleaved rounds)", "",
-                  "| server | requests/s | p50 ms | p99 ms | errors |",
-                  "|---|---|---|---|---|"]  # fmt: skip
+        lines += ["### Ingest (wrk -t2 -c64, best of three interleaved rounds)", "",
+                  "| server | requests/s | p50 ms | p99 ms | errors | server CPU us/request |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
         for name in (
             "nginx_empty_gif",
             "aiohttp_bare",
@@ -99,13 +109,16 @@ def tables(results: dict[str, Any]) -> str:
             "trackbuf_ingest",
         ):
             r = ing[name]
+            cpu = f"{r['cpu_us_per_request']:.1f}" if "cpu_us_per_request" in r else "-"
+            errors = r["errors"] + r["non_2xx_3xx"]
             lines.append(f"| {name} | {r['requests_per_s']:,.0f} | {r['p50_ms']:.2f} | "
-                         f"{r['p99_ms']:.2f} | {r['errors'] + r['non_2xx_3xx']} |")  # fmt: skip
+                         f"{r['p99_ms']:.2f} | {errors} | {cpu} |")  # fmt: skip
         ratios = ing["ratios"]
         paced = ing["trackbuf_at_70pct"]
         lines += ["", f"trackbuf / bare aiohttp = **{ratios['trackbuf_vs_bare']}**, "
                   f"trackbuf / naive = **{ratios['trackbuf_vs_naive']}**, "
                   f"trackbuf / nginx = {ratios['trackbuf_vs_nginx']}.", "",
+                  *_cpu_lines(ing),
                   f"At 70% of its maximum ({paced['target_rate']:,} req/s asked of wrk paced "
                   f"per connection, {paced['requests_per_s']:,.0f} answered): p50 "
                   f"{paced['p50_ms']} ms, p99 **{paced['p99_ms']} ms**.", ""]  # fmt: skip

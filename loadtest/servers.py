@@ -32,6 +32,23 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its children (nginx's workers)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                # The command name may hold spaces and parentheses: split after the last ")".
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # exited while we looked
+        this = int(stat.split("/")[2])
+        if this == pid or int(fields[1]) == pid:  # fields[1] is the parent pid
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return total
+
+
 def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
     """Wait until ``url`` answers; fail at once if ``proc`` exits first."""
     deadline = time.monotonic() + timeout

@@ -1,8 +1,14 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+
 import pytest
 
 from loadtest.bench import histogram_quantile
+from loadtest.servers import cpu_seconds
 from loadtest.traffic import rate_at, require_loopback
 
 
@@ -38,3 +44,19 @@ def test_histogram_quantile_interpolates_like_prometheus() -> None:
     after = {'h_bucket{le="0.1"}': 50.0, 'h_bucket{le="1.0"}': 100.0, 'h_bucket{le="+Inf"}': 100.0}
     assert histogram_quantile(0.5, before, after, name) == pytest.approx(0.1)
     assert histogram_quantile(0.75, before, after, name) == pytest.approx(0.55)
+
+
+def test_cpu_seconds_counts_a_process_and_its_children() -> None:
+    # The ingest benchmark divides server CPU by requests; nginx serves from children.
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
+    child = subprocess.Popen([sys.executable, "-c", burn + "time.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 10
+        while cpu_seconds(child.pid) < 0.3:
+            assert time.monotonic() < deadline, "the child's CPU time never showed"
+            time.sleep(0.05)
+        assert cpu_seconds(os.getpid()) >= cpu_seconds(child.pid)  # parent includes it
+    finally:
+        child.kill()
+        child.wait()
+    assert cpu_seconds(child.pid) == 0.0  # gone: nothing to count
