@@ -36,6 +36,17 @@ class Batch(Generic[T]):
             return False
         return self.full or self.remaining(now) <= 0
 
+    def jobs_wanted(self, most: int) -> int:
+        """How many more jobs to ask for at once: enough to fill the batch if they are
+        the size of the jobs so far, at least one and at most ``most``."""
+        if not self.items:
+            return 1
+        missing = self.max_events - self.events
+        if missing <= 0:
+            return 0
+        per_job = max(self.events // len(self.items), 1)
+        return max(1, min(most, -(-missing // per_job)))
+
     def remaining(self, now: float) -> float:
         """Seconds until the linger deadline (the full linger if the batch is empty)."""
         if self.opened_at is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -99,12 +100,10 @@ class ConsumerMetrics:
 
 
 class BucketHistogram(Collector):
-    """A histogram fed with bucket counts computed elsewhere (here: by PostgreSQL).
+    """A histogram that takes one value observed many times at once.
 
-    prometheus-client's Histogram takes one observation at a time; the consumer gets a
-    whole batch's latency distribution from the insert statement, so it adds counts.
-    Bucket slot i counts values below ``bounds[i]`` (slot len(bounds) is +Inf), which
-    is what ``width_bucket(value, bounds)`` returns.
+    prometheus-client's Histogram takes one observation at a time; the consumer times
+    a whole job (tens of events) with one value, and a batch holds hundreds of jobs.
     """
 
     def __init__(
@@ -118,11 +117,12 @@ class BucketHistogram(Collector):
         self._lock = threading.Lock()
         registry.register(self)
 
-    def add(self, slots: Sequence[int], counts: Sequence[int], total: float) -> None:
+    def observe(self, value: float, count: int = 1) -> None:
+        # Prometheus buckets are "less than or equal": the first bound >= value.
+        slot = bisect.bisect_left(self.bounds, value)
         with self._lock:
-            for slot, count in zip(slots, counts, strict=True):
-                self._counts[min(max(slot, 0), len(self.bounds))] += count
-            self._sum += total
+            self._counts[slot] += count
+            self._sum += value * count
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:

@@ -3,29 +3,15 @@
 -- name: insert_jobs
 -- $1 is a JSON array of job bodies exactly as they came out of beanstalkd; PostgreSQL
 -- unpacks them itself, so no Python row is ever built (measured ~1.8x faster than
--- decoding in Python and COPYing). Duplicates (at-least-once delivery) are skipped.
--- $2 are the end-to-end latency bucket bounds in seconds; the answer carries the
--- inserted rows' latency histogram (bucket index -> count), so metrics need no rows.
-WITH incoming AS (
-    SELECT e.*
-    FROM jsonb_array_elements($1::jsonb) AS job,
-         jsonb_to_recordset(job -> 'e') AS e(
-             id uuid, k text, t timestamptz, c text, r text, u text, ua text, ip inet)
-), inserted AS (
-    INSERT INTO events (event_id, kind, occurred_at, campaign, recipient, url, user_agent, ip)
-    SELECT id, k, t, c, r, u, ua, ip FROM incoming
-    ON CONFLICT (event_id) DO NOTHING
-    RETURNING occurred_at
-), latency AS (
-    SELECT extract(epoch FROM clock_timestamp() - occurred_at)::float8 AS s FROM inserted
-), histogram AS (
-    SELECT width_bucket(s, $2::float8[]) AS bucket, count(*)::int AS n
-    FROM latency GROUP BY 1
-)
-SELECT (SELECT count(*)::int FROM latency) AS inserted,
-       (SELECT coalesce(sum(s), 0)::float8 FROM latency) AS latency_sum,
-       (SELECT coalesce(array_agg(bucket ORDER BY bucket), '{}') FROM histogram) AS buckets,
-       (SELECT coalesce(array_agg(n ORDER BY bucket), '{}') FROM histogram) AS counts;
+-- decoding in Python and COPYing). Duplicates (at-least-once delivery) are skipped; the
+-- command tag (INSERT 0 n) says how many rows were new. Nothing is RETURNed: computing
+-- the latency histogram here (RETURNING into a CTE) cost ~30% of the drain rate.
+INSERT INTO events (event_id, kind, occurred_at, campaign, recipient, url, user_agent, ip)
+SELECT e.id, e.k, e.t, e.c, e.r, e.u, e.ua, e.ip
+FROM jsonb_array_elements($1::jsonb) AS job,
+     jsonb_to_recordset(job -> 'e') AS e(
+         id uuid, k text, t timestamptz, c text, r text, u text, ua text, ip inet)
+ON CONFLICT (event_id) DO NOTHING;
 
 -- name: recent_events
 SELECT event_id, kind, occurred_at, stored_at, campaign, recipient, url, user_agent, ip

@@ -22,7 +22,7 @@ from consumer import queue
 from consumer.batch import Batch, halves
 from consumer.database import Database, DatabaseUnavailable, RejectedData
 from consumer.health import Health
-from consumer.metrics import E2E_BUCKETS, ConsumerMetrics
+from consumer.metrics import ConsumerMetrics
 from consumer.sql import query
 from trackbuf import codec
 from trackbuf.log import kv
@@ -37,6 +37,8 @@ Job = queue.Job
 POLL_S = 0.01
 # Reserve timeout while idle: also how quickly an idle worker notices a stop request.
 IDLE_RESERVE_S = 1
+# Most jobs asked for in one pipelined round trip while a batch fills.
+PIPELINE_JOBS = 64
 BACKOFF_START_S = 0.25
 BACKOFF_MAX_S = 5.0
 # trackbuf never buries a job on purpose: beanstalkd buries a put or a release that it
@@ -110,14 +112,28 @@ class Worker:
         batch: Batch[Job] = Batch(self.settings.batch_size, self.settings.linger_ms / 1000)
         while True:
             now = time.monotonic()
-            if batch.due(now) or (self.stop.is_set() and batch.items):
-                return batch
-            if self.stop.is_set():
+            if batch.due(now) or self.stop.is_set():
                 return batch
             try:
-                idle_wait = 0 if self.settings.burst else IDLE_RESERVE_S
-                job = client.reserve(timeout=0 if batch.items else idle_wait)
+                if batch.items:
+                    # The batch is open: take what is ready now, many jobs per round trip.
+                    jobs, deadline_soon = client.reserve_ready(batch.jobs_wanted(PIPELINE_JOBS))
+                    if deadline_soon:
+                        return batch  # a held job is near its TTR: write now
+                else:
+                    idle_wait = 0 if self.settings.burst else IDLE_RESERVE_S
+                    jobs = [client.reserve(timeout=idle_wait)]
             except greenstalk.TimedOutError:
+                jobs = []
+            except greenstalk.DeadlineSoonError:
+                return batch
+            except queue.CONNECTION_ERRORS as exc:
+                # The server returns our reserved jobs to ready when the connection drops,
+                # so the partial batch is simply forgotten, not written.
+                log.warning(kv("beanstalkd_lost", worker=self.index, error=repr(exc)))
+                self._drop_client()
+                return Batch(self.settings.batch_size, 0)
+            if not jobs:
                 if not batch.items:
                     self.state.drained = True
                     if self.settings.burst:
@@ -127,16 +143,9 @@ class Worker:
                     return batch  # nothing more to wait for
                 self.stop.wait(min(POLL_S, max(batch.remaining(now), 0)))
                 continue
-            except greenstalk.DeadlineSoonError:
-                return batch  # a held job is near its TTR: write now
-            except queue.CONNECTION_ERRORS as exc:
-                # The server returns our reserved jobs to ready when the connection drops,
-                # so the partial batch is simply forgotten, not written.
-                log.warning(kv("beanstalkd_lost", worker=self.index, error=repr(exc)))
-                self._drop_client()
-                return Batch(self.settings.batch_size, 0)
             self.state.drained = False
-            batch.add(job, codec.event_count(job.body) or 1, now)
+            for job in jobs:
+                batch.add(job, codec.event_count(job.body) or 1, now)
 
     # Writing --------------------------------------------------------------------------
 
@@ -175,7 +184,7 @@ class Worker:
         events = sum(codec.event_count(job.body) or 0 for job in jobs)
         started = time.perf_counter()
         try:
-            result = self._db.insert_jobs([job.body for job in jobs], events, E2E_BUCKETS)
+            result = self._db.insert_jobs([job.body for job in jobs], events)
         except RejectedData as exc:
             if len(jobs) == 1:
                 self._salvage(jobs[0], str(exc), pending)
@@ -191,8 +200,19 @@ class Worker:
         self.metrics.duplicates.inc(result.duplicates)
         self.metrics.batches.labels("committed").inc()
         self.metrics.batch_events.observe(events)
-        self.metrics.end_to_end.add(result.latency_slots, result.latency_counts, result.latency_sum)
+        self._time_end_to_end(jobs)
         self._delete(jobs, pending)
+
+    def _time_end_to_end(self, jobs: list[Job]) -> None:
+        """Observe each committed job's age, once per event in it (see
+        codec.first_event_time for why per job). A job delivered again after a crash
+        is observed again: the histogram counts deliveries, not distinct events."""
+        committed = time.time()
+        for job in jobs:
+            occurred = codec.first_event_time(job.body)
+            if occurred is not None:
+                count = codec.event_count(job.body) or 1
+                self.metrics.end_to_end.observe(committed - occurred, count)
 
     def _salvage(self, job: Job, reason: str, pending: dict[int, Job]) -> None:
         """Store a job's good events one by one and set its bad ones aside."""
@@ -210,7 +230,7 @@ class Worker:
                 continue
             single = codec.encode_job([codec.encode_event(event)])
             try:
-                result = self._db.insert_jobs([single], 1, E2E_BUCKETS)
+                result = self._db.insert_jobs([single], 1)
             except RejectedData as exc:
                 self._dead_letter("rejected_by_database", str(exc), event.event_id, single)
                 continue
@@ -230,16 +250,15 @@ class Worker:
     def _delete(self, jobs: list[Job], pending: dict[int, Job]) -> None:
         for job in jobs:
             pending.pop(job.id, None)
-            if self._client is None:
-                continue  # connection gone: the job comes back and is deduplicated
-            try:
-                self._client.delete(job)
-                self.state.jobs_done += 1
-            except greenstalk.NotFoundError:
-                pass  # TTR ran out and someone else has it; their insert is a no-op
-            except queue.CONNECTION_ERRORS as exc:
-                log.warning(kv("delete_failed", worker=self.index, error=repr(exc)))
-                self._drop_client()
+        if self._client is None:
+            return  # connection gone: the jobs come back and are deduplicated
+        try:
+            # NOT_FOUND is not an error: TTR ran out and someone else has the job; their
+            # insert skips what we stored.
+            self.state.jobs_done += self._client.delete_many(jobs)
+        except queue.CONNECTION_ERRORS as exc:
+            log.warning(kv("delete_failed", worker=self.index, error=repr(exc)))
+            self._drop_client()
 
     def _release(self, jobs: list[Job]) -> None:
         if self._client is None:

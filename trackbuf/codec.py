@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 
 import orjson
 
@@ -52,6 +52,33 @@ def encode_event(event: Event) -> bytes:
     if event.ip is not None:
         item["ip"] = event.ip
     return orjson.dumps(item, option=orjson.OPT_UTC_Z)
+
+
+_TIME_KEY = b'"t":"'
+
+
+def first_event_time(body: bytes) -> float | None:
+    """Unix time of the first event in a job, found without decoding the job.
+
+    The consumer times end-to-end latency per job rather than per row: a job's events
+    arrived while one put was in flight (milliseconds apart), and decoding every job
+    just to time it would cost more than storing it. A quote inside a JSON string is
+    escaped, so ``"t":"`` can only be a key.
+    """
+    at = body.find(_TIME_KEY)
+    if at < 0:
+        return None
+    start = at + len(_TIME_KEY)
+    end = body.find(b'"', start, start + 40)
+    if end < 0:
+        return None
+    try:
+        moment = datetime.fromisoformat(body[start:end].decode("ascii"))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
 
 
 def encode_job(encoded_events: list[bytes]) -> bytes:

@@ -31,3 +31,15 @@ def test_halves_cover_everything_once() -> None:
     left, right = halves(items)
     assert left + right == items and left and right
     assert halves([1]) == ([], [1])
+
+
+def test_jobs_wanted_estimates_what_fills_the_batch() -> None:
+    batch: Batch[str] = Batch(max_events=1000, linger_s=1.0)
+    assert batch.jobs_wanted(64) == 1  # nothing known yet about job sizes
+    batch.add("job-1", 25, now=0.0)
+    assert batch.jobs_wanted(64) == 39  # 975 more events at 25 per job
+    assert batch.jobs_wanted(8) == 8  # capped
+    batch.add("job-2", 970, now=0.0)
+    assert batch.jobs_wanted(64) == 1  # 5 missing: at least one job
+    batch.add("job-3", 5, now=0.0)
+    assert batch.jobs_wanted(64) == 0  # full

@@ -90,3 +90,30 @@ def test_uuid7_is_version_7_and_time_ordered() -> None:
     assert first.variant == uuid.RFC_4122
     assert first < second
     assert uuid7_time(first) == datetime.fromtimestamp(1_700_000_000, tz=UTC)
+
+
+def test_first_event_time_reads_the_job_without_decoding_it() -> None:
+    now_ns = 1_700_000_000_123_456_000
+    first = new_event("open", "c", "r", now_ns=now_ns)
+    later = new_event("open", "c", "r", now_ns=now_ns + 5_000_000)
+    body = codec.encode_job([codec.encode_event(first), codec.encode_event(later)])
+    assert codec.first_event_time(body) == pytest.approx(1_700_000_000.123456)
+
+
+def test_first_event_time_is_not_fooled_by_a_value_that_looks_like_the_key() -> None:
+    # A campaign before "t" (another writer's key order) holding the text "t":"...
+    item = {"c": 'x"t":"1999-01-01T00:00:00Z', "t": "2023-11-14T22:13:20Z"}
+    body = b'{"v":1,"n":1,"e":[' + orjson.dumps(item) + b"]}"
+    assert codec.first_event_time(body) == 1_700_000_000.0
+
+
+@pytest.mark.parametrize(
+    "body", [b"", b"\x00garbage", b'{"v":1,"n":1,"e":[{"t":"yesterday"}]}', b'{"t":"2026']
+)
+def test_first_event_time_of_a_broken_job_is_none(body: bytes) -> None:
+    assert codec.first_event_time(body) is None
+
+
+def test_first_event_time_takes_a_time_without_zone_as_utc() -> None:
+    body = b'{"v":1,"n":1,"e":[{"t":"2023-11-14T22:13:20"}]}'
+    assert codec.first_event_time(body) == 1_700_000_000.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from consumer.health import Health
@@ -62,3 +63,19 @@ def test_pause_lasts_its_time_when_nothing_happens() -> None:
     started = time.monotonic()
     health.pause(0.3, threading.Event())
     assert time.monotonic() - started >= 0.3
+
+
+def test_end_to_end_histogram_takes_one_value_for_many_events() -> None:
+    registry = CollectorRegistry()
+    metrics = ConsumerMetrics.create(registry)
+    metrics.end_to_end.observe(0.1, 25)  # on a bound: Prometheus buckets are <=
+    metrics.end_to_end.observe(7200.0, 5)
+
+    def bucket(le: str) -> float | None:
+        name = "trackbuf_consumer_end_to_end_latency_seconds_bucket"
+        return registry.get_sample_value(name, {"le": le})
+
+    assert bucket("0.05") == 0 and bucket("0.1") == 25 and bucket("3600.0") == 25
+    assert bucket("14400.0") == 30 and bucket("+Inf") == 30
+    total = registry.get_sample_value("trackbuf_consumer_end_to_end_latency_seconds_sum")
+    assert total == pytest.approx(25 * 0.1 + 5 * 7200.0)

@@ -1,0 +1,57 @@
+"""The consumer's pipelined beanstalkd commands, against a real beanstalkd."""
+
+from __future__ import annotations
+
+import pytest
+
+from consumer import queue
+from tests.servers import Beanstalkd
+
+pytestmark = pytest.mark.integration
+
+TUBE = "pipelined"
+
+
+def test_reserve_ready_takes_many_jobs_in_one_round_trip(beanstalkd: Beanstalkd) -> None:
+    client = queue.connect(("127.0.0.1", beanstalkd.port), TUBE)
+    try:
+        for i in range(5):
+            client.put(b"job-%d" % i)
+        first, soon = client.reserve_ready(3)
+        assert [job.body for job in first] == [b"job-0", b"job-1", b"job-2"] and not soon
+        rest, soon = client.reserve_ready(5)  # only two left: the others time out
+        assert [job.body for job in rest] == [b"job-3", b"job-4"] and not soon
+        assert client.reserve_ready(2) == ([], False)
+        stats = beanstalkd.tube_stats(TUBE)
+        assert stats["current-jobs-reserved"] == 5
+        # The connection is still in step after all that: plain commands work.
+        assert client.delete_many(first + rest) == 5
+        assert client.delete_many(first) == 0  # already gone: NOT_FOUND, not an error
+        assert beanstalkd.tube_stats(TUBE)["current-jobs-reserved"] == 0
+        client.put(b"after")
+        assert client.reserve(timeout=0).body == b"after"
+    finally:
+        client.close()
+
+
+def test_reserve_ready_reports_a_held_job_near_its_ttr(beanstalkd: Beanstalkd) -> None:
+    client = queue.connect(("127.0.0.1", beanstalkd.port), TUBE)
+    try:
+        client.put(b"short", ttr=1)  # within beanstalkd's 1 s safety margin at once
+        held = client.reserve(timeout=0)
+        assert client.reserve_ready(2) == ([], True)
+        assert client.delete_many([held]) == 1
+    finally:
+        client.close()
+
+
+def test_a_closed_connection_is_a_connection_error(beanstalkd: Beanstalkd) -> None:
+    client = queue.connect(("127.0.0.1", beanstalkd.port), TUBE)
+    try:
+        client.put(b"x")
+        beanstalkd.kill()
+        with pytest.raises(queue.CONNECTION_ERRORS):
+            client.reserve_ready(4)
+    finally:
+        client.close()
+        beanstalkd.start()
