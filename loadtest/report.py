@@ -132,7 +132,9 @@ def tables(results: dict[str, Any]) -> str:
         lines.append("")
     if "drain" in results:
         d = results["drain"]
-        lines += [f"### Drain ({d['events']:,} events, {d['events_per_job']} per job)", "",
+        rounds = d.get("rounds", 1)
+        lines += [f"### Drain ({d['events']:,} events, {d['events_per_job']} per job, "
+                  f"best of {rounds} interleaved rounds)", "",
                   "| writer | events/s |", "|---|---|"]  # fmt: skip
         for name, value in d["ceilings_rows_per_s"].items():
             lines.append(f"| {name} (rows prebuilt in Python, 1000 per COPY) | {value:,} |")

@@ -15,8 +15,10 @@ from pathlib import Path
 import asyncpg
 
 from loadtest.servers import Beanstalkd, Postgres, free_port, rss_bytes, wait_http, wait_port
+from trackbuf.settings import Settings
 
 KEYS = "k1:benchmark-signing-key-0123456789"
+TUBE = Settings().tube  # the stack runs trackbuf with its default tube
 REPO = Path(__file__).resolve().parent.parent
 
 
