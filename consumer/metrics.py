@@ -75,7 +75,7 @@ class ConsumerMetrics:
             ),
             end_to_end=BucketHistogram(
                 names.CONSUMER_E2E_LATENCY,
-                "From the request (occurred_at) to the insert, per stored event",
+                "From the request (occurred_at) to the commit, per delivered event (timed per job)",
                 E2E_BUCKETS,
                 registry,
             ),
