@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import hmac
+
 import pytest
 
 from trackbuf import links, tokens
@@ -127,3 +129,11 @@ def test_a_token_ingest_would_refuse_is_never_signed() -> None:
     url = "https://example.com/" + "a" * 2000
     with pytest.raises(LinkError, match="ingest accepts"):
         tokens.sign(keys, LinkPayload("click", "é" * 256, "ü" * 256, url))
+
+
+@pytest.mark.parametrize("key_length", [1, 16, 63, 64, 65, 200])
+def test_hmac_matches_the_standard_library(key_length: int) -> None:
+    key = bytes(i * 37 % 256 for i in range(key_length))
+    mac = tokens.HmacSha256(key)
+    for message in (b"", b"k1.payload", b"x" * 1000):
+        assert mac.digest(message) == hmac.digest(key, message, "sha256")
