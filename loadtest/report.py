@@ -158,7 +158,7 @@ def tables(results: dict[str, Any]) -> str:
         lines += ["### End-to-end latency", "",
                   f"wrk paced at {e['target_rate']:,} requests/s for {e['duration_s']:.0f} s "
                   f"({c['requests_per_s']:,.0f}/s answered, HTTP p99 {c['p99_ms']} ms); "
-                  f"{e['stored']:,} rows. occurred_at to insert: p50 **{e['e2e_p50_s']} s**, "
+                  f"{e['stored']:,} rows. occurred_at to commit: p50 **{e['e2e_p50_s']} s**, "
                   f"p99 **{e['e2e_p99_s']} s**.", "",
                   f"RSS every 10 s (MB): ingest {e['rss_mb']['ingest']}, "
                   f"consumer {e['rss_mb']['consumer']}.", ""]  # fmt: skip
