@@ -26,9 +26,12 @@ CONNECT_TIMEOUT_S = 5.0
 STATEMENT_TIMEOUT_S = 60.0
 
 # SQLSTATE classes that mean "this data cannot be stored": 22 data exception, 23
-# integrity constraint violation. Anything else (connection lost, shutdown, disk full,
-# missing table) says nothing against the data, so the batch waits for the database.
-_DATA_ERROR_CLASSES = ("22", "23")
+# integrity constraint violation, 54 program limit exceeded (a value too large for an
+# index row, say: retrying never helps, and without this one such event would hold
+# the queue while the database reports itself down). Anything else (connection lost,
+# shutdown, disk full, missing table) says nothing against the data, so the batch
+# waits for the database.
+_DATA_ERROR_CLASSES = ("22", "23", "54")
 
 
 class DatabaseUnavailable(Exception):
@@ -70,12 +73,9 @@ class Database:
             )
         return self._conn
 
-    def ping(self) -> bool:
-        try:
-            self._call(lambda conn: conn.fetchval("SELECT 1"))
-            return True
-        except DatabaseUnavailable:
-            return False
+    def ping(self) -> None:
+        """Raises DatabaseUnavailable, with the server's reason, unless it answers."""
+        self._call(lambda conn: conn.fetchval("SELECT 1"))
 
     def insert_jobs(self, bodies: Sequence[bytes], events: int) -> WriteResult:
         """Insert every event of these job bodies in one transaction (one statement)."""

@@ -62,7 +62,13 @@ async def kick(settings: Settings, ids: Sequence[int], everything: bool) -> int:
             ids = [row["id"] for row in await conn.fetch(query("dead_all_ids"))]
         rows = await conn.fetch(query("dead_get"), list(ids))
         for row in rows:
-            client.put(as_job(bytes(row["body"])), ttr=settings.job_ttr)
+            try:
+                client.put(as_job(bytes(row["body"])), ttr=settings.job_ttr)
+            except greenstalk.BuriedError:
+                # Stored, but buried (beanstalkd is short of memory): the consumer
+                # kicks buried jobs back, so the dead letter has been handed over.
+                print(f"trackbuf dead kick: {row['id']} was buried by beanstalkd; "
+                      "the consumer kicks it back", file=sys.stderr)  # fmt: skip
             await conn.execute(query("dead_delete"), [row["id"]])
             kicked += 1
     except greenstalk.Error as exc:

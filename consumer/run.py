@@ -19,7 +19,11 @@ from trackbuf.settings import Settings, parse_hostport
 log = logging.getLogger("trackbuf.consumer")
 
 
-def run(settings: Settings, stop: threading.Event | None = None) -> int:
+def run(
+    settings: Settings,
+    stop: threading.Event | None = None,
+    registry: CollectorRegistry | None = None,
+) -> int:
     """Run until SIGTERM/SIGINT (or, with ``burst``, until the queue is empty).
 
     On a stop request each worker finishes (or releases) its current batch; a worker
@@ -31,7 +35,7 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, frame: stop.set())
-    registry = CollectorRegistry()
+    registry = registry if registry is not None else CollectorRegistry()
     metrics = ConsumerMetrics.create(registry)
     QueueCollector(settings.beanstalkd_address, settings.tube).register(registry)
     health = Health(metrics)
@@ -60,6 +64,9 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
     if stuck:
         log.error(kv("consumer_stop_timeout", stuck=",".join(stuck)))
         return 1
+    # In burst mode a worker that died of a bug ends like one that drained: only its
+    # flag tells them apart, and jobs it left behind must not end in exit 0.
+    crashed = crashed or any(w.state.crashed for w in workers)
     jobs = sum(w.state.jobs_done for w in workers)
     log.info(kv("consumer_stopped", jobs=jobs, crashed=crashed))
     return 1 if crashed else 0

@@ -45,6 +45,8 @@ BACKOFF_MAX_S = 5.0
 # has no memory to queue. Those jobs hold good events and pin binlog files, so the
 # first worker kicks them back to ready this often (and whenever it starts).
 KICK_INTERVAL_S = 5.0
+# How often an idle worker checks that the database still answers.
+IDLE_DB_CHECK_S = 5.0
 KICK_BOUND = 10_000
 
 
@@ -57,6 +59,7 @@ def jittered(delay: float) -> float:
 class WorkerState:
     jobs_done: int = 0
     drained: bool = False
+    crashed: bool = False
 
 
 class Worker:
@@ -76,7 +79,10 @@ class Worker:
         self.state = WorkerState()
         self._db = Database(settings.require_database())
         self._client: queue.Client | None = None
-        self._db_up = False
+        # None until the first look: a database that is down when the consumer starts
+        # is logged like one that goes down later.
+        self._db_up: bool | None = None
+        self._next_db_check = 0.0
         self._db_backoff = BACKOFF_START_S
         self._bs_backoff = BACKOFF_START_S
         self._next_kick = 0.0
@@ -101,6 +107,7 @@ class Worker:
                 elif self.settings.burst and self.state.drained:
                     break
         except Exception:
+            self.state.crashed = True
             log.exception(kv("worker_crashed", worker=self.index))
             raise
         finally:
@@ -136,7 +143,7 @@ class Worker:
             if not jobs:
                 if not batch.items:
                     self.state.drained = True
-                    if self.settings.burst:
+                    if self.settings.burst or not self._database_still_up():
                         return batch
                     continue
                 if self.settings.burst:
@@ -275,7 +282,7 @@ class Worker:
     # Outages --------------------------------------------------------------------------
 
     def _database_down(self, exc: Exception) -> None:
-        if self._db_up:
+        if self._db_up is not False:  # once per outage, and also when it starts down
             log.error(kv("database_down", worker=self.index, error=str(exc)[:200]))
         self._db_up = False
         self.health.database(False)
@@ -286,16 +293,33 @@ class Worker:
         Holding nothing matters: reserve/release-with-delay loops during an outage
         would pin beanstalkd binlog files, and reserved jobs would idle until TTR.
         """
-        if self._db.ping():
-            if not self._db_up:
-                log.info(kv("database_up", worker=self.index))
-            self._db_up = True
-            self.health.database(True)
+        try:
+            self._db.ping()
+        except DatabaseUnavailable as exc:
+            self._database_down(exc)
+            self.health.pause(jittered(self._db_backoff), self.stop)
+            self._db_backoff = min(self._db_backoff * 2, BACKOFF_MAX_S)
+            return False
+        if self._db_up is not True:
+            log.info(kv("database_up", worker=self.index))
+        self._db_up = True
+        self._next_db_check = time.monotonic() + IDLE_DB_CHECK_S
+        self.health.database(True)
+        return True
+
+    def _database_still_up(self) -> bool:
+        """While idle, look at the database now and then: without writes an outage
+        would go unnoticed, and /readyz and database_up would say all is well."""
+        now = time.monotonic()
+        if now < self._next_db_check:
             return True
-        self._database_down(DatabaseUnavailable("ping failed"))
-        self.health.pause(jittered(self._db_backoff), self.stop)
-        self._db_backoff = min(self._db_backoff * 2, BACKOFF_MAX_S)
-        return False
+        self._next_db_check = now + IDLE_DB_CHECK_S
+        try:
+            self._db.ping()
+        except DatabaseUnavailable as exc:
+            self._database_down(exc)
+            return False
+        return True
 
     def _beanstalkd(self) -> queue.Client | None:
         if self._client is not None:
