@@ -127,6 +127,11 @@ class Beanstalkd:
     def client(self, tube: str = "trackbuf-events") -> greenstalk.Client[bytes]:
         return greenstalk.Client(("127.0.0.1", self.port), encoding=None, use=tube, watch=tube)
 
+    def stats(self) -> dict[str, int]:
+        """The server-wide counters (``stats``): commands run, binlog indexes, limits."""
+        with greenstalk.Client(("127.0.0.1", self.port)) as client:
+            return {k: int(str(v)) for k, v in client.stats().items() if str(v).isdigit()}
+
     def tube_stats(self, tube: str = "trackbuf-events") -> dict[str, int]:
         with greenstalk.Client(("127.0.0.1", self.port)) as client:
             try:

@@ -24,10 +24,20 @@ class LoadResult:
     acked: set[str] = field(default_factory=set)
     failed: int = 0
     latencies: list[float] = field(default_factory=list)
+    # (time.monotonic() when the request was sent, latency) of each acknowledged one
+    samples: list[tuple[float, float]] = field(default_factory=list)
 
     def p99(self) -> float:
-        ordered = sorted(self.latencies)
-        return ordered[int(len(ordered) * 0.99) - 1] if ordered else 0.0
+        return _p99(self.latencies)
+
+    def p99_between(self, start: float, end: float) -> float:
+        """p99 latency of the requests sent in [start, end) (time.monotonic())."""
+        return _p99([latency for at, latency in self.samples if start <= at < end])
+
+
+def _p99(latencies: list[float]) -> float:
+    ordered = sorted(latencies)
+    return ordered[max(int(len(ordered) * 0.99) - 1, 0)] if ordered else 0.0
 
 
 async def _drive(
@@ -55,6 +65,7 @@ async def _drive(
             if ok:
                 result.acked.add(recipient)
                 result.latencies.append(time.monotonic() - t0)
+                result.samples.append((t0, result.latencies[-1]))
             else:
                 result.failed += 1
 
@@ -102,10 +113,14 @@ class Audit:
     stored: int
     lost: int
     duplicated: int
+    # Rows in dead_letters (any campaign): a redelivery refused instead of skipped as a
+    # duplicate would land there while the row counts still looked right.
+    dead_letters: int = 0
 
     def __str__(self) -> str:
         return (
-            f"acked={self.acked} stored={self.stored} lost={self.lost} duplicated={self.duplicated}"
+            f"acked={self.acked} stored={self.stored} lost={self.lost} "
+            f"duplicated={self.duplicated} dead_letters={self.dead_letters}"
         )
 
 
@@ -115,6 +130,7 @@ async def _audit(dsn: str, campaign: str, acked: set[str]) -> Audit:
         rows = await conn.fetch(
             "SELECT recipient, count(*) AS n FROM events WHERE campaign = $1 GROUP BY 1", campaign
         )
+        dead_letters = await conn.fetchval("SELECT count(*) FROM dead_letters")
     finally:
         await conn.close()
     stored = {row["recipient"]: row["n"] for row in rows}
@@ -123,6 +139,7 @@ async def _audit(dsn: str, campaign: str, acked: set[str]) -> Audit:
         stored=sum(stored.values()),
         lost=len(acked - stored.keys()),
         duplicated=sum(n - 1 for n in stored.values() if n > 1),
+        dead_letters=dead_letters,
     )
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 import pytest
+from prometheus_client import CollectorRegistry
 
 from consumer import run as consumer_run
 from tests.procs import start_ingest, trackbuf
@@ -35,9 +36,9 @@ def rows(dsn: str, sql: str = "SELECT * FROM events") -> list[asyncpg.Record]:
     return asyncio.run(fetch_rows(dsn, sql))
 
 
-def drain(settings: Settings) -> int:
+def drain(settings: Settings, registry: CollectorRegistry | None = None) -> int:
     """Run the consumer in burst mode until the queue is empty."""
-    return consumer_run.run(replace(settings, burst=True), stop=threading.Event())
+    return consumer_run.run(replace(settings, burst=True), threading.Event(), registry)
 
 
 async def hit_all(urls: list[str], concurrency: int) -> list[tuple[int, str | None]]:
@@ -102,16 +103,23 @@ def test_the_same_event_enqueued_twice_gives_one_row(make_settings, beanstalkd: 
     settings = make_settings()
     event = codec.encode_event(new_event("open", "c", "r"))
     other = codec.encode_event(new_event("open", "c", "r2"))
+    first, second = CollectorRegistry(), CollectorRegistry()
     with beanstalkd.client() as client:
         client.put(codec.encode_job([event]))
         client.put(codec.encode_job([event, other]))  # e.g. a spool replay after a put
-    assert drain(settings) == 0
+    assert drain(settings, first) == 0
     assert len(rows(settings.database_url)) == 2
     # And again, in a later batch: still no second row.
     with beanstalkd.client() as client:
         client.put(codec.encode_job([event]))
-    assert drain(settings) == 0
+    assert drain(settings, second) == 0
     assert len(rows(settings.database_url)) == 2
+    # Skipped as duplicates by the insert itself, not refused and set aside: a unique
+    # violation would also leave two rows, but as dead letters and a stuck operator.
+    for registry, written in ((first, 2), (second, 0)):
+        assert registry.get_sample_value("trackbuf_consumer_duplicate_events_total") == 1
+        assert registry.get_sample_value("trackbuf_consumer_events_written_total") == written
+    assert rows(settings.database_url, "SELECT * FROM dead_letters") == []
 
 
 def test_four_threads_drain_a_prefilled_queue(make_settings, beanstalkd: Beanstalkd) -> None:
@@ -210,6 +218,26 @@ def test_a_poison_job_does_not_block_its_batch(make_settings, beanstalkd: Beanst
     (bad_body,) = set(dead) - {b"this is not json"}
     assert b"999.1.1.1" in bad_body and "inet" in dead[bad_body]
     assert beanstalkd.tube_stats()["current-jobs-ready"] == 0
+
+
+def test_an_event_too_big_for_an_index_is_set_aside_not_retried(
+    make_settings, beanstalkd: Beanstalkd
+) -> None:
+    """PostgreSQL refuses an index row over ~2.7 KB with SQLSTATE 54000 (program limit
+    exceeded): a property of the data, so the event is a dead letter, not an outage."""
+    import secrets
+
+    settings = make_settings(threads=1)
+    huge = secrets.token_urlsafe(6000)  # random text: TOAST cannot compress it under the limit
+    good = [codec.encode_event(new_event("open", "c", f"r{i}")) for i in range(5)]
+    with beanstalkd.client() as client:
+        client.put(codec.encode_job([*good, codec.encode_event(new_event("open", huge, "x"))]))
+    assert drain(settings) == 0
+    assert len(rows(settings.database_url)) == 5
+    (dead,) = rows(settings.database_url, "SELECT reason FROM dead_letters")
+    assert dead["reason"].startswith("54000")
+    stats = beanstalkd.tube_stats()
+    assert stats["current-jobs-ready"] == 0 and stats["current-jobs-reserved"] == 0
 
 
 def test_migrate_is_idempotent(make_settings) -> None:
