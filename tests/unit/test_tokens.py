@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hmac
 
+import orjson
 import pytest
 
 from trackbuf import links, tokens
@@ -78,6 +79,34 @@ def test_open_token_is_not_a_click() -> None:
 def test_only_absolute_http_targets_can_be_signed(url: str) -> None:
     with pytest.raises(LinkError):
         tokens.sign(Keyring.parse(OLD), click(url))
+
+
+def signed_by_hand(keys: Keyring, fields: list[object]) -> str:
+    """A correctly signed token that sign() would have refused to make: what a leaked
+    key, or a signer from an older version with looser checks, could produce."""
+    body = tokens._b64encode(orjson.dumps(fields))
+    signed = f"{keys.signing_kid}.{body}"
+    return f"{signed}.{tokens._b64encode(tokens._tag(keys.macs[keys.signing_kid], signed))}"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "javascript:alert(1)",
+        "//evil.example/",
+        "/relative",
+        "http:\\\\evil.example",
+        "data:text/html,x",
+        "https://ok.example/\r\nLocation: https://evil.example/",
+        "https:///no-host",
+    ],
+)
+def test_verify_refuses_a_validly_signed_unsafe_target(url: str) -> None:
+    keys = Keyring.parse(OLD)
+    token = signed_by_hand(keys, [tokens.FORMAT, "c", "camp", "r", url])
+    with pytest.raises(InvalidToken) as info:
+        tokens.verify(keys, token, "click")
+    assert info.value.reason == "bad_url"  # the signature was fine: the target is not
 
 
 @pytest.mark.parametrize("junk", ["", "a.b", "a.b.c.d", "old.!!!.x", "x" * 5000])
