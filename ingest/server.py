@@ -16,7 +16,7 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import multiprocess
 
-from ingest.app import SHUTDOWN, init_app
+from ingest.app import Ingest
 from trackbuf.log import kv
 from trackbuf.settings import Settings, as_environ
 
@@ -57,12 +57,11 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     host, port = settings.listen.rsplit(":", 1)
-    app = init_app(settings)
-    runner = web.AppRunner(
-        app,
-        access_log=None,  # one line per pixel would cost more than serving it
+    ingest = Ingest(settings)
+    await ingest.start()
+    runner = web.ServerRunner(
+        web.Server(ingest.handle, access_log=None),  # a line per pixel costs more than it
         shutdown_timeout=settings.shutdown_timeout,
-        handle_signals=False,
     )
     await runner.setup()
     # reuse_port lets several worker processes share the port (the kernel balances).
@@ -71,7 +70,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
     log.info(kv("ingest_listening", listen=settings.listen, pid=os.getpid()))
     await stop.wait()
     log.info(kv("ingest_stopping", pid=os.getpid()))
-    clock = app[SHUTDOWN]
+    clock = ingest.shutdown
     clock.start(settings.shutdown_timeout)
     try:
         # aiohttp waits shutdown_timeout for in-flight requests and then as long again
@@ -79,6 +78,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
         # ignores that second stage), so the whole stop gets its own bound.
         async with asyncio.timeout(settings.shutdown_timeout + STOP_GRACE_S):
             await runner.cleanup()
+            await ingest.close()  # after the last request: flush what they handed over
     except TimeoutError:
         # Only unanswered requests are left behind: nothing acknowledged is lost.
         log.error(kv("ingest_stop_timeout", timeout_s=settings.shutdown_timeout))
