@@ -13,6 +13,10 @@ On start, a process claims every file in the directory that no live process hold
 (a crashed ingest's spool) and replays it. Replay puts records in order and deletes a
 file once all of it is in beanstalkd. A crash mid-replay replays the file again from
 the start; the duplicates this makes are dropped by the consumer (``event_id``).
+
+Files are read with ``pread`` only, never through the writer's buffer: after a failed
+write (a full disk) a buffered writer still holds the bytes it could not write and
+raises again on every flush, so nothing may depend on flushing it.
 """
 
 from __future__ import annotations
@@ -35,12 +39,13 @@ _HEADER = struct.Struct(">II")
 # No job body is near this; a larger length is a torn or garbage header, not a record.
 MAX_RECORD = 1 << 20
 FSYNC_POLICIES = ("always", "never")
+_SCAN_BLOCK = 1 << 16
 
 
 @dataclass
 class _ReplayFile:
     path: Path
-    handle: BinaryIO  # kept open: it carries our flock
+    handle: BinaryIO  # kept open: it carries our flock; read through pread on its fd
     records: int  # still to replay
     size: int  # bytes still to replay
     offset: int = 0
@@ -89,7 +94,7 @@ class Spool:
         if not path.name.startswith("replay-"):
             target = self.directory / f"replay-{uuid.uuid4().hex}.spool"
             path.rename(target)
-        records, size = _count(handle)
+        records, size = _count(handle.fileno())
         self._replay.append(_ReplayFile(target, handle, records, size))
 
     def close(self) -> None:
@@ -114,8 +119,7 @@ class Spool:
         record = _HEADER.pack(len(body), zlib.crc32(body)) + body
         try:
             handle = self._writer()
-            handle.write(record)
-            handle.flush()
+            _write_all(handle, record)
             if self.fsync == "always":
                 os.fdatasync(handle.fileno())
         except Exception as exc:
@@ -129,25 +133,27 @@ class Spool:
     def _writer(self) -> BinaryIO:
         if self._active is None:
             path = self.directory / f"active-{uuid.uuid4().hex}.spool"
-            # a+b: the same handle (and its lock) later reads the file for replay.
-            handle = open(path, "a+b")  # noqa: SIM115 - lives as long as the process
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if self.fsync == "always":
-                _sync_dir(self.directory)  # the new file's name must survive a crash too
+            # Unbuffered: a write either reaches the file or fails right here; no bytes
+            # linger in a buffer to be flushed (and to fail again) later.
+            handle = open(path, "a+b", buffering=0)  # noqa: SIM115 - lives with the process
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if self.fsync == "always":
+                    _sync_dir(self.directory)  # the new file's name must survive a crash
+            except BaseException:
+                handle.close()
+                path.unlink(missing_ok=True)
+                raise
             self._active, self._active_path = handle, path
             self._active_bytes = self._active_records = 0
         return self._active
 
     def _reset_writer(self) -> None:
         """After a failed write the file may end in a torn record: seal it and start
-        a new one; replay stops at the torn record (it was never acknowledged)."""
+        a new one. Its whole records (every acknowledged one among them) are replayed;
+        the torn one at its end never was acknowledged and is skipped."""
         if self._active is not None:
-            try:
-                self._seal()
-            except OSError as exc:
-                log.error(kv("spool_seal_failed", error=repr(exc)))
-            finally:
-                self._active = self._active_path = None
+            self._seal()
 
     # Replay ---------------------------------------------------------------------------
 
@@ -161,22 +167,42 @@ class Spool:
 
     @property
     def empty(self) -> bool:
-        return self.pending_records == 0
+        # A sealed file counts until replay has looked at it, even one whose records
+        # could not be counted: emptiness must never hide a file on disk.
+        return not self._replay and not self._active_records
 
     def _seal(self) -> None:
         """Move the active file to the replay queue; new appends start a fresh file.
 
         The handle stays open: it keeps the lock, so no other process can claim the
-        file between the rename and the replay."""
+        file between the rename and the replay. Nothing here may keep a sealed file
+        with records out of the replay queue: they were acknowledged."""
         assert self._active is not None and self._active_path is not None
         handle, path = self._active, self._active_path
+        acked_records, acked_bytes = self._active_records, self._active_bytes
         self._active = self._active_path = None
         self._active_bytes = self._active_records = 0
         target = self.directory / f"replay-{uuid.uuid4().hex}.spool"
-        path.rename(target)
-        # Counted from the file, not from what append() acknowledged: a record whose
-        # sync failed may be whole on disk, and it will be replayed like the others.
-        records, size = _count(handle)
+        try:
+            path.rename(target)
+        except OSError as exc:
+            # The name is only a label (the lock is what protects the file), so an
+            # unrenamed file is replayed all the same.
+            log.error(kv("spool_rename_failed", file=path.name, error=repr(exc)))
+            target = path
+        try:
+            # Counted from the file, not from what append() acknowledged: a record whose
+            # sync failed may be whole on disk, and it will be replayed like the others.
+            records, size = _count(handle.fileno())
+        except OSError as exc:
+            log.error(kv("spool_count_failed", file=target.name, error=repr(exc)))
+            records, size = acked_records, acked_bytes
+        if records == 0 and acked_records == 0:
+            # Nothing acknowledged in it (a write failed into a fresh file): drop it now,
+            # so a disk that stays full does not pile up empty files and open handles.
+            target.unlink(missing_ok=True)
+            handle.close()
+            return
         self._replay.append(_ReplayFile(target, handle, records, size))
 
     def peek(self) -> bytes | None:
@@ -190,15 +216,12 @@ class Spool:
                 if self._active is None or not self._active_records:
                     return None
                 self._seal()
+                continue
             current = self._replay[0]
-            current.handle.seek(current.offset)
-            header = current.handle.read(_HEADER.size)
-            if len(header) == _HEADER.size:
-                length, crc = _HEADER.unpack(header)
-                if 0 < length <= MAX_RECORD:
-                    body = current.handle.read(length)
-                    if len(body) == length and zlib.crc32(body) == crc:
-                        return body
+            body = _read_record(current.handle.fileno(), current.offset)
+            if body is not None:
+                return body
+            if current.offset < os.fstat(current.handle.fileno()).st_size:
                 # Never acknowledged: the writer died (or failed) mid-append.
                 log.error(kv("spool_torn_record", file=current.path.name, offset=current.offset))
             self._finish(current)
@@ -216,23 +239,42 @@ class Spool:
         log.info(kv("spool_file_replayed", file=current.path.name))
 
 
-def _count(handle: BinaryIO) -> tuple[int, int]:
-    """Records and bytes of a spool file, up to its first torn record."""
-    handle.flush()
-    handle.seek(0)
+# Reading records ------------------------------------------------------------------------
+
+
+def _read_record(fd: int, offset: int) -> bytes | None:
+    """The body of the whole record at ``offset``; None at the end of the file or at
+    a torn record (replay stops there)."""
+    header = os.pread(fd, _HEADER.size, offset)
+    if len(header) < _HEADER.size:
+        return None
+    length, crc = _HEADER.unpack(header)
+    if not 0 < length <= MAX_RECORD:
+        return None
+    body = os.pread(fd, length, offset + _HEADER.size)
+    if len(body) < length or zlib.crc32(body) != crc:
+        return None
+    return body
+
+
+def _count(fd: int) -> tuple[int, int]:
+    """Records and bytes that replay will put, read the way replay reads them."""
     records = size = 0
-    while True:
-        header = handle.read(_HEADER.size)
-        if len(header) < _HEADER.size:
-            return records, size
-        length, _ = _HEADER.unpack(header)
-        if not 0 < length <= MAX_RECORD:
-            return records, size
-        body = handle.read(length)
-        if len(body) < length:
-            return records, size
+    while (body := _read_record(fd, size)) is not None:
         records += 1
-        size += _HEADER.size + length
+        size += _HEADER.size + len(body)
+    return records, size
+
+
+def _write_all(handle: BinaryIO, data: bytes) -> None:
+    # An unbuffered write may take only part of the data (a disk filling up does that),
+    # and the next call then reports why.
+    view = memoryview(data)
+    while view:
+        written = handle.write(view)
+        if not written:
+            raise OSError("spool write made no progress")
+        view = view[written:]
 
 
 def _sync_dir(directory: Path) -> None:

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import resource
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ingest.spool import Spool
@@ -123,3 +126,48 @@ def test_a_zero_filled_tail_is_not_replayed(tmp_path: Path) -> None:
     reader.open()
     assert drain(reader) == [b"real"]
     reader.close()
+
+
+@contextmanager
+def file_size_limit(nbytes: int) -> Iterator[None]:
+    """Make the kernel refuse writes past ``nbytes`` in any file (EFBIG), the way a full
+    disk refuses them (ENOSPC): a real failed write, part-way through a record,
+    without root or a tmpfs. Python ignores SIGXFSZ, so the write raises instead."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def test_a_full_disk_keeps_every_acknowledged_record_for_replay(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_bytes=1 << 20, fsync="never")
+    spool.open()
+    acked = []
+    with file_size_limit(16 * 1024):
+        for i in range(40):
+            body = b"%03d" % i + b"x" * 1000
+            if not spool.append(body):
+                break  # the write that hit the limit: not acknowledged
+            acked.append(body)
+    assert 0 < len(acked) < 40, "the limit was never hit"
+    # The disk has room again. The sealed file's acknowledged records are still
+    # counted and replayed by this same process, not left on disk for a restart.
+    assert spool.append(b"after")
+    assert spool.pending_records == len(acked) + 1
+    assert drain(spool) == [*acked, b"after"]
+    assert spool.empty and list(tmp_path.glob("*.spool")) == []
+    spool.close()
+
+
+def test_a_disk_that_refuses_every_byte_leaves_no_files_behind(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_bytes=1 << 20, fsync="never")
+    spool.open()
+    with file_size_limit(0):
+        assert not any(spool.append(b"refused-%d" % i) for i in range(5))
+    # Nothing was acknowledged, so nothing waits for replay and no handle is held.
+    assert spool.empty and spool._replay == []
+    assert list(tmp_path.glob("*.spool")) == []
+    assert spool.append(b"later") and drain(spool) == [b"later"]
+    spool.close()
