@@ -89,6 +89,7 @@ class Enqueuer:
         self._next_connect = 0.0
         self._last_io = 0.0
         self._spooling = False
+        self._spool_lost_counted = 0
         self._task: asyncio.Task[None] | None = None
         # One thread for spool I/O keeps appends in order and fsyncs off the loop.
         self._disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
@@ -356,6 +357,12 @@ class Enqueuer:
         if self.spool is not None:
             self._metrics.spool_bytes.set(self.spool.pending_bytes)
             self._metrics.spool_jobs.set(self.spool.pending_records)
+            # Events in records the disk corrupted, which replay skipped. Counted under
+            # "open": a corrupted record's kinds cannot be trusted.
+            lost = self.spool.lost_events - self._spool_lost_counted
+            if lost:
+                self._spool_lost_counted += lost
+                self._metrics.event_counter("open", "lost").inc(lost)
 
     async def _spool_append(self, body: bytes) -> bool:
         assert self.spool is not None

@@ -8,6 +8,7 @@ Files and ownership, so several ingest processes can share one directory:
 
 - ``active-*.spool``: the file one live process appends to, held with ``flock``.
 - ``replay-*.spool``: sealed files waiting to be put into beanstalkd.
+- ``*.corrupt``: a file whose damage replay could not get past, kept for an operator.
 
 On start, a process claims every file in the directory that no live process holds
 (a crashed ingest's spool) and replays it. Replay puts records in order and deletes a
@@ -21,6 +22,7 @@ raises again on every flush, so nothing may depend on flushing it.
 
 from __future__ import annotations
 
+import enum
 import fcntl
 import logging
 import os
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from trackbuf import codec
 from trackbuf.log import kv
 
 log = logging.getLogger("trackbuf.ingest.spool")
@@ -63,6 +66,9 @@ class Spool:
         self._active_bytes = 0
         self._active_records = 0
         self._replay: list[_ReplayFile] = []
+        # Events in damaged records that replay had to skip; only ever grows, so the
+        # event loop can read it while the disk thread replays (see Enqueuer).
+        self.lost_events = 0
 
     # Setup ----------------------------------------------------------------------------
 
@@ -218,19 +224,57 @@ class Spool:
                 self._seal()
                 continue
             current = self._replay[0]
-            body = _read_record(current.handle.fileno(), current.offset)
-            if body is not None:
-                return body
-            if current.offset < os.fstat(current.handle.fileno()).st_size:
+            found = _read_record(current.handle.fileno(), current.offset)
+            if found.kind is _Found.RECORD:
+                return found.body
+            if found.kind is _Found.DAMAGED:
+                self._skip(current, found)
+                continue
+            if found.kind is _Found.TORN:
                 # Never acknowledged: the writer died (or failed) mid-append.
                 log.error(kv("spool_torn_record", file=current.path.name, offset=current.offset))
-            self._finish(current)
+                self._finish(current)
+            elif found.kind is _Found.UNREADABLE:
+                self._give_up(current)
+            else:
+                self._finish(current)
 
     def replayed(self, body: bytes) -> None:
         current = self._replay[0]
         current.offset += _HEADER.size + len(body)
         current.records = max(current.records - 1, 0)
         current.size = max(current.size - _HEADER.size - len(body), 0)
+
+    def _skip(self, current: _ReplayFile, found: _Record) -> None:
+        """A damaged record with a whole record after it: the disk corrupted it (only
+        the last record of a file can be torn by a crash). Skip just this one."""
+        events = codec.event_count(found.body) or 1  # the frame may be damaged too
+        self.lost_events += events
+        log.error(
+            kv("spool_record_corrupt", file=current.path.name, offset=current.offset,
+               bytes=len(found.body), events_lost=events)
+        )  # fmt: skip
+        current.offset = found.next_offset
+
+    def _give_up(self, current: _ReplayFile) -> None:
+        """Damage replay cannot get past: no trustworthy record boundary follows it.
+
+        Resynchronising by searching for something that looks like a header could put
+        garbage into beanstalkd, so stop here, keep the file for an operator and count
+        the loss (at least one event; how many the rest held is unknown)."""
+        left = os.fstat(current.handle.fileno()).st_size - current.offset
+        kept = current.path.with_suffix(".corrupt")
+        try:
+            current.path.rename(kept)
+        except OSError:
+            kept = current.path
+        self.lost_events += 1
+        log.critical(
+            kv("spool_file_corrupt", file=kept.name, offset=current.offset, bytes_left=left,
+               records_not_replayed=current.records, action="kept for an operator")
+        )  # fmt: skip
+        current.handle.close()
+        self._replay.pop(0)
 
     def _finish(self, current: _ReplayFile) -> None:
         current.path.unlink(missing_ok=True)
@@ -242,28 +286,86 @@ class Spool:
 # Reading records ------------------------------------------------------------------------
 
 
-def _read_record(fd: int, offset: int) -> bytes | None:
-    """The body of the whole record at ``offset``; None at the end of the file or at
-    a torn record (replay stops there)."""
+class _Found(enum.Enum):
+    RECORD = "record"  # a whole record whose CRC matches
+    END = "end"  # the file ends cleanly here
+    TORN = "torn"  # an unfinished last record (or a zero-filled tail): never acknowledged
+    DAMAGED = "damaged"  # a bad record followed by a whole one: skip it
+    UNREADABLE = "unreadable"  # damage with no trustworthy record boundary after it
+
+
+@dataclass(frozen=True)
+class _Record:
+    kind: _Found
+    body: bytes = b""
+    next_offset: int = 0
+
+
+def _read_record(fd: int, offset: int) -> _Record:
+    """Read the record at ``offset`` and say what it is.
+
+    A crash can only tear the *last* record (appends are sequential and an append is
+    acknowledged only once it is whole). So a bad record is torn when nothing but
+    zeros follows it, and damaged (the disk corrupted it) when data follows. Skipping
+    a damaged record is safe only if its length field can be trusted, which is the
+    case when a whole record with a matching CRC starts where that length says the
+    next one does: random bytes pass a CRC-32 check once in 4 billion.
+    """
     header = os.pread(fd, _HEADER.size, offset)
+    if not header:
+        return _Record(_Found.END)
     if len(header) < _HEADER.size:
-        return None
+        return _Record(_Found.TORN)
     length, crc = _HEADER.unpack(header)
     if not 0 < length <= MAX_RECORD:
-        return None
+        # Zeros: the file grew but the data never reached the disk (a crash).
+        return _Record(_Found.TORN if _only_zeros(fd, offset) else _Found.UNREADABLE)
     body = os.pread(fd, length, offset + _HEADER.size)
-    if len(body) < length or zlib.crc32(body) != crc:
-        return None
-    return body
+    if len(body) < length:
+        return _Record(_Found.TORN)
+    after = offset + _HEADER.size + length
+    if zlib.crc32(body) == crc:
+        return _Record(_Found.RECORD, body, after)
+    if _only_zeros(fd, after):
+        return _Record(_Found.TORN)
+    if _whole_record_at(fd, after):
+        return _Record(_Found.DAMAGED, body, after)
+    return _Record(_Found.UNREADABLE)
+
+
+def _whole_record_at(fd: int, offset: int) -> bool:
+    header = os.pread(fd, _HEADER.size, offset)
+    if len(header) < _HEADER.size:
+        return False
+    length, crc = _HEADER.unpack(header)
+    if not 0 < length <= MAX_RECORD:
+        return False
+    body = os.pread(fd, length, offset + _HEADER.size)
+    return len(body) == length and zlib.crc32(body) == int(crc)
+
+
+def _only_zeros(fd: int, offset: int) -> bool:
+    """True when the file holds nothing but zero bytes from ``offset`` on."""
+    while True:
+        block = os.pread(fd, _SCAN_BLOCK, offset)
+        if not block:
+            return True
+        if block.count(0) != len(block):
+            return False
+        offset += len(block)
 
 
 def _count(fd: int) -> tuple[int, int]:
     """Records and bytes that replay will put, read the way replay reads them."""
-    records = size = 0
-    while (body := _read_record(fd, size)) is not None:
-        records += 1
-        size += _HEADER.size + len(body)
-    return records, size
+    records = size = offset = 0
+    while True:
+        found = _read_record(fd, offset)
+        if found.kind is _Found.RECORD:
+            records += 1
+            size += found.next_offset - offset
+        elif found.kind is not _Found.DAMAGED:
+            return records, size
+        offset = found.next_offset
 
 
 def _write_all(handle: BinaryIO, data: bytes) -> None:

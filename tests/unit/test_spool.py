@@ -5,7 +5,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
 from ingest.spool import Spool
+from trackbuf import codec
+
+HEADER_BYTES = 8  # length and crc32, both 4 bytes
 
 
 def drain(spool: Spool) -> list[bytes]:
@@ -128,6 +133,15 @@ def test_a_zero_filled_tail_is_not_replayed(tmp_path: Path) -> None:
     reader.close()
 
 
+def job(*names: str) -> bytes:
+    """A real job frame, so a test can see how many events a record held."""
+    return codec.encode_job([b'{"r":"%s"}' % name.encode() for name in names])
+
+
+def record_offset(bodies: list[bytes], index: int) -> int:
+    return sum(HEADER_BYTES + len(body) for body in bodies[:index])
+
+
 @contextmanager
 def file_size_limit(nbytes: int) -> Iterator[None]:
     """Make the kernel refuse writes past ``nbytes`` in any file (EFBIG), the way a full
@@ -171,3 +185,67 @@ def test_a_disk_that_refuses_every_byte_leaves_no_files_behind(tmp_path: Path) -
     assert list(tmp_path.glob("*.spool")) == []
     assert spool.append(b"later") and drain(spool) == [b"later"]
     spool.close()
+
+
+def test_a_corrupt_record_mid_file_is_skipped_counted_and_the_rest_replayed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool = Spool(tmp_path, max_bytes=1 << 20)
+    spool.open()
+    bodies = [job("a"), job("b"), job("c1", "c2", "c3"), job("d"), job("e")]
+    assert all(spool.append(body) for body in bodies)
+    assert spool._active_path is not None
+    # One flipped byte inside the third record's events (its frame intact, so the
+    # count is known): disk corruption, not a crash.
+    at = record_offset(bodies, 3) - 10
+    with open(spool._active_path, "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)[0]
+        f.seek(at)
+        f.write(bytes([byte ^ 0xFF]))
+    assert drain(spool) == [bodies[0], bodies[1], bodies[3], bodies[4]]
+    assert spool.lost_events == 3
+    assert "event=spool_record_corrupt" in caplog.text and "events_lost=3" in caplog.text
+    assert list(tmp_path.glob("*")) == []
+    spool.close()
+
+
+def test_damage_with_no_trustworthy_boundary_stops_and_keeps_the_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    writer = Spool(tmp_path, max_bytes=1 << 20)
+    writer.open()
+    bodies = [job(str(i)) for i in range(5)]
+    assert all(writer.append(body) for body in bodies)
+    assert writer._active is not None and writer._active_path is not None
+    # The third record's length field is garbage: where the next record starts cannot
+    # be known, and guessing could put garbage into beanstalkd.
+    with open(writer._active_path, "r+b") as f:
+        f.seek(record_offset(bodies, 2))
+        f.write(b"\x00\x00\x00\x05")
+    writer._active.close()
+    writer._active = None
+    reader = Spool(tmp_path, max_bytes=1 << 20)
+    reader.open()
+    assert drain(reader) == bodies[:2]
+    assert reader.lost_events >= 1 and reader.empty
+    assert "event=spool_file_corrupt" in caplog.text
+    assert list(tmp_path.glob("*.spool")) == []
+    assert len(list(tmp_path.glob("*.corrupt"))) == 1  # kept for an operator
+    reader.close()
+
+
+def test_a_bad_crc_on_the_last_record_is_a_torn_append_not_a_loss(tmp_path: Path) -> None:
+    writer = Spool(tmp_path, max_bytes=1 << 20)
+    writer.open()
+    assert writer.append(b"whole")
+    assert writer._active is not None
+    # A crash after the file grew but before all of the last record reached the disk.
+    writer._active.write(b"\x00\x00\x00\x04\x12\x34\x56\x78" + b"\x00\x00\x00\x00")
+    writer._active.close()
+    writer._active = None
+    reader = Spool(tmp_path, max_bytes=1 << 20)
+    reader.open()
+    assert drain(reader) == [b"whole"]
+    assert reader.lost_events == 0
+    reader.close()
