@@ -2,11 +2,15 @@
 
 - ``bare``: an aiohttp handler that returns the pixel and does nothing else; the
   ceiling for any aiohttp-based tracker in one process.
+- ``lowlevel``: the same handler on aiohttp's low-level server (``web.Server``, no
+  Application, no router), which is what trackbuf ingest runs on: the ceiling for
+  ingest's own design.
 - ``naive``: the design trackbuf replaces: verify the token, then one INSERT per
   request through an asyncpg pool, answering after the INSERT. It is as fast as its
   database, and fails when its database does.
 
     python -m loadtest.baselines bare  --listen 127.0.0.1:18081
+    python -m loadtest.baselines lowlevel --listen 127.0.0.1:18083
     python -m loadtest.baselines naive --listen 127.0.0.1:18082 --dsn postgresql://...
 """
 
@@ -33,7 +37,7 @@ INSERT = """INSERT INTO events (event_id, kind, occurred_at, campaign, recipient
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8::inet)"""
 
 
-async def bare_pixel(request: web.Request) -> web.Response:
+async def bare_pixel(request: web.BaseRequest) -> web.Response:
     return web.Response(body=GIF, headers=PIXEL_HEADERS)
 
 
@@ -60,6 +64,13 @@ async def naive_pixel(request: web.Request) -> web.Response:
     return web.Response(body=GIF, headers=PIXEL_HEADERS)
 
 
+async def serve_lowlevel(host: str, port: int) -> None:
+    runner = web.ServerRunner(web.Server(bare_pixel, access_log=None))
+    await runner.setup()
+    await web.TCPSite(runner, host, port, backlog=1024).start()
+    await asyncio.Event().wait()  # until the benchmark stops the process
+
+
 def naive_app(dsn: str, keys: str) -> web.Application:
     app = web.Application()
     app[KEYRING] = tokens.Keyring.parse(keys)
@@ -76,7 +87,7 @@ def naive_app(dsn: str, keys: str) -> web.Application:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m loadtest.baselines")
-    parser.add_argument("kind", choices=("bare", "naive"))
+    parser.add_argument("kind", choices=("bare", "lowlevel", "naive"))
     parser.add_argument("--listen", required=True)
     parser.add_argument("--dsn", default=os.environ.get("TRACKBUF_DATABASE_URL", ""))
     parser.add_argument("--keys", default=os.environ.get("TRACKBUF_SIGNING_KEYS", ""))
@@ -86,6 +97,9 @@ def main() -> None:
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     host, port = args.listen.rsplit(":", 1)
+    if args.kind == "lowlevel":
+        asyncio.run(serve_lowlevel(host, int(port)))
+        return
     app = bare_app() if args.kind == "bare" else naive_app(args.dsn, args.keys)
     web.run_app(app, host=host, port=int(port), access_log=None, print=None)
 

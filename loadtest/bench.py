@@ -43,11 +43,13 @@ class Plan:
     spike_s: float = 60
     spike_rate: float = 1000
     drain_rounds: int = 3  # best of: one slow round (a checkpoint, say) is not the consumer
+    ingest_rounds: int = 3  # interleaved, so drift in the machine's speed hits all alike
 
     @classmethod
     def quick(cls) -> Plan:
         return cls(wrk_s=1, drain_events=4_000, thread_counts=(1, 2), backlog_events=10_000,
-                   e2e_rate=300, e2e_s=3, spike_s=6, spike_rate=200, drain_rounds=1)  # fmt: skip
+                   e2e_rate=300, e2e_s=3, spike_s=6, spike_rate=200, drain_rounds=1,
+                   ingest_rounds=1)  # fmt: skip
 
 
 def keyring() -> Keyring:
@@ -73,20 +75,22 @@ def bench_ingest(work: Path, plan: Plan) -> dict[str, Any]:
     try:
         nginx, nginx_at = st.start_nginx(work)
         bare, bare_at = st.start_baseline(stack, "bare")
+        lowlevel, lowlevel_at = st.start_baseline(stack, "lowlevel")
         naive, naive_at = st.start_baseline(stack, "naive")
         ingest, ingest_at = st.start_ingest(stack)
         targets = {"nginx_empty_gif": nginx_at, "aiohttp_bare": bare_at,
+                   "aiohttp_bare_lowlevel": lowlevel_at,
                    "naive_insert_per_request": naive_at, "trackbuf_ingest": ingest_at}  # fmt: skip
         procs = {"nginx_empty_gif": nginx, "aiohttp_bare": bare,
+                 "aiohttp_bare_lowlevel": lowlevel,
                  "naive_insert_per_request": naive, "trackbuf_ingest": ingest}  # fmt: skip
         pids = {name: proc.proc.pid for name, proc in procs.items()}
         assert stack.bs.proc is not None
         queue_pid = stack.bs.proc.pid
-        # Three rounds, interleaved, so drift in the machine's speed hits all alike.
         rounds: dict[str, list[st.WrkResult]] = {name: [] for name in targets}
         cpu_us: dict[str, list[float]] = {name: [] for name in targets}
         queue_cpu_us: list[float] = []
-        for _ in range(3):
+        for _ in range(plan.ingest_rounds):
             for name, at in targets.items():
                 before = cpu_seconds(pids[name]), cpu_seconds(queue_pid)
                 run = st.wrk(at, urls, plan.wrk_s)
@@ -108,6 +112,10 @@ def bench_ingest(work: Path, plan: Plan) -> dict[str, Any]:
         cpu = {name: results[name]["cpu_us_per_request"] for name in targets}
         results["ratios"] = {
             "trackbuf_vs_bare": round(rps["trackbuf_ingest"] / rps["aiohttp_bare"], 3),
+            # trackbuf runs on the low-level server: this is the ratio to its own floor.
+            "trackbuf_vs_bare_lowlevel": round(
+                rps["trackbuf_ingest"] / rps["aiohttp_bare_lowlevel"], 3
+            ),
             "trackbuf_vs_naive": round(rps["trackbuf_ingest"] / rps["naive_insert_per_request"], 3),
             "trackbuf_vs_nginx": round(rps["trackbuf_ingest"] / rps["nginx_empty_gif"], 3),
             # Requests per CPU-second, trackbuf over bare: the same ratio without wrk.
@@ -118,7 +126,7 @@ def bench_ingest(work: Path, plan: Plan) -> dict[str, Any]:
         paced = st.wrk(ingest_at, urls, max(plan.wrk_s, 3), delay_ms=64 * 1000 / rate)
         results["trackbuf_at_70pct"] = {"target_rate": round(rate), **asdict(paced)}
         results["database_outage"] = ingest_under_outage(stack, urls, plan, naive_at, ingest_at)
-        for proc in (ingest, naive, bare, nginx):
+        for proc in (ingest, naive, lowlevel, bare, nginx):
             proc.stop()
     finally:
         stack.close()
@@ -145,6 +153,57 @@ def ingest_under_outage(
         fault.join()
         out[name] = asdict(result)
     return out
+
+
+def bench_workers(work: Path, plan: Plan) -> dict[str, Any]:
+    """``trackbuf ingest --workers 1`` against ``--workers 2`` (SO_REUSEPORT), three
+    interleaved rounds, and whether the shared /metrics counts every answer.
+
+    wrk, beanstalkd and PostgreSQL share the same two cores, so the second worker can
+    only take what they leave: the gain here is a floor, not what more cores give.
+    """
+    stack = st.Stack.start(work, "workers")
+    urls = write_urls(work / "urls.txt", 20_000)
+    try:
+        procs: dict[int, tuple[st.Proc, str]] = {}
+        for n in (1, 2):
+            data = str(work / f"data-w{n}")  # each its own spool and metrics directory
+            procs[n] = st.start_ingest(stack, f"ingest-w{n}", "--workers", str(n),
+                                       TRACKBUF_DATA_DIR=data)  # fmt: skip
+        runs: dict[int, list[st.WrkResult]] = {n: [] for n in procs}
+        cpu_us: dict[int, list[float]] = {n: [] for n in procs}
+        answered_by_wrk = {n: 0 for n in procs}
+        for _ in range(plan.ingest_rounds):
+            for n, (proc, at) in procs.items():
+                before = cpu_seconds(proc.proc.pid)  # the supervisor and its workers
+                run = st.wrk(at, urls, plan.wrk_s)
+                after = cpu_seconds(proc.proc.pid)
+                runs[n].append(run)
+                answered_by_wrk[n] += run.requests
+                cpu_us[n].append(round((after - before) / max(run.requests, 1) * 1e6, 1))
+        # Every answer is counted once whichever process gave it; wrk does not count
+        # the few answers still in flight when it stops, so allow one per connection.
+        counted = {n: scrape_total(at, "trackbuf_ingest_requests_total") for n, (_, at) in
+                   procs.items()}  # fmt: skip
+        for proc, _ in procs.values():
+            proc.stop()
+        best = {n: max(r.requests_per_s for r in rs) for n, rs in runs.items()}
+        return {
+            "requests_per_s": {str(n): round(v) for n, v in best.items()},
+            "runs_rps": {str(n): [r.requests_per_s for r in rs] for n, rs in runs.items()},
+            "cpu_us_per_request": {str(n): min(v) for n, v in cpu_us.items()},
+            "two_vs_one": round(best[2] / best[1], 3),
+            "answered_by_wrk": {str(n): v for n, v in answered_by_wrk.items()},
+            "counted_by_metrics": {str(n): round(v) for n, v in counted.items()},
+            "metrics_match": all(0 <= counted[n] - answered_by_wrk[n] <= 3 * 64 for n in procs),
+        }
+    finally:
+        stack.close()
+
+
+def scrape_total(listen: str, name: str) -> float:
+    """The sum of every sample of one metric on an ingest's /metrics."""
+    return sum(v for key, v in scrape(listen).items() if key.split("{", 1)[0] == name)
 
 
 # Drain ----------------------------------------------------------------------------
@@ -456,6 +515,7 @@ async def _recipients(dsn: str, prefix: str) -> list[str]:
 
 SECTIONS = {
     "ingest": bench_ingest,
+    "workers": bench_workers,
     "drain": bench_drain,
     "backlog": bench_backlog,
     "e2e": bench_e2e,

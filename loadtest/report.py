@@ -99,15 +99,19 @@ def tables(results: dict[str, Any]) -> str:
     lines: list[str] = []
     if "ingest" in results:
         ing = results["ingest"]
-        lines += ["### Ingest (wrk -t2 -c64, best of three interleaved rounds)", "",
+        rounds = len(ing["trackbuf_ingest"].get("runs_rps", [])) or 1
+        lines += [f"### Ingest (wrk -t2 -c64, best of {rounds} interleaved round(s))", "",
                   "| server | requests/s | p50 ms | p99 ms | errors | server CPU us/request |",
                   "|---|---|---|---|---|---|"]  # fmt: skip
         for name in (
             "nginx_empty_gif",
             "aiohttp_bare",
+            "aiohttp_bare_lowlevel",
             "naive_insert_per_request",
             "trackbuf_ingest",
         ):
+            if name not in ing:
+                continue  # results from before that baseline existed
             r = ing[name]
             cpu = f"{r['cpu_us_per_request']:.1f}" if "cpu_us_per_request" in r else "-"
             errors = r["errors"] + r["non_2xx_3xx"]
@@ -115,9 +119,12 @@ def tables(results: dict[str, Any]) -> str:
                          f"{r['p99_ms']:.2f} | {errors} | {cpu} |")  # fmt: skip
         ratios = ing["ratios"]
         paced = ing["trackbuf_at_70pct"]
+        lowlevel = ratios.get("trackbuf_vs_bare_lowlevel")
         lines += ["", f"trackbuf / bare aiohttp = **{ratios['trackbuf_vs_bare']}**, "
                   f"trackbuf / naive = **{ratios['trackbuf_vs_naive']}**, "
-                  f"trackbuf / nginx = {ratios['trackbuf_vs_nginx']}.", "",
+                  f"trackbuf / nginx = {ratios['trackbuf_vs_nginx']}"
+                  + (f", trackbuf / bare low-level aiohttp (the server ingest runs on) = "
+                     f"{lowlevel}." if lowlevel else "."), "",
                   *_cpu_lines(ing),
                   f"At 70% of its maximum ({paced['target_rate']:,} req/s asked of wrk paced "
                   f"per connection, {paced['requests_per_s']:,.0f} answered): p50 "
@@ -130,6 +137,20 @@ def tables(results: dict[str, Any]) -> str:
                 f"| {name} | {r['requests_per_s']:,.0f} | {r['errors'] + r['non_2xx_3xx']:,} |"
             )
         lines.append("")
+    if "workers" in results:
+        w = results["workers"]
+        rps, cpu = w["requests_per_s"], w["cpu_us_per_request"]
+        rounds = len(w["runs_rps"]["1"])
+        lines += ["### Ingest processes (`--workers`, SO_REUSEPORT; wrk -t2 -c64, best of "
+                  f"{rounds} interleaved round(s))", "",
+                  "| workers | requests/s | server CPU us/request | answered (wrk) | "
+                  "counted (/metrics) |", "|---|---|---|---|---|"]  # fmt: skip
+        for n in rps:
+            lines.append(f"| {n} | {rps[n]:,} | {cpu[n]} | {w['answered_by_wrk'][n]:,} | "
+                         f"{w['counted_by_metrics'][n]:,} |")  # fmt: skip
+        lines += ["", f"2 workers / 1 worker = **{w['two_vs_one']}** on two cores shared with "
+                  f"wrk, beanstalkd and PostgreSQL; /metrics counts every answer across "
+                  f"processes: **{'yes' if w['metrics_match'] else 'NO'}**.", ""]  # fmt: skip
     if "drain" in results:
         d = results["drain"]
         rounds = d.get("rounds", 1)

@@ -103,9 +103,9 @@ class Stack:
         self.pg.destroy()
 
 
-def start_ingest(stack: Stack, name: str = "ingest") -> tuple[Proc, str]:
+def start_ingest(stack: Stack, name: str = "ingest", *args: str, **env: str) -> tuple[Proc, str]:
     listen = f"127.0.0.1:{free_port()}"
-    proc = stack.trackbuf(name, "ingest", TRACKBUF_LISTEN=listen)
+    proc = stack.trackbuf(name, "ingest", *args, TRACKBUF_LISTEN=listen, **env)
     wait_http(f"http://{listen}/healthz", proc.proc)
     return proc, listen
 
@@ -154,6 +154,7 @@ class WrkResult:
     p99_ms: float
     errors: int
     non_2xx_3xx: int
+    requests: int = 0  # responses wrk received in all
 
 
 def wrk(
@@ -177,10 +178,12 @@ def wrk(
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    total = re.search(r"(\d+) requests in ", out)
     return WrkResult(
         requests_per_s=float(rps.group(1)) if rps else 0.0,
         p50_ms=latency("50"),
         p99_ms=latency("99"),
         errors=sum(int(g) for g in errors.groups()) if errors else 0,
         non_2xx_3xx=int(non2xx.group(1)) if non2xx else 0,
+        requests=int(total.group(1)) if total else 0,
     )

@@ -66,18 +66,27 @@ def test_benchmark_runner_writes_json_charts_and_tables(tmp_path: Path) -> None:
         "# Benchmarks\n\nProse kept.\n\n<!-- bench:start -->\nold\n<!-- bench:end -->\n"
     )
     done = subprocess.run(
-        [sys.executable, "-m", "loadtest", "bench", "--quick", "--only", "drain,spike",
+        [sys.executable, "-m", "loadtest", "bench", "--quick", "--only",
+         "ingest,workers,drain,spike",
          "--out", str(tmp_path), "--markdown", str(markdown)],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
+    ingest = results["ingest"]
+    assert all(ingest[name]["requests_per_s"] > 0 for name in ("nginx_empty_gif",
+               "aiohttp_bare", "aiohttp_bare_lowlevel", "naive_insert_per_request",
+               "trackbuf_ingest"))  # fmt: skip
+    assert ingest["database_outage"]["trackbuf_ingest"]["errors"] == 0
+    assert results["workers"]["metrics_match"] is True
+    assert results["workers"]["requests_per_s"]["2"] > 0
     assert results["drain"]["consumer_events_per_s"]["1"] > 0
     assert results["drain"]["ceilings_rows_per_s"]["copy_staging_on_conflict"] > 0
     assert results["spike"]["lost"] == 0
     assert results["spike"]["client"]["acknowledged"] == results["spike"]["stored"]
-    for chart in ("drain.png", "spike.png"):
+    for chart in ("ingest.png", "drain.png", "spike.png"):
         assert (tmp_path / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = markdown.read_text()
     assert "Prose kept." in text and "old" not in text
     assert "### Drain" in text and "**lost 0**" in text
+    assert "### Ingest (" in text and "### Ingest processes" in text
