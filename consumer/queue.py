@@ -79,14 +79,19 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def connect(address: tuple[str, int], tube: str, watch: bool = True) -> Client:
+def connect(
+    address: tuple[str, int], tube: str, watch: bool = True, timeout: float | None = None
+) -> Client:
     """A connection that uses ``tube`` and, for workers, watches it.
 
-    Observers pass ``watch=False`` so they are not counted as consumers of the tube.
+    Observers pass ``watch=False`` so they are not counted as consumers of the tube,
+    and ``timeout`` to bound connecting and every command (a scrape must answer
+    within Prometheus' scrape timeout even when beanstalkd hangs).
     """
-    sock = socket.create_connection(address, timeout=CONNECT_TIMEOUT_S)
+    connect_s, io_s = (CONNECT_TIMEOUT_S, IO_TIMEOUT_S) if timeout is None else (timeout, timeout)
+    sock = socket.create_connection(address, timeout=connect_s)
     try:
-        sock.settimeout(IO_TIMEOUT_S)
+        sock.settimeout(io_s)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if watch:
             return Client(sock, encoding=None, use=tube, watch=tube)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +18,7 @@ from tests.procs import Process, start_ingest, trackbuf
 from tests.servers import Beanstalkd
 from trackbuf import codec, links
 from trackbuf.events import new_event
+from trackbuf.log import parse
 from trackbuf.settings import Settings
 from trackbuf.tokens import Keyring
 
@@ -160,3 +162,30 @@ def test_several_ingest_workers_report_correct_totals(
         assert ingest.terminate() == 0
     children = [line for line in ingest.log().splitlines() if "event=ingest_listening" in line]
     assert len({line.split("pid=")[1] for line in children}) == 2
+
+
+def test_a_hung_beanstalkd_does_not_hang_the_consumer_metrics(
+    make_settings, beanstalkd: Beanstalkd, tmp_path: Path
+) -> None:
+    settings: Settings = make_settings(threads=1)
+    consumer = Process(settings, "consume", log_path=tmp_path / "consumer.log")
+    consumer.wait_http(f"http://{settings.metrics_listen}/healthz")
+    assert scrape(settings.metrics_listen)["trackbuf_queue_up"] == 1
+    assert beanstalkd.proc is not None
+    # Stopped, not dead: the kernel still accepts connections, nothing ever answers.
+    beanstalkd.proc.send_signal(signal.SIGSTOP)
+    try:
+        for _ in range(2):
+            started = time.monotonic()
+            con = scrape(settings.metrics_listen)
+            assert time.monotonic() - started < 2.0, "the queue scrape must give up in ~1 s"
+            assert con["trackbuf_queue_up"] == 0
+            assert con["trackbuf_consumer_database_up"] == 1  # the rest still answers
+    finally:
+        beanstalkd.proc.send_signal(signal.SIGCONT)
+    assert scrape(settings.metrics_listen)["trackbuf_queue_up"] == 1
+    assert consumer.terminate() == 0
+    # Logged when the outage starts and when it ends, not on every scrape.
+    events = [parse(line)["event"] for line in consumer.log().splitlines()]
+    assert events.count("queue_scrape_failed") == 1, events
+    assert events.count("queue_scrape_recovered") == 1, events
