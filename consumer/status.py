@@ -2,7 +2,9 @@
 
 Reads beanstalkd directly (depth, oldest ready age, consumers, job rates) and the
 ingest and consumer ``/metrics`` pages (event rates, spool, database state). Rates are
-two samples ``interval`` seconds apart.
+two samples about ``interval`` seconds apart, divided by the time measured between
+them: a slow scrape or a busy machine stretches that time, and dividing by the
+requested interval would overstate every rate.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from __future__ import annotations
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from typing import Generic, TypeVar
 
 import orjson
 
@@ -43,6 +47,36 @@ class Status:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Sample(Generic[T]):
+    value: T | None
+    at: float  # time.monotonic() when the answer was complete
+
+
+def sample(read: Callable[[], T | None]) -> Sample[T]:
+    value = read()
+    return Sample(value, time.monotonic())
+
+
+def per_second(before: float, after: float, first: Sample[T], second: Sample[T]) -> float:
+    """A counter's rate between two samples; a counter that went down (a restart) is
+    reported as 0 rather than negative."""
+    elapsed = second.at - first.at
+    if elapsed <= 0:
+        return 0.0
+    return max(after - before, 0.0) / elapsed
+
+
+def _queue(settings: Settings) -> QueueSnapshot | None:
+    try:
+        return snapshot(settings.beanstalkd_address, settings.tube)
+    except queue.CONNECTION_ERRORS:
+        return None
 
 
 def scrape(url: str) -> dict[str, float] | None:
@@ -77,17 +111,16 @@ def gather(
         beanstalkd_up=False,
     )
     events_in, events_out = names.INGEST_EVENTS + "_total", names.CONSUMER_EVENTS_WRITTEN + "_total"
-    try:
-        first: QueueSnapshot | None = snapshot(settings.beanstalkd_address, settings.tube)
-    except queue.CONNECTION_ERRORS:
-        first = None
-    ingest_before, consumer_before = scrape(ingest_url), scrape(consumer_url)
+    queue_1 = sample(lambda: _queue(settings))
+    ingest_1 = sample(lambda: scrape(ingest_url))
+    consumer_1 = sample(lambda: scrape(consumer_url))
     time.sleep(interval)
-    ingest_after, consumer_after = scrape(ingest_url), scrape(consumer_url)
-    try:
-        second: QueueSnapshot | None = snapshot(settings.beanstalkd_address, settings.tube)
-    except queue.CONNECTION_ERRORS:
-        second = None
+    ingest_2 = sample(lambda: scrape(ingest_url))
+    consumer_2 = sample(lambda: scrape(consumer_url))
+    queue_2 = sample(lambda: _queue(settings))
+    first, second = queue_1.value, queue_2.value
+    ingest_before, ingest_after = ingest_1.value, ingest_2.value
+    consumer_before, consumer_after = consumer_1.value, consumer_2.value
 
     if first is None or second is None:
         status.problems.append(f"beanstalkd {settings.beanstalkd} is unreachable")
@@ -97,8 +130,10 @@ def gather(
         status.oldest_ready_age_s = second.oldest_ready_age_s
         status.consumers = second.consumers
         status.binlog_span_files = second.binlog_span
-        status.jobs_in_per_s = max(second.jobs_put - first.jobs_put, 0) / interval
-        status.jobs_out_per_s = max(second.jobs_deleted - first.jobs_deleted, 0) / interval
+        status.jobs_in_per_s = per_second(first.jobs_put, second.jobs_put, queue_1, queue_2)
+        status.jobs_out_per_s = per_second(
+            first.jobs_deleted, second.jobs_deleted, queue_1, queue_2
+        )
         if second.jobs["ready"] and second.consumers == 0:
             status.problems.append("jobs are waiting and no consumer is connected")
         if second.oldest_ready_age_s > max_age_s:
@@ -117,8 +152,10 @@ def gather(
         status.spool_jobs = ingest_after.get(names.INGEST_SPOOL_JOBS, 0.0)
         status.spool_bytes = ingest_after.get(names.INGEST_SPOOL_BYTES, 0.0)
         if ingest_before is not None:
-            delta = ingest_after.get(events_in, 0.0) - ingest_before.get(events_in, 0.0)
-            status.events_in_per_s = max(delta, 0.0) / interval
+            status.events_in_per_s = per_second(
+                ingest_before.get(events_in, 0.0), ingest_after.get(events_in, 0.0),
+                ingest_1, ingest_2,
+            )  # fmt: skip
         if status.spool_jobs:
             status.problems.append(f"ingest is spooling: {status.spool_jobs:.0f} job(s) on disk")
     if consumer_after is None:
@@ -127,8 +164,10 @@ def gather(
     else:
         status.database_up = consumer_after.get(names.CONSUMER_DATABASE_UP, 0.0) >= 1
         if consumer_before is not None:
-            delta = consumer_after.get(events_out, 0.0) - consumer_before.get(events_out, 0.0)
-            status.events_out_per_s = max(delta, 0.0) / interval
+            status.events_out_per_s = per_second(
+                consumer_before.get(events_out, 0.0), consumer_after.get(events_out, 0.0),
+                consumer_1, consumer_2,
+            )  # fmt: skip
         if not status.database_up:
             status.problems.append("consumer cannot reach the database")
     return status

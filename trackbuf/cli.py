@@ -65,6 +65,17 @@ def _explicit(args: argparse.Namespace) -> frozenset[str]:
     return frozenset(given | {name for name in _FIELDS if env_name(name) in os.environ})
 
 
+def _positive_seconds(text: str) -> float:
+    # Rates divide by the time between two samples: 0, negative or nan makes no rate.
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text!r}")
+    return seconds
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trackbuf", description="Email open and click tracking through a beanstalkd buffer."
@@ -121,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="queue depth, age, rates and health on one screen")
     status.add_argument("--json", action="store_true", help="one JSON object, for scripts")
     status.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
-    status.add_argument("--interval", type=float, default=1.0, help="seconds between samples")
+    status.add_argument(
+        "--interval", type=_positive_seconds, default=1.0, help="seconds between samples (> 0)"
+    )
     status.add_argument(
         "--max-age", type=int, default=60, help="oldest ready job age (s) that counts as a problem"
     )
