@@ -94,6 +94,9 @@ class Enqueuer:
         # One thread for spool I/O keeps appends in order and fsyncs off the loop.
         self._disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
         self.connected = False
+        # Whether beanstalkd was reachable at the last attempt; None before the first,
+        # so an outage that is there from the start is logged like any other.
+        self._reachable: bool | None = None
 
     async def start(self) -> None:
         if self.spool is not None:
@@ -146,7 +149,7 @@ class Enqueuer:
                 # This task must outlive any bug: if it died, every later request
                 # would wait for a future nobody settles.
                 log.exception(kv("enqueue_loop_error"))
-                self._disconnect()
+                self._disconnect("enqueue loop error")
                 await asyncio.sleep(0.1)
 
     async def _step(self) -> bool:
@@ -175,7 +178,7 @@ class Enqueuer:
             except Exception:
                 # A bug must not leave requests waiting forever, nor hide the loss.
                 log.exception(kv("enqueue_crashed", events=len(encoded)))
-                self._disconnect()
+                self._disconnect("enqueue crashed")
                 outcome = Outcome.LOST
             for _, future in chunk:
                 if not future.done():  # a client that hung up cancelled its request
@@ -213,7 +216,7 @@ class Enqueuer:
             # safe place either way (a duplicate is dropped by the consumer).
             reason = str(exc) if isinstance(exc, PutFailed) else repr(exc)
             if not isinstance(exc, PutFailed):
-                self._disconnect()
+                self._disconnect(reason)
         if not self._spooling:
             # Once per outage, not once per event: an outage must not flood the log.
             self._spooling = True
@@ -252,7 +255,7 @@ class Enqueuer:
         except bsproto.Refused as exc:
             raise PutFailed(str(exc)) from None
         except bsproto.ConnectionLost as exc:
-            self._disconnect()
+            self._disconnect(exc)
             raise PutFailed(str(exc)) from None
         self._last_io = time.monotonic()
         self._metrics.enqueue_duration.observe(time.perf_counter() - started)
@@ -272,7 +275,7 @@ class Enqueuer:
         except bsproto.ConnectionLost as exc:
             if conn is not None:
                 conn.close()
-            if self.connected:
+            if self._reachable is not False:  # once per outage, not once per attempt
                 log.error(kv("beanstalkd_down", error=exc))
             self._set_connected(False)
             # Counted from the failure: a hung server uses up the timeouts, and the
@@ -282,21 +285,21 @@ class Enqueuer:
         self._job_bytes = min(self._wanted_job_bytes, server_limit)
         self._conn = conn
         self._last_io = time.monotonic()
-        if not self.connected:
+        if self._reachable is not True:
             log.info(kv("beanstalkd_connected", max_job_bytes=self._job_bytes))
         self._set_connected(True)
         return conn
 
-    def _disconnect(self, expected: bool = False) -> None:
+    def _disconnect(self, error: object = None, expected: bool = False) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
             if not expected:
-                log.error(kv("beanstalkd_down"))
+                log.error(kv("beanstalkd_down", error=error))
         self._set_connected(False)
 
     def _set_connected(self, up: bool) -> None:
-        self.connected = up
+        self.connected = self._reachable = up
         self._metrics.beanstalkd_up.set(1 if up else 0)
 
     async def _idle(self) -> None:
@@ -311,8 +314,8 @@ class Enqueuer:
             try:
                 await self._conn.ping(self._tube)
                 self._last_io = time.monotonic()
-            except bsproto.ConnectionLost:
-                self._disconnect()
+            except bsproto.ConnectionLost as exc:
+                self._disconnect(exc)
                 return
         await self._replay_some()
 
