@@ -31,6 +31,7 @@ class ConsumerMetrics:
     database_up: Gauge
     dead_events: Counter
     kicked_jobs: Counter
+    buried_jobs: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> ConsumerMetrics:
@@ -94,6 +95,12 @@ class ConsumerMetrics:
                 names.CONSUMER_KICKED_JOBS,
                 "Buried jobs (put or released while beanstalkd was out of memory) kicked "
                 "back to ready",
+                registry=registry,
+            ),
+            buried_jobs=Counter(
+                names.CONSUMER_BURIED_JOBS,
+                "Jobs the consumer released that beanstalkd buried (out of memory); the "
+                "kicker makes them ready again",
                 registry=registry,
             ),
         )

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web import BaseRequest, StreamResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from trackbuf import metric_names as names
@@ -16,6 +18,10 @@ ROUTES = ("open", "click")
 EVENT_OUTCOMES = ("queued", "spooled", "lost")
 REQUEST_OUTCOMES = (*EVENT_OUTCOMES, "invalid_token", "not_recorded", "error")
 TOKEN_REASONS = ("malformed", "too_long", "unknown_kid", "bad_signature", "wrong_kind")
+# Status codes counted by trackbuf_ingest_http_errors_total from the start (at 0): 400
+# is aiohttp's answer to a request it cannot parse, 500 to a handler that raised, 503
+# to an overloaded or stopping server.
+HTTP_ERROR_CODES = (400, 500, 503)
 
 
 @dataclass
@@ -31,6 +37,7 @@ class IngestMetrics:
     spool_jobs: Gauge
     spool_replayed: Counter
     buried_on_put: Counter
+    http_errors: Counter
     # Label children resolved once: labels() takes a lock and hashes on every call,
     # which is measurable on a path that does little else.
     _children: dict[tuple[str, ...], Any] = field(default_factory=dict)
@@ -43,6 +50,13 @@ class IngestMetrics:
 
     def duration(self, route: str) -> Any:
         return self._child(("duration", route), self.request_duration, route)
+
+    def http_error(self, status: int) -> None:
+        """Count one answer with this status if it is an error a client sees: any
+        5xx, or the 400 aiohttp sends for a request it cannot parse. The 404 for a bad
+        token is counted by invalid_tokens instead, and other 4xx are not ours."""
+        if status >= 500 or status == 400:
+            self._child(("http_error", str(status)), self.http_errors, str(status)).inc()
 
     def _child(self, key: tuple[str, ...], metric: Any, *labels: str) -> Any:
         child = self._children.get(key)
@@ -64,6 +78,8 @@ class IngestMetrics:
         for kind in ROUTES:
             for outcome in EVENT_OUTCOMES:
                 metrics.events.labels(kind, outcome)
+        for code in HTTP_ERROR_CODES:
+            metrics.http_errors.labels(str(code))
         return metrics
 
     @classmethod
@@ -134,4 +150,30 @@ class IngestMetrics:
                 "Jobs beanstalkd stored as buried on put (out of memory for its ready heap)",
                 registry=registry,
             ),
+            http_errors=Counter(
+                names.INGEST_HTTP_ERRORS,
+                "HTTP answers with status >= 500, and 400 for requests that could not be "
+                "parsed, by status code",
+                ["code"],
+                registry=registry,
+            ),
         )
+
+
+def error_counter(metrics: IngestMetrics) -> type[AbstractAccessLogger]:
+    """An aiohttp "access logger" that logs nothing and counts error answers.
+
+    aiohttp calls it once per answer, including the 400 it sends for a request it
+    could not parse and the 500 for a handler that raised, which no middleware sees.
+    Use it as ``web.AppRunner(app, access_log=<any logger>,
+    access_log_class=error_counter(metrics))``. /readyz answers 503 on purpose when
+    ingest cannot persist; that is a probe result, not a failed request.
+    """
+
+    class ErrorCounter(AbstractAccessLogger):
+        def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+            status = response.status
+            if (status >= 500 or status == 400) and request.path != "/readyz":
+                metrics.http_error(status)
+
+    return ErrorCounter

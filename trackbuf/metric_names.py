@@ -16,6 +16,10 @@ INGEST_SPOOL_BYTES = "trackbuf_ingest_spool_bytes"  # gauge: bytes waiting in th
 INGEST_SPOOL_JOBS = "trackbuf_ingest_spool_jobs"  # gauge: jobs waiting in the spool
 INGEST_SPOOL_REPLAYED = "trackbuf_ingest_spool_replayed_jobs"  # counter
 INGEST_BURIED_ON_PUT = "trackbuf_ingest_buried_on_put_jobs"  # counter
+# counter {code}: answers with status >= 500, and 400 for requests aiohttp could not
+# parse. Tracking answers are 200/302/404 even when an event is lost, so these are
+# the failures a mail client actually sees (a broken image, a click that goes nowhere).
+INGEST_HTTP_ERRORS = "trackbuf_ingest_http_errors"
 
 # consumer
 CONSUMER_EVENTS_WRITTEN = "trackbuf_consumer_events_written"  # counter
@@ -27,6 +31,7 @@ CONSUMER_E2E_LATENCY = "trackbuf_consumer_end_to_end_latency_seconds"  # histogr
 CONSUMER_DATABASE_UP = "trackbuf_consumer_database_up"  # gauge
 CONSUMER_DEAD_EVENTS = "trackbuf_consumer_dead_events"  # counter {reason}
 CONSUMER_KICKED_JOBS = "trackbuf_consumer_kicked_jobs"  # counter: buried jobs made ready
+CONSUMER_BURIED_JOBS = "trackbuf_consumer_buried_jobs"  # counter: released, beanstalkd buried
 
 # queue (read from beanstalkd at scrape time by the consumer's /metrics)
 QUEUE_UP = "trackbuf_queue_up"  # gauge: 1 if beanstalkd answered the scrape

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 import time
 from dataclasses import replace
@@ -11,11 +12,14 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
+from ingest.app import Ingest
+from ingest.metrics import error_counter
 from loadtest.bench import scrape
 from tests.load import Load
 from tests.procs import Process, start_ingest, trackbuf
-from tests.servers import Beanstalkd
+from tests.servers import Beanstalkd, free_port
 from trackbuf import codec, links
 from trackbuf.events import new_event
 from trackbuf.log import parse
@@ -70,6 +74,9 @@ def test_metrics_count_real_traffic(
     assert ing["trackbuf_ingest_job_events_sum"] == 70  # every event went into some job
     assert ing["trackbuf_ingest_beanstalkd_up"] == 1
     assert ing["trackbuf_ingest_spool_jobs"] == 0
+    # Error counters exist at 0 from the start, so the first error shows in increase().
+    assert ing['trackbuf_ingest_http_errors_total{code="500"}'] == 0
+    assert ing['trackbuf_ingest_http_errors_total{code="400"}'] == 0
 
     assert con["trackbuf_consumer_events_written_total"] == 70
     assert con["trackbuf_consumer_duplicate_events_total"] == 0
@@ -79,6 +86,8 @@ def test_metrics_count_real_traffic(
     # Sequential requests with a 50 ms linger: every event is stored within seconds.
     assert con['trackbuf_consumer_end_to_end_latency_seconds_bucket{le="5.0"}'] == 70
     assert con["trackbuf_consumer_database_up"] == 1
+    assert con["trackbuf_consumer_buried_jobs_total"] == 0
+    assert con["trackbuf_consumer_kicked_jobs_total"] == 0
     assert con["trackbuf_queue_up"] == 1
     assert con['trackbuf_queue_jobs{state="ready",tube="trackbuf-events"}'] == 0
     assert con['trackbuf_queue_consumers{tube="trackbuf-events"}'] == 2
@@ -189,3 +198,57 @@ def test_a_hung_beanstalkd_does_not_hang_the_consumer_metrics(
     events = [parse(line)["event"] for line in consumer.log().splitlines()]
     assert events.count("queue_scrape_failed") == 1, events
     assert events.count("queue_scrape_recovered") == 1, events
+
+
+def test_error_answers_are_counted_by_status_code(make_settings, tmp_path: Path) -> None:
+    # beanstalkd unreachable and no room in the spool: /readyz answers 503 on purpose.
+    settings: Settings = make_settings(beanstalkd=f"127.0.0.1:{free_port()}", spool_max_bytes=1000)
+    port = free_port()
+    ingest = Ingest(settings)
+
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        if request.path == "/bug":
+            raise RuntimeError("a bug in a handler")
+        if request.path == "/busy":
+            return web.Response(status=503, text="busy")
+        return await ingest.handle(request)
+
+    async def run() -> tuple[list[int], bytes]:
+        await ingest.start()
+        # As ingest/server.py serves it, with the error counter as its access logger.
+        server = web.Server(
+            handle,
+            access_log=logging.getLogger("test.access"),
+            access_log_class=error_counter(ingest.metrics),
+        )
+        runner = web.ServerRunner(server)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        statuses = []
+        try:
+            async with aiohttp.ClientSession() as session:
+                for path in ("/bug", "/bug", "/busy", "/readyz", "/healthz", "/c/forged"):
+                    async with session.get(f"http://127.0.0.1:{port}{path}") as response:
+                        statuses.append(response.status)
+            # A header line without a colon: aiohttp answers 400 before any handler runs.
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /o/x.gif HTTP/1.1\r\nHost: t\r\nno colon here\r\n\r\n")
+            raw = await reader.read()
+            writer.close()
+            await writer.wait_closed()
+        finally:
+            await runner.cleanup()
+            await ingest.close()
+        return statuses, raw
+
+    statuses, raw = asyncio.run(run())
+    assert statuses == [500, 500, 503, 503, 200, 404]
+    assert raw.split(b" ", 2)[1] == b"400"
+
+    def errors(code: str) -> float | None:
+        return ingest.registry.get_sample_value("trackbuf_ingest_http_errors_total", {"code": code})
+
+    assert errors("500") == 2
+    assert errors("503") == 1  # /busy only: the /readyz 503 is a probe's answer
+    assert errors("400") == 1
+    assert errors("404") is None  # a forged token is counted by invalid_tokens instead
