@@ -23,10 +23,11 @@ def env_for(settings: Settings, **extra: str) -> dict[str, str]:
 
 
 def trackbuf(
-    settings: Settings, *args: str, timeout: float = 120, **extra: str
+    settings: Settings, *args: str, timeout: float = 120, input: str | None = None, **extra: str
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "trackbuf", *args],
+        input=input,
         env=env_for(settings, **extra),
         capture_output=True,
         text=True,

@@ -111,6 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
         _add_settings(p, LINKS)
         p.set_defaults(func=_cmd_link)
 
+    rewrite = sub.add_parser(
+        "rewrite", help="HTML in, tracked HTML out: click URLs for links, an open pixel"
+    )
+    rewrite.add_argument("--campaign", required=True)
+    rewrite.add_argument("--recipient", required=True, help="recipient or message id")
+    rewrite.add_argument("--input", help="HTML file to read (default: standard input)")
+    rewrite.add_argument("--output", help="file to write (default: standard output)")
+    _add_settings(rewrite, LINKS)
+    rewrite.set_defaults(func=_cmd_rewrite)
+
     keygen = sub.add_parser("keygen", help="print a new signing key as kid:secret")
     keygen.add_argument("--kid", default="k1")
     keygen.set_defaults(func=_cmd_keygen)
@@ -195,6 +205,36 @@ def _cmd_link(args: argparse.Namespace) -> int:
         print(
             links.click_url(settings.public_url, keyring, args.campaign, args.recipient, args.url)
         )
+    return 0
+
+
+def _cmd_rewrite(args: argparse.Namespace) -> int:
+    from trackbuf.rewrite import rewrite_html
+    from trackbuf.tokens import Keyring
+
+    settings = _settings(args)
+    keyring = Keyring.parse(settings.signing_keys)
+    try:
+        if args.input:
+            with open(args.input, encoding="utf-8") as source:
+                document = source.read()
+        else:
+            document = sys.stdin.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"trackbuf rewrite: cannot read the HTML: {exc}", file=sys.stderr)
+        return 1
+    done = rewrite_html(document, settings.public_url, keyring, args.campaign, args.recipient)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as target:
+            target.write(done.html)
+    else:
+        sys.stdout.write(done.html)
+    # The report goes to stderr, so stdout stays the HTML alone for a pipe.
+    for href, why in done.skipped:
+        print(f"trackbuf rewrite: left as is: {href[:120]} ({why})", file=sys.stderr)
+    pixel = "open pixel added" if done.pixel_added else "open pixel already there"
+    print(f"trackbuf rewrite: {done.links} link(s) tracked, {len(done.skipped)} left as is, "
+          f"{pixel}", file=sys.stderr)  # fmt: skip
     return 0
 
 
