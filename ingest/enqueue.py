@@ -29,6 +29,7 @@ from ingest import bsproto
 from ingest.metrics import IngestMetrics
 from ingest.spool import Spool
 from trackbuf import codec
+from trackbuf.events import KINDS
 from trackbuf.log import kv
 
 log = logging.getLogger("trackbuf.ingest.enqueue")
@@ -55,10 +56,6 @@ class Outcome(enum.Enum):
 
 class PutFailed(Exception):
     """The job was not stored by beanstalkd; the message says why."""
-
-
-class EventTooBig(Exception):
-    """One event alone exceeds the server's max-job-size: no retry or spool can help."""
 
 
 Pending = tuple[bytes, "asyncio.Future[Outcome]"]
@@ -174,49 +171,66 @@ class Enqueuer:
         for chunk in self._pack(batch):
             encoded = [item[0] for item in chunk]
             try:
-                outcome = await self._put_or_spool(encoded)
+                outcomes = await self._store(encoded)
             except Exception:
                 # A bug must not leave requests waiting forever, nor hide the loss.
                 log.exception(kv("enqueue_crashed", events=len(encoded)))
                 self._disconnect("enqueue crashed")
-                outcome = Outcome.LOST
-            for _, future in chunk:
+                outcomes = [Outcome.LOST] * len(chunk)
+            for (_, future), outcome in zip(chunk, outcomes, strict=True):
                 if not future.done():  # a client that hung up cancelled its request
                     future.set_result(outcome)
 
-    def _pack(self, batch: list[Pending]) -> list[list[Pending]]:
-        """Split into jobs that stay under the job-size limit."""
+    def _ranges(self, sizes: list[int]) -> list[tuple[int, int]]:
+        """Cut a run of encoded events into jobs that stay under the job-size limit."""
         budget = self._job_bytes - codec.FRAME_BYTES
-        jobs: list[list[Pending]] = []
-        current: list[Pending] = []
-        size = 0
-        for item in batch:
-            cost = len(item[0]) + 1
-            if current and (size + cost > budget or len(current) >= MAX_EVENTS_PER_JOB):
-                jobs.append(current)
-                current, size = [], 0
-            current.append(item)
+        ranges: list[tuple[int, int]] = []
+        start = size = 0
+        for i, nbytes in enumerate(sizes):
+            cost = nbytes + 1
+            if i > start and (size + cost > budget or i - start >= MAX_EVENTS_PER_JOB):
+                ranges.append((start, i))
+                start, size = i, 0
             size += cost
-        if current:
-            jobs.append(current)
-        return jobs
+        if start < len(sizes):
+            ranges.append((start, len(sizes)))
+        return ranges
 
-    async def _put_or_spool(self, encoded: list[bytes]) -> Outcome:
+    def _pack(self, batch: list[Pending]) -> list[list[Pending]]:
+        return [batch[a:b] for a, b in self._ranges([len(item[0]) for item in batch])]
+
+    def _split(self, encoded: list[bytes]) -> list[list[bytes]]:
+        pieces = [encoded[a:b] for a, b in self._ranges([len(e) for e in encoded])]
+        if len(pieces) > 1:
+            return pieces
+        # The server refused what the limit we know allows: halve, so splitting ends.
+        half = len(encoded) // 2
+        return [encoded[:half], encoded[half:]]
+
+    async def _store(self, encoded: list[bytes]) -> list[Outcome]:
+        """Put these events into beanstalkd, or else the spool: one outcome per event."""
+        outcomes: list[Outcome] = []
         try:
-            await self._put(encoded)
-            if self._spooling:
-                self._spooling = False
-                log.info(kv("spooling_stopped"))
-            return Outcome.QUEUED
-        except EventTooBig as exc:
-            log.error(kv("event_too_big", error=exc, bytes=len(encoded[0])))
-            return Outcome.LOST
+            await self._put_events(encoded, outcomes)
         except Exception as exc:
             # PutFailed, or anything unexpected from the connection: the spool is the
             # safe place either way (a duplicate is dropped by the consumer).
             reason = str(exc) if isinstance(exc, PutFailed) else repr(exc)
             if not isinstance(exc, PutFailed):
                 self._disconnect(reason)
+        else:
+            if self._spooling:
+                self._spooling = False
+                log.info(kv("spooling_stopped"))
+            return outcomes
+        # Puts go in order, so the events before len(outcomes) are settled (queued, or
+        # lost as too big) and only the rest goes to the spool.
+        rest = encoded[len(outcomes) :]
+        if not rest:
+            return outcomes
+        return outcomes + [await self._spool_events(rest, reason)] * len(rest)
+
+    async def _spool_events(self, encoded: list[bytes], reason: str) -> Outcome:
         if not self._spooling:
             # Once per outage, not once per event: an outage must not flood the log.
             self._spooling = True
@@ -228,19 +242,47 @@ class Enqueuer:
         log.error(kv("enqueue_failed", reason=reason, events=len(encoded), spool="full"))
         return Outcome.LOST
 
-    async def _put(self, encoded: list[bytes]) -> None:
-        """Put these events as one job, splitting it if the server says it is too big."""
+    async def _put_events(self, encoded: list[bytes], outcomes: list[Outcome]) -> None:
+        """Put these events as one job, or as several if it is too big for the server.
+
+        Appends one outcome per event, in order: QUEUED, or LOST for an event that is
+        too big for any job on its own (skipped so it cannot take the others with it).
+        Raises PutFailed at the first put that fails; the events from
+        ``len(outcomes)`` on are then not stored.
+        """
         body = codec.encode_job(encoded)
+        if len(encoded) > 1 and len(body) > self._job_bytes:
+            for piece in self._split(encoded):  # packed under a limit since lowered
+                await self._put_events(piece, outcomes)
+            return
         try:
             await self._put_body(body, len(encoded))
         except bsproto.JobTooBig:
-            # The limit shrank (server restarted with a smaller -z): learn it, split.
-            self._job_bytes = min(self._job_bytes, len(body) - 1)
+            await self._learn_limit(len(body))
             if len(encoded) == 1:
-                raise EventTooBig(f"{len(body)} bytes > max-job-size") from None
-            half = len(encoded) // 2
-            await self._put(encoded[:half])
-            await self._put(encoded[half:])
+                log.error(kv("event_too_big", bytes=len(body), max_job_bytes=self._job_bytes))
+                outcomes.append(Outcome.LOST)
+                return
+            for piece in self._split(encoded):
+                await self._put_events(piece, outcomes)
+            return
+        outcomes.extend([Outcome.QUEUED] * len(encoded))
+
+    async def _learn_limit(self, refused: int) -> None:
+        """JOB_TOO_BIG: the server's limit is lower than we knew (it was restarted with a
+        smaller -z, or spooled jobs were packed for another server). Ask it."""
+        limit = refused - 1
+        conn = self._conn
+        if conn is not None:
+            try:
+                limit = min(limit, await conn.max_job_size())
+            except bsproto.ConnectionLost as exc:
+                self._disconnect(exc)
+                raise PutFailed(str(exc)) from None
+        limit = min(self._wanted_job_bytes, limit)
+        if limit < self._job_bytes:
+            log.warning(kv("max_job_size_lowered", max_job_bytes=limit))
+            self._job_bytes = limit
 
     async def _put_body(self, body: bytes, events: int) -> None:
         conn = await self._connection()
@@ -330,29 +372,44 @@ class Enqueuer:
             if body is None:
                 break
             try:
-                await self._replay_one(body)
+                dropped = await self._replay_one(body)
             except PutFailed as exc:
                 log.warning(kv("spool_replay_paused", reason=exc))
                 break
             await self._on_disk(spool.replayed, body)
             self._metrics.spool_replayed.inc()
+            for kind in dropped:
+                self._metrics.event_counter(kind, "lost").inc()
         self._spool_gauges()
         if spool.empty:
             log.info(kv("spool_drained"))
 
-    async def _replay_one(self, body: bytes) -> None:
-        try:
-            await self._put_body(body, codec.event_count(body) or 1)
-        except bsproto.JobTooBig:
+    async def _replay_one(self, body: bytes) -> list[str]:
+        """Put one spooled job; returns the kinds of the events dropped as too big.
+
+        Raises PutFailed when the job is not (entirely) in beanstalkd: the record stays
+        in the spool and is replayed again later (its duplicates are dropped by the
+        consumer), so the drops are counted only once the record is done."""
+        if len(body) <= self._job_bytes:
             try:
-                items = codec.decode_frame(body)
-                await self._put([orjson.dumps(item) for item in items])
-            except (codec.CodecError, EventTooBig) as exc:
-                # It can never be put: skip it (counted and logged) rather than let it
-                # block every record behind it.
-                log.error(kv("spool_record_dropped", reason=repr(exc), bytes=len(body)))
-                self._metrics.event_counter("open", "lost").inc(codec.event_count(body) or 1)
-                # (Counted under "open": the kind of an unreadable record is unknown.)
+                await self._put_body(body, codec.event_count(body) or 1)
+                return []
+            except bsproto.JobTooBig:
+                await self._learn_limit(len(body))
+        try:
+            items = codec.decode_frame(body)
+        except codec.CodecError as exc:
+            # It can never be put: skip it (counted and logged) rather than let it block
+            # every record behind it. (Counted under "open": its kinds are unknown.)
+            log.error(kv("spool_record_dropped", reason=repr(exc), bytes=len(body)))
+            return ["open"] * (codec.event_count(body) or 1)
+        outcomes: list[Outcome] = []
+        await self._put_events([orjson.dumps(item) for item in items], outcomes)
+        dropped = [_kind(item) for item, outcome in zip(items, outcomes, strict=True)
+                   if outcome is Outcome.LOST]  # fmt: skip
+        if dropped:
+            log.error(kv("spool_events_dropped", events=len(dropped), reason="event too big"))
+        return dropped
 
     def _spool_gauges(self) -> None:
         # Set where the spool changes, not at scrape time: with several ingest
@@ -378,3 +435,8 @@ class Enqueuer:
 
     async def _on_disk(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._disk, fn, *args)
+
+
+def _kind(item: object) -> str:
+    kind = item.get("k") if isinstance(item, dict) else None
+    return kind if isinstance(kind, str) and kind in KINDS else "open"

@@ -6,16 +6,27 @@ real beanstalkd and count what was acknowledged against what was stored.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
+import greenstalk
 import pytest
+from prometheus_client import CollectorRegistry
 
+from ingest.enqueue import Enqueuer, Outcome
+from ingest.metrics import IngestMetrics
+from ingest.spool import Spool
 from tests.faults.test_outages import report
 from tests.procs import start_ingest
 from tests.servers import Beanstalkd
+from trackbuf import codec
+from trackbuf.events import Event, new_event
 
 pytestmark = pytest.mark.faults
+
+QUEUED, SPOOLED, LOST = Outcome.QUEUED, Outcome.SPOOLED, Outcome.LOST
+TUBE = "trackbuf-events"
 
 
 def log_events(text: str, event: str) -> list[str]:
@@ -54,3 +65,116 @@ def test_beanstalkd_down_at_start_is_logged_once_per_outage_with_its_error(
     assert len(down) == 2, down
     assert all("error=" in line for line in down), down
     assert ingest.terminate() == 0
+
+
+# The enqueue task in this process, against a real beanstalkd ---------------------------
+
+
+def enqueuer(server: Beanstalkd, tmp_path: Path, registry: CollectorRegistry) -> Enqueuer:
+    return Enqueuer(
+        ("127.0.0.1", server.port),
+        TUBE,
+        ttr=60,
+        max_job_bytes=60000,
+        metrics=IngestMetrics.create(registry),
+        spool=Spool(tmp_path / "spool", max_bytes=1 << 20),
+    )
+
+
+def batch_with_one_oversized_event() -> list[Event]:
+    """Five events that fit one default-sized job; the middle one (a click with a
+    1,600-byte URL) is bigger than a 1,500-byte max-job-size on its own."""
+    events = [new_event("open", "big", f"r{i}") for i in range(5)]
+    events[2] = new_event("click", "big", "r2", url="https://shop.example/" + "x" * 1600)
+    return events
+
+
+async def wait_connected(enq: Enqueuer, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while not enq.connected:
+        assert time.monotonic() < deadline, "never connected to beanstalkd"
+        await asyncio.sleep(0.02)
+
+
+async def submit_together(enq: Enqueuer, events: list[Event]) -> list[Outcome]:
+    # Submitted before the enqueue task runs again, so they travel as one batch.
+    futures = [enq.submit(codec.encode_event(event)) for event in events]
+    return [await future for future in futures]
+
+
+def take_recipients(server: Beanstalkd) -> list[str]:
+    """Every event queued in the tube (the jobs are deleted)."""
+    found: list[str] = []
+    with server.client() as client:
+        while True:
+            try:
+                job = client.reserve(timeout=0)
+            except greenstalk.TimedOutError:
+                return sorted(found)
+            found += [event.recipient for event in codec.decode_job(bytes(job.body))]
+            client.delete(job)
+
+
+def lost(registry: CollectorRegistry, kind: str) -> float:
+    value = registry.get_sample_value(
+        "trackbuf_ingest_events_total", {"kind": kind, "outcome": "lost"}
+    )
+    return value or 0.0
+
+
+def test_an_oversized_event_in_a_split_job_is_lost_alone(tmp_path: Path) -> None:
+    """JOB_TOO_BIG splits the job; the one event too big for any job is lost (and its
+    request told so), the others are queued and their requests told so."""
+    server = Beanstalkd(tmp_path / "binlog", "-z", "1500").start()
+    registry = CollectorRegistry()
+
+    async def scenario() -> list[Outcome]:
+        enq = enqueuer(server, tmp_path, registry)
+        await enq.start()
+        await wait_connected(enq)
+        # Ingest learns max-job-size when it connects, so only a batch packed before
+        # that (a race with a reconnect) meets a smaller limit; pack as if it had.
+        enq._job_bytes = 60000
+        outcomes = await submit_together(enq, batch_with_one_oversized_event())
+        assert await enq.close(5)
+        return outcomes
+
+    try:
+        outcomes = asyncio.run(scenario())
+        stored = take_recipients(server)
+    finally:
+        server.kill()
+    report("oversized event, live", f"outcomes={[o.value for o in outcomes]}", stored)
+    assert outcomes == [QUEUED, QUEUED, LOST, QUEUED, QUEUED]
+    assert stored == ["r0", "r1", "r3", "r4"]
+
+
+def test_replay_drops_only_the_oversized_event_of_a_spooled_job(tmp_path: Path) -> None:
+    """A job spooled under the default limit meets a server started with -z 1500:
+    replay splits it, puts every event that fits and drops (counts) only the one that
+    cannot fit in any job."""
+    server = Beanstalkd(tmp_path / "binlog", "-z", "1500")  # not started: down
+    registry = CollectorRegistry()
+
+    async def scenario() -> list[Outcome]:
+        enq = enqueuer(server, tmp_path, registry)
+        await enq.start()
+        outcomes = await submit_together(enq, batch_with_one_oversized_event())
+        assert enq.spool is not None and enq.spool.pending_records == 1
+        server.start()
+        deadline = time.monotonic() + 15
+        while not enq.spool.empty:
+            assert time.monotonic() < deadline, "the spool was never replayed"
+            await asyncio.sleep(0.05)
+        assert await enq.close(5)
+        return outcomes
+
+    try:
+        outcomes = asyncio.run(scenario())
+        stored = take_recipients(server)
+    finally:
+        server.kill()
+    report("oversized event, replay", f"outcomes={[o.value for o in outcomes]}", stored)
+    assert outcomes == [SPOOLED] * 5
+    assert stored == ["r0", "r1", "r3", "r4"]
+    assert lost(registry, "click") == 1 and lost(registry, "open") == 0
