@@ -273,8 +273,12 @@ class Worker:
         for job in jobs:
             try:
                 self._client.release(job)
-            except (greenstalk.NotFoundError, greenstalk.BuriedError):
-                pass  # gone (TTR), or buried by a server out of memory: kept either way
+            except greenstalk.NotFoundError:
+                pass  # gone (TTR): someone else has it
+            except greenstalk.BuriedError:
+                # Kept, but buried by a server out of memory: counted (it pins binlog
+                # files and says beanstalkd is in trouble); the kicker brings it back.
+                self.metrics.buried_jobs.inc()
             except queue.CONNECTION_ERRORS:
                 self._drop_client()  # closing releases everything we still held
                 return
