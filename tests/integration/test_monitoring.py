@@ -8,6 +8,9 @@ against the Compose specification schema and against the repository and settings
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import json
 import re
 import shutil
@@ -29,23 +32,33 @@ import yaml
 from tests.load import Load
 from tests.procs import Process, start_ingest
 from tests.servers import Beanstalkd, free_port, wait_port
+from trackbuf.cli import build_parser
 from trackbuf.settings import ENV_PREFIX, Settings, field_types
 from trackbuf.tokens import Keyring
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "prometheus" / "alerts.yml"
+ALERTMANAGER_CONFIG = ROOT / "prometheus" / "alertmanager.yml"
 DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
 METRIC = re.compile(r"\btrackbuf_[a-z0-9_]+")
+# Grafana replaces $__rate_interval with max(4 x scrape interval, step + scrape
+# interval); Prometheus does not know the variable. The live Prometheus below scrapes
+# every second, so 5s holds at least four samples.
+RATE_INTERVAL = "5s"
+
+
+def dashboard_panels() -> list[dict[str, Any]]:
+    return [panel for path in DASHBOARDS for panel in json.loads(path.read_text())["panels"]]
 
 
 def dashboard_queries() -> list[tuple[str, str]]:
-    queries = []
-    for path in DASHBOARDS:
-        for panel in json.loads(path.read_text())["panels"]:
-            for target in panel["targets"]:
-                queries.append((panel["title"], target["expr"]))
-    return queries
+    """Every panel query, as Grafana would send it to Prometheus."""
+    return [
+        (panel["title"], target["expr"].replace("$__rate_interval", RATE_INTERVAL))
+        for panel in dashboard_panels()
+        for target in panel["targets"]
+    ]
 
 
 def rule_exprs() -> list[tuple[str, str]]:
@@ -135,8 +148,41 @@ def test_queries_and_rules_name_only_exported_metrics(live_stack: Settings) -> N
             assert name in exported, f"{source}: {name} is not exported by ingest or consumer"
 
 
+def alertmanager_binary() -> str | None:
+    # Debian's prometheus-alertmanager names it prometheus-alertmanager; upstream, alertmanager.
+    return shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+
+
+@contextlib.contextmanager
+def server(cmd: list[str], port: int, log_path: Path) -> Iterator[str]:
+    log = open(log_path, "wb")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_port(port, timeout=30, proc=proc)  # type: ignore[arg-type]
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        log.close()
+
+
 @pytest.fixture
-def prometheus(live_stack: Settings, tmp_path: Path) -> Iterator[str]:
+def alertmanager(tmp_path: Path) -> Iterator[str | None]:
+    """The real Alertmanager with prometheus/alertmanager.yml, or None if not installed."""
+    binary = alertmanager_binary()
+    if binary is None:
+        yield None
+        return
+    port = free_port()
+    cmd = [binary, f"--config.file={ALERTMANAGER_CONFIG}",
+           f"--storage.path={tmp_path / 'alertmanager'}",
+           f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="]  # fmt: skip
+    with server(cmd, port, tmp_path / "alertmanager.log") as url:
+        yield url
+
+
+@pytest.fixture
+def prometheus(live_stack: Settings, alertmanager: str | None, tmp_path: Path) -> Iterator[str]:
     binary = shutil.which("prometheus")
     assert binary, "install Debian's prometheus package"
     config = yaml.safe_load((ROOT / "prometheus" / "prometheus.yml").read_text())
@@ -145,21 +191,16 @@ def prometheus(live_stack: Settings, tmp_path: Path) -> Iterator[str]:
     targets = {"trackbuf-ingest": live_stack.listen, "trackbuf-consumer": live_stack.metrics_listen}
     for job in config["scrape_configs"]:
         job["static_configs"] = [{"targets": [targets[job["job_name"]]]}]
+    am_targets = [alertmanager.removeprefix("http://")] if alertmanager else []
+    (am_config,) = config["alerting"]["alertmanagers"]
+    am_config["static_configs"] = [{"targets": am_targets}]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
-    log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [binary, f"--config.file={tmp_path / 'prometheus.yml'}",
-         f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        wait_port(port, timeout=30, proc=proc)  # type: ignore[arg-type]
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(20)
-        log.close()
+    cmd = [binary, f"--config.file={tmp_path / 'prometheus.yml'}",
+           f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+           f"--web.listen-address=127.0.0.1:{port}"]  # fmt: skip
+    with server(cmd, port, tmp_path / "prometheus.log") as url:
+        yield url
 
 
 def api(base: str, path: str, **params: str) -> Any:
@@ -170,8 +211,24 @@ def api(base: str, path: str, **params: str) -> Any:
     return body["data"]
 
 
+def rule_states(prometheus: str) -> dict[str, str]:
+    groups = api(prometheus, "rules")["groups"]
+    return {rule["name"]: rule["state"] for group in groups for rule in group["rules"]}
+
+
+def wait_for_state(prometheus: str, alert: str, states: set[str], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while (state := rule_states(prometheus)[alert]) not in states:
+        assert time.monotonic() < deadline, f"{alert} stayed {state}, expected {states}"
+        time.sleep(0.25)
+
+
 def test_a_real_prometheus_answers_every_panel_and_evaluates_every_rule(
-    live_stack: Settings, prometheus: str, keyring: Keyring
+    live_stack: Settings,
+    prometheus: str,
+    alertmanager: str | None,
+    beanstalkd: Beanstalkd,
+    keyring: Keyring,
 ) -> None:
     base = f"http://{live_stack.listen}"
     forger = Keyring.parse("k1:someone-elses-secret-key")
@@ -206,6 +263,58 @@ def test_a_real_prometheus_answers_every_panel_and_evaluates_every_rule(
         "trackbuf-consumer": "1",
     }
 
+    # Now make the real rules fire on real data. A job that is not a trackbuf frame
+    # becomes a dead letter at once; TrackbufDeadLetters has no `for`, so it fires.
+    with beanstalkd.client() as client:
+        client.put(b"not a trackbuf job")
+    wait_for_state(prometheus, "TrackbufDeadLetters", {"firing"})
+    # beanstalkd down: seen by the consumer's next scrape, pending for its `for: 1m`.
+    beanstalkd.stop()
+    wait_for_state(prometheus, "TrackbufBeanstalkdDown", {"pending", "firing"})
+
+    if alertmanager is None:
+        pytest.skip(
+            "Alertmanager not installed (apt-get install prometheus-alertmanager): "
+            "everything above passed; delivery to Alertmanager not checked"
+        )
+    # Prometheus sent the firing alert to Alertmanager (prometheus.yml's alerting),
+    # whose routes (alertmanager.yml) hand a warning to the warning receiver.
+    deadline = time.monotonic() + 15
+    while True:
+        url = f"{alertmanager}/api/v2/alerts?filter=alertname%3D%22TrackbufDeadLetters%22"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            received = json.loads(response.read())
+        if received or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
+    assert [alert["labels"]["severity"] for alert in received] == ["warning"], received
+    assert [r["name"] for r in received[0]["receivers"]] == ["warning"]
+
+
+def test_alertmanager_config_is_valid_and_routes_by_severity() -> None:
+    amtool = shutil.which("amtool")
+    if amtool is None:
+        pytest.skip("amtool not installed (apt-get install prometheus-alertmanager)")
+    done = subprocess.run(
+        [amtool, "check-config", str(ALERTMANAGER_CONFIG)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    # Every severity alerts.yml uses reaches a receiver of its own.
+    severities = {
+        rule["labels"]["severity"]
+        for group in yaml.safe_load(RULES.read_text())["groups"]
+        for rule in group["rules"]
+    }
+    assert severities == {"page", "warning"}
+    for severity in severities:
+        done = subprocess.run(
+            [amtool, "config", "routes", "test", f"--config.file={ALERTMANAGER_CONFIG}",
+             "alertname=TrackbufTest", f"severity={severity}"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert done.stdout.split() == [severity], done.stdout
+
 
 # The compose file --------------------------------------------------------------------
 
@@ -238,13 +347,44 @@ def test_compose_file_follows_the_specification(compose: dict[str, Any]) -> None
     schema.pop("id", None)  # a relative id would make jsonschema resolve refs by URL
     jsonschema.Draft7Validator(schema).validate(compose)
     assert set(compose["services"]) == {
-        "beanstalkd", "postgres", "migrate", "ingest", "consumer", "prometheus", "grafana",
+        "beanstalkd", "postgres", "migrate", "ingest", "consumer", "prometheus",
+        "alertmanager", "grafana",
     }  # fmt: skip
+
+
+def dockerfile_stages() -> dict[str, dict[str, Any]]:
+    """Each build stage's ENTRYPOINT and CMD (exec form, as JSON arrays)."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    stages: dict[str, dict[str, Any]] = {}
+    current: dict[str, Any] | None = None
+    for line in text.splitlines():
+        word, _, rest = line.strip().partition(" ")
+        if word.upper() == "FROM":
+            match = re.fullmatch(r"\S+\s+AS\s+(\S+)", rest.strip(), re.IGNORECASE)
+            assert match, f"name every stage: {line}"
+            current = stages[match.group(1)] = {}
+        elif word.upper() in ("ENTRYPOINT", "CMD") and current is not None:
+            # Shell form would hide the real argv behind sh -c: exec form only.
+            current[word.upper()] = json.loads(rest)
+    return stages
+
+
+def argv(service: dict[str, Any], stages: dict[str, dict[str, Any]]) -> list[str]:
+    """The command line a compose service runs: entrypoint plus command, each from the
+    service or else from its image's Dockerfile stage."""
+    stage = stages[service["build"]["target"]]
+    entrypoint = service.get("entrypoint", stage.get("ENTRYPOINT", []))
+    command = service.get("command", stage.get("CMD", []))
+    return [*entrypoint, *command]
+
+
+def volume_targets(service: dict[str, Any]) -> set[str]:
+    return {volume.split(":")[1] for volume in service.get("volumes", [])}
 
 
 def test_compose_builds_and_mounts_what_exists(compose: dict[str, Any]) -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
-    stages = set(re.findall(r"^FROM \S+ AS (\S+)$", dockerfile, re.MULTILINE))
+    stages = dockerfile_stages()
     for line in re.findall(r"^COPY (\S+) ", dockerfile, re.MULTILINE):
         assert (ROOT / line).exists(), f"Dockerfile copies {line}, which does not exist"
     for name, service in compose["services"].items():
@@ -258,10 +398,49 @@ def test_compose_builds_and_mounts_what_exists(compose: dict[str, Any]) -> None:
                 assert (ROOT / source).exists(), f"{name} mounts missing {source}"
             else:
                 assert source in compose["volumes"], f"{name} uses undeclared volume {source}"
-    # The beanstalkd binlog must be on a volume, or a container restart loses the queue.
-    assert "-b" in dockerfile and any(
-        v.endswith(":/var/lib/beanstalkd") for v in compose["services"]["beanstalkd"]["volumes"]
+
+
+def test_compose_beanstalkd_keeps_its_binlog_on_a_volume_and_fsyncs(
+    compose: dict[str, Any],
+) -> None:
+    service = compose["services"]["beanstalkd"]
+    command = argv(service, dockerfile_stages())
+    assert command[0] == "beanstalkd", command
+    # beanstalkd 1.12's options; an unknown one fails here rather than at container start.
+    parser = argparse.ArgumentParser(prog="beanstalkd", add_help=False)
+    for flag in ("-b", "-f", "-l", "-p", "-s", "-u", "-z"):
+        parser.add_argument(flag)
+    for flag in ("-F", "-c", "-n", "-V", "-v", "-h"):
+        parser.add_argument(flag, action="store_true")
+    with contextlib.redirect_stderr(io.StringIO()):
+        parsed, unknown = parser.parse_known_args(command[1:])
+    assert unknown == [], f"beanstalkd does not take {unknown}"
+    # Without -b on a volume, a container restart loses every queued event; without
+    # -f 0, a power loss loses the last ~50 ms of acknowledged ones.
+    assert parsed.b in volume_targets(service), f"binlog {parsed.b} is not on a volume"
+    assert parsed.f == "0" and not parsed.F, command
+    assert parsed.p == "11300" and parsed.l == "0.0.0.0"
+    assert compose["services"]["consumer"]["environment"]["TRACKBUF_BEANSTALKD"] == (
+        f"beanstalkd:{parsed.p}"
     )
+
+
+def trackbuf_commands(compose: dict[str, Any]) -> dict[str, argparse.Namespace]:
+    """Every trackbuf command line in the compose file, parsed by trackbuf's own CLI."""
+    stages = dockerfile_stages()
+    parsed = {}
+    for name, service in compose["services"].items():
+        if service.get("build", {}).get("target") != "app":
+            continue
+        command = argv(service, stages)
+        assert command[0] == "trackbuf", command
+        errors = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(errors):
+                parsed[name] = build_parser().parse_args(command[1:])
+        except SystemExit:
+            pytest.fail(f"{name}: trackbuf rejects {command[1:]}: {errors.getvalue()}")
+    return parsed
 
 
 def test_compose_ports_and_environment_match_the_settings(compose: dict[str, Any]) -> None:
@@ -272,12 +451,20 @@ def test_compose_ports_and_environment_match_the_settings(compose: dict[str, Any
         for key in env if isinstance(env, dict) else []:
             if key.startswith(ENV_PREFIX):
                 assert key in known, f"{name}: {key} is not a trackbuf setting"
-    ingest_port = services["ingest"]["command"][-1].rsplit(":", 1)[1]
+    commands = trackbuf_commands(compose)
+    assert {name: args.command for name, args in commands.items()} == {
+        "migrate": "migrate", "ingest": "ingest", "consumer": "consume",
+    }  # fmt: skip
+    ingest_port = commands["ingest"].listen.rsplit(":", 1)[1]
+    assert commands["ingest"].listen.startswith("0.0.0.0:"), "reachable from other containers"
     assert f"{ingest_port}:{ingest_port}" in services["ingest"]["ports"]
-    consumer_port = services["consumer"]["command"][-1].rsplit(":", 1)[1]
+    assert commands["consumer"].metrics_listen.startswith("0.0.0.0:")
+    consumer_port = commands["consumer"].metrics_listen.rsplit(":", 1)[1]
     env = services["consumer"]["environment"]
-    assert env["TRACKBUF_BEANSTALKD"] == "beanstalkd:11300"
     assert env["TRACKBUF_DATABASE_URL"].split("@", 1)[1].startswith("postgres:5432/")
+    # The spool must outlive the container: it holds acknowledged events.
+    spool_dir = services["ingest"]["environment"]["TRACKBUF_SPOOL_DIR"]
+    assert any(spool_dir.startswith(target) for target in volume_targets(services["ingest"]))
     prom = yaml.safe_load((ROOT / "prometheus" / "prometheus.yml").read_text())
     targets = {
         job["job_name"]: job["static_configs"][0]["targets"][0] for job in prom["scrape_configs"]
@@ -296,3 +483,18 @@ def test_compose_ports_and_environment_match_the_settings(compose: dict[str, Any
         v.endswith(":" + provider["providers"][0]["options"]["path"] + ":ro")
         for v in services["grafana"]["volumes"]
     )
+
+
+def test_compose_alertmanager_gets_prometheus_alerts_and_its_config(
+    compose: dict[str, Any],
+) -> None:
+    service = compose["services"]["alertmanager"]
+    flags = dict(arg.split("=", 1) for arg in service["command"])
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in service["volumes"]}
+    assert mounts[flags["--config.file"]] == "./prometheus/alertmanager.yml"
+    assert mounts[flags["--storage.path"]] in compose["volumes"]  # silences survive
+    prom = yaml.safe_load((ROOT / "prometheus" / "prometheus.yml").read_text())
+    (alertmanagers,) = prom["alerting"]["alertmanagers"]
+    assert alertmanagers["static_configs"] == [{"targets": ["alertmanager:9093"]}]
+    assert "9093:9093" in service["ports"]
+    assert "alertmanager" in compose["services"]["prometheus"]["depends_on"]
