@@ -116,6 +116,88 @@ def test_dashboard_json_is_importable() -> None:
             assert panel["targets"] and all(t["expr"] and t["refId"] for t in panel["targets"])
 
 
+# Units Grafana shows as a count per second; reqps only where requests are counted.
+PER_SECOND = {"cps", "ops", "reqps"}
+REQUEST_METRICS = ("trackbuf_ingest_requests_total", "trackbuf_ingest_http_errors_total")
+
+
+def query_kind(expr: str) -> str:
+    if "histogram_quantile(" in expr:
+        return "quantile"
+    if "increase(" in expr:
+        return "increase"
+    if re.search(r"\b(rate|irate|deriv)\(", expr):
+        return "rate"
+    return "gauge"
+
+
+def test_dashboard_panels_keep_one_kind_and_unit_per_axis() -> None:
+    for panel in dashboard_panels():
+        title, defaults = panel["title"], panel["fieldConfig"]["defaults"]
+        exprs = [target["expr"] for target in panel["targets"]]
+        kinds = {query_kind(expr) for expr in exprs}
+        # Rates next to an increase or a gauge share an axis and mean different things.
+        assert len(kinds) == 1, f"{title}: mixes {sorted(kinds)}"
+        assert "increase" not in kinds, f"{title}: plot rates; increase() depends on the window"
+        for expr in exprs:
+            windows = re.findall(r"\[([^\]]+)\]", expr)
+            assert all(w == "$__rate_interval" for w in windows), f"{title}: fixed window {expr}"
+        overrides = {
+            o["matcher"]["options"]: {p["id"]: p["value"] for p in o["properties"]}
+            for o in panel["fieldConfig"].get("overrides", [])
+            if o["matcher"]["id"] == "byFrameRefID"
+        }
+        units = {}
+        for target in panel["targets"]:
+            own = overrides.get(target["refId"], {})
+            unit, expr = own.get("unit", defaults["unit"]), target["expr"]
+            units[target["refId"]] = unit
+            if own.get("unit") and own["unit"] != defaults["unit"]:
+                # A second unit needs an axis of its own, or one scale is meaningless.
+                assert own.get("custom.axisPlacement") == "right", f"{title}: {expr}"
+            if re.search(r"_bytes\b", expr):
+                assert unit == "bytes", f"{title}: {expr} is in bytes, shown as {unit}"
+            elif kinds == {"rate"}:
+                assert unit in PER_SECOND, f"{title}: a rate shown as {unit}"
+                if unit == "reqps":
+                    assert any(m in expr for m in REQUEST_METRICS), f"{title}: not requests"
+            elif kinds == {"quantile"} or re.search(r"_seconds\b", expr):
+                assert unit == "s", f"{title}: seconds shown as {unit}"
+            else:
+                assert unit not in PER_SECOND, f"{title}: a gauge shown as a rate"
+        assert len(set(units.values())) <= 2, f"{title}: {units}"
+
+
+def aggregated(expr: str) -> Iterator[tuple[str, str]]:
+    """(operator, argument) for every sum/avg/count/... in a PromQL expression."""
+    pattern = re.compile(
+        r"\b(sum|avg|count|min|max|group|stddev|stdvar|topk|bottomk|quantile)\s*"
+        r"(?:(?:by|without)\s*\([^)]*\)\s*)?\("
+    )
+    for match in pattern.finditer(expr):
+        depth, start = 1, match.end()
+        for end in range(start, len(expr)):
+            depth += {"(": 1, ")": -1}.get(expr[end], 0)
+            if depth == 0:
+                yield match.group(1), expr[start:end]
+                break
+
+
+def test_queue_metrics_are_never_added_up_across_consumers() -> None:
+    # trackbuf_queue_* are beanstalkd's own figures, exported alike by every consumer
+    # process: summed, two consumers would show twice the backlog.
+    raw = [
+        (panel["title"], target["expr"])
+        for panel in dashboard_panels()
+        for target in panel["targets"]
+    ]
+    for source, expr in [*raw, *rule_exprs()]:
+        for op, argument in aggregated(expr):
+            if "trackbuf_queue_" in argument and op in ("sum", "avg", "count"):
+                pytest.fail(f"{source}: {op} over queue metrics in {expr}")
+    assert any("trackbuf_queue_" in expr for _, expr in raw)
+
+
 @pytest.fixture
 def live_stack(
     make_settings, beanstalkd: Beanstalkd, keyring: Keyring, tmp_path: Path
