@@ -28,6 +28,11 @@ class ConnectionLost(BeanstalkError):
     """The connection is unusable; open a new one."""
 
 
+class TimedOut(ConnectionLost):
+    """No answer in time: the server may be hung (stopped, overloaded, blackholed), so
+    whoever reconnects should back off instead of paying the timeout again at once."""
+
+
 class JobTooBig(BeanstalkError):
     """JOB_TOO_BIG: the body exceeds the server's max-job-size."""
 
@@ -54,7 +59,9 @@ class Connection:
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
                 reader, writer = await asyncio.open_connection(*address)
-        except (OSError, TimeoutError) as exc:
+        except TimeoutError:
+            raise TimedOut(f"connect {address[0]}:{address[1]}: no answer") from None
+        except OSError as exc:
             raise ConnectionLost(f"connect {address[0]}:{address[1]}: {exc!r}") from None
         sock = writer.get_extra_info("socket")
         if sock is not None:
@@ -94,7 +101,9 @@ class Connection:
         try:
             async with asyncio.timeout(IO_TIMEOUT_S):
                 data = await self._reader.readexactly(int(size) + 2)
-        except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+        except TimeoutError:
+            raise TimedOut(f"stats: no answer in {IO_TIMEOUT_S} s") from None
+        except (OSError, asyncio.IncompleteReadError) as exc:
             raise ConnectionLost(repr(exc)) from None
         for line in data.decode(errors="replace").splitlines():
             key, _, value = line.partition(":")
@@ -111,7 +120,10 @@ class Connection:
             async with asyncio.timeout(IO_TIMEOUT_S):
                 self._writer.write(data)
                 line = await self._reader.readline()
-        except (OSError, TimeoutError, ValueError) as exc:
+        except TimeoutError:
+            command = data.split(b" ", 1)[0].split(b"\r", 1)[0].decode(errors="replace")
+            raise TimedOut(f"{command}: no answer in {IO_TIMEOUT_S} s") from None
+        except (OSError, ValueError) as exc:
             # ValueError: a reply line longer than the stream limit, i.e. not beanstalkd.
             raise ConnectionLost(repr(exc)) from None
         if not line.endswith(b"\r\n"):

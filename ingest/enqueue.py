@@ -1,27 +1,40 @@
 """Durable enqueue: a request is answered only after its event is safe.
 
-One task on the event loop owns the beanstalkd connection. Requests hand it encoded
-events and await a future. The task takes *everything* that arrived while its
-previous put was in flight and sends it as one job (or a few, to stay under the
-job-size limit): natural batching. Under light load a job carries one event and adds
-no wait; under heavy load jobs fill up by themselves, so no fixed linger is needed
-(DESIGN.md measured a fixed 2 ms linger at ~0.5x the bare handler).
+Requests hand encoded events to one task on the event loop and await a future. The
+task takes *everything* that arrived while the previous put was in flight and sends
+it as one job (or a few, to stay under the job-size limit): natural batching. Under
+light load a job carries one event and adds no wait; under heavy load jobs fill up by
+themselves, so no fixed linger is needed (DESIGN.md measured a fixed 2 ms linger at
+~0.5x the bare handler).
 
 When a put cannot be done (beanstalkd down, hung, out of memory, draining), the job
 goes to the local spool (on a disk thread, so an fsync never stalls the loop), and
 the spool is replayed into beanstalkd, a few jobs at a time between live batches,
 once it takes puts again.
+
+A hung beanstalkd must not make requests slow, so nothing on the request path waits
+for it longer than ``PUT_STALL_S``:
+
+- Connecting happens in a background task, with backoff after timeouts. While there is
+  no connection, batches go straight to the spool.
+- Each use of the connection (a put, a replay round, a ping) runs as its own task. The
+  enqueue task waits for it while its command keeps answering; once one command has
+  been in flight longer than ``PUT_STALL_S``, later batches go to the spool instead of
+  queueing behind it. The requests inside that one put still wait for its answer or
+  its timeout (``bsproto.IO_TIMEOUT_S``): they were handed to beanstalkd, and spooling
+  them too would store each of their events twice whenever the put succeeds late.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import orjson
 
@@ -34,9 +47,13 @@ from trackbuf.log import kv
 
 log = logging.getLogger("trackbuf.ingest.enqueue")
 
-# While beanstalkd is unreachable, try a new connection at most this often; in between,
-# events go straight to the spool so requests keep their normal latency.
+# Reconnecting: first retry after a failure, doubling after each timeout (a hung or
+# blackholed server) up to the cap; a refused connection retries at the first interval.
 RECONNECT_INTERVAL_S = 0.5
+RECONNECT_MAX_S = 5.0
+# A healthy put answers in well under a millisecond (a few ms with -f 0 on a busy
+# disk); one this slow means beanstalkd is hung, and later batches stop waiting for it.
+PUT_STALL_S = 0.25
 MAX_EVENTS_PER_JOB = 1000
 IDLE_CHECK_S = 0.5
 PING_INTERVAL_S = 1.0
@@ -83,23 +100,41 @@ class Enqueuer:
         self._wake = asyncio.Event()
         self._closing = False
         self._conn: bsproto.Connection | None = None
-        self._next_connect = 0.0
+        self._conn_lost = asyncio.Event()  # wakes the connector
+        self._tried_once = asyncio.Event()  # the connector's first attempt is over
+        self._retry_in = 0.0  # the connector's wait before its next attempt
+        self._backoff = RECONNECT_INTERVAL_S
+        # The one task using the connection, and since when its command is in flight.
+        self._busy: asyncio.Task[None] | None = None
+        self._io_since: float | None = None
+        self._stall_logged = False
         self._last_io = 0.0
         self._spooling = False
         self._spool_lost_counted = 0
         self._task: asyncio.Task[None] | None = None
+        self._connector: asyncio.Task[None] | None = None
         # One thread for spool I/O keeps appends in order and fsyncs off the loop.
         self._disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
-        self.connected = False
         # Whether beanstalkd was reachable at the last attempt; None before the first,
         # so an outage that is there from the start is logged like any other.
         self._reachable: bool | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None
 
     async def start(self) -> None:
         if self.spool is not None:
             await self._on_disk(self.spool.open)
             self._spool_gauges()
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="enqueue")
+        loop = asyncio.get_running_loop()
+        self._connector = loop.create_task(self._keep_connected(), name="beanstalkd-connect")
+        # A moment for the first attempt, so that a healthy beanstalkd takes the first
+        # requests (and /readyz is right from the start); a hung one does not hold us.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(bsproto.CONNECT_TIMEOUT_S):
+                await self._tried_once.wait()
+        self._task = loop.create_task(self._run(), name="enqueue")
 
     def submit(self, encoded: bytes) -> asyncio.Future[Outcome]:
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
@@ -122,7 +157,13 @@ class Enqueuer:
             except TimeoutError:
                 finished = False
                 self._task.cancel()
-        self._disconnect(expected=True)
+        tasks = [t for t in (self._task, self._busy, self._connector) if t is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            # Cancelled tasks end at their next await; let them, so none is left pending.
+            await asyncio.wait(tasks, timeout=0.1)
+        self._drop(self._conn, None)
         if self.spool is not None:
             await self._on_disk(self.spool.close)
         # A disk thread stuck in fsync must not hold the process at exit.
@@ -132,10 +173,6 @@ class Enqueuer:
     # The enqueue task -----------------------------------------------------------------
 
     async def _run(self) -> None:
-        try:
-            await self._idle()  # connect now, so /readyz is right from the start
-        except Exception:
-            log.exception(kv("enqueue_loop_error"))
         while True:
             try:
                 if await self._step():
@@ -146,13 +183,15 @@ class Enqueuer:
                 # This task must outlive any bug: if it died, every later request
                 # would wait for a future nobody settles.
                 log.exception(kv("enqueue_loop_error"))
-                self._disconnect("enqueue loop error")
+                self._drop(self._conn, "enqueue loop error")
                 await asyncio.sleep(0.1)
 
     async def _step(self) -> bool:
         """One round: deliver what is pending, or idle; True when closed and flushed."""
         if not self._pending:
             if self._closing:
+                if self._busy is not None:
+                    await asyncio.wait([self._busy])  # close() bounds this
                 return True
             try:
                 async with asyncio.timeout(IDLE_CHECK_S):
@@ -160,6 +199,8 @@ class Enqueuer:
             except TimeoutError:
                 await self._idle()
                 return False
+        # Wait for the put in flight first: what arrives meanwhile joins this batch.
+        await self._connection_free()
         self._wake.clear()
         batch, self._pending = self._pending, []
         if batch:
@@ -169,17 +210,41 @@ class Enqueuer:
 
     async def _deliver(self, batch: list[Pending]) -> None:
         for chunk in self._pack(batch):
-            encoded = [item[0] for item in chunk]
-            try:
-                outcomes = await self._store(encoded)
-            except Exception:
-                # A bug must not leave requests waiting forever, nor hide the loss.
-                log.exception(kv("enqueue_crashed", events=len(encoded)))
-                self._disconnect("enqueue crashed")
-                outcomes = [Outcome.LOST] * len(chunk)
-            for (_, future), outcome in zip(chunk, outcomes, strict=True):
-                if not future.done():  # a client that hung up cancelled its request
-                    future.set_result(outcome)
+            if await self._connection_free():
+                self._busy = asyncio.create_task(self._put_chunk(chunk))
+            else:
+                reason = "beanstalkd unreachable" if self._conn is None else "beanstalkd hung"
+                outcome = await self._spool_events([item[0] for item in chunk], reason)
+                _settle(chunk, [outcome] * len(chunk))
+
+    async def _connection_free(self) -> bool:
+        """Wait for the task using the connection while its commands keep answering.
+
+        True when there is a connection and nobody is using it; False without one, or
+        when a command has been in flight for ``PUT_STALL_S``: the server is hung, and
+        whatever is waiting goes to the spool instead of queueing behind it.
+        """
+        while self._busy is not None and not self._busy.done():
+            since = self._io_since
+            left = PUT_STALL_S if since is None else since + PUT_STALL_S - time.monotonic()
+            if left <= 0:
+                if not self._stall_logged:
+                    self._stall_logged = True
+                    log.warning(kv("beanstalkd_stalled", in_flight_s=PUT_STALL_S))
+                return False
+            await asyncio.wait([self._busy], timeout=left)
+        return self._conn is not None
+
+    async def _put_chunk(self, chunk: list[Pending]) -> None:
+        encoded = [item[0] for item in chunk]
+        try:
+            outcomes = await self._store(encoded)
+        except Exception:
+            # A bug must not leave requests waiting forever, nor hide the loss.
+            log.exception(kv("enqueue_crashed", events=len(encoded)))
+            self._drop(self._conn, "enqueue crashed")
+            outcomes = [Outcome.LOST] * len(chunk)
+        _settle(chunk, outcomes)
 
     def _ranges(self, sizes: list[int]) -> list[tuple[int, int]]:
         """Cut a run of encoded events into jobs that stay under the job-size limit."""
@@ -217,7 +282,7 @@ class Enqueuer:
             # safe place either way (a duplicate is dropped by the consumer).
             reason = str(exc) if isinstance(exc, PutFailed) else repr(exc)
             if not isinstance(exc, PutFailed):
-                self._disconnect(reason)
+                self._drop(self._conn, reason)
         else:
             if self._spooling:
                 self._spooling = False
@@ -274,21 +339,19 @@ class Enqueuer:
         limit = refused - 1
         conn = self._conn
         if conn is not None:
-            try:
-                limit = min(limit, await conn.max_job_size())
-            except bsproto.ConnectionLost as exc:
-                self._disconnect(exc)
-                raise PutFailed(str(exc)) from None
+            limit = min(limit, await self._command(conn, conn.max_job_size()))
         limit = min(self._wanted_job_bytes, limit)
         if limit < self._job_bytes:
             log.warning(kv("max_job_size_lowered", max_job_bytes=limit))
             self._job_bytes = limit
 
     async def _put_body(self, body: bytes, events: int) -> None:
-        conn = await self._connection()
+        conn = self._conn
+        if conn is None:
+            raise PutFailed("beanstalkd unreachable")
         started = time.perf_counter()
         try:
-            await conn.put(body, self._ttr)
+            await self._command(conn, conn.put(body, self._ttr))
         except bsproto.Buried:
             # The job *is* stored, buried; it is durable in the binlog and an operator
             # can kick it. Counted, since buried jobs also pin binlog files.
@@ -296,20 +359,45 @@ class Enqueuer:
             log.error(kv("put_buried", events=events))
         except bsproto.Refused as exc:
             raise PutFailed(str(exc)) from None
-        except bsproto.ConnectionLost as exc:
-            self._disconnect(exc)
-            raise PutFailed(str(exc)) from None
-        self._last_io = time.monotonic()
         self._metrics.enqueue_duration.observe(time.perf_counter() - started)
         self._metrics.job_events.observe(events)
 
-    async def _connection(self) -> bsproto.Connection:
-        if self._conn is not None:
-            return self._conn
-        now = time.monotonic()
-        if now < self._next_connect:
-            raise PutFailed("beanstalkd unreachable (waiting to reconnect)")
-        self._next_connect = now + RECONNECT_INTERVAL_S
+    async def _command(self, conn: bsproto.Connection, command: Coroutine[Any, Any, T]) -> T:
+        """Run one command on the connection, timed for ``_connection_free``; a broken
+        connection is dropped and reported as PutFailed."""
+        self._io_since = time.monotonic()
+        try:
+            result = await command
+        except bsproto.ConnectionLost as exc:
+            self._drop(conn, exc)
+            raise PutFailed(str(exc)) from None
+        finally:
+            self._io_since = None
+        self._last_io = time.monotonic()
+        self._stall_logged = False
+        return result
+
+    # The connection -----------------------------------------------------------------
+
+    async def _keep_connected(self) -> None:
+        """Open a connection whenever there is none, in the background: a hung server
+        costs this task its timeouts, never a request."""
+        while not self._closing:
+            if self._conn is not None:
+                await self._conn_lost.wait()
+                self._conn_lost.clear()
+                continue
+            if self._retry_in:
+                await asyncio.sleep(self._retry_in)
+            try:
+                await self._connect()
+            except Exception:
+                log.exception(kv("beanstalkd_connect_error"))  # a bug: keep trying
+                self._retry_in = RECONNECT_MAX_S
+            finally:
+                self._tried_once.set()
+
+    async def _connect(self) -> None:
         conn = None
         try:
             conn = await bsproto.Connection.open(self._address, self._tube)
@@ -317,71 +405,104 @@ class Enqueuer:
         except bsproto.ConnectionLost as exc:
             if conn is not None:
                 conn.close()
-            if self._reachable is not False:  # once per outage, not once per attempt
-                log.error(kv("beanstalkd_down", error=exc))
-            self._set_connected(False)
-            # Counted from the failure: a hung server uses up the timeouts, and the
-            # next batch must not pay them again straight away.
-            self._next_connect = time.monotonic() + RECONNECT_INTERVAL_S
-            raise PutFailed(str(exc)) from None
+            self._mark_down(exc)
+            self._retry_after(exc)
+            return
+        except BaseException:  # cancelled at shutdown
+            if conn is not None:
+                conn.close()
+            raise
         self._job_bytes = min(self._wanted_job_bytes, server_limit)
         self._conn = conn
         self._last_io = time.monotonic()
+        self._retry_in, self._backoff = 0.0, RECONNECT_INTERVAL_S
         if self._reachable is not True:
             log.info(kv("beanstalkd_connected", max_job_bytes=self._job_bytes))
-        self._set_connected(True)
-        return conn
+        self._set_reachable(True)
+        self._wake.set()  # the spool may have something to replay
 
-    def _disconnect(self, error: object = None, expected: bool = False) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-            if not expected:
-                log.error(kv("beanstalkd_down", error=error))
-        self._set_connected(False)
+    def _retry_after(self, error: BaseException) -> None:
+        if isinstance(error, bsproto.TimedOut):
+            # Hung or blackholed: each attempt costs the full timeouts, so space them.
+            self._retry_in = self._backoff
+            self._backoff = min(self._backoff * 2, RECONNECT_MAX_S)
+        else:
+            # Refused or reset: it is down or restarting; cheap to try again soon.
+            self._retry_in, self._backoff = RECONNECT_INTERVAL_S, RECONNECT_INTERVAL_S
 
-    def _set_connected(self, up: bool) -> None:
-        self.connected = self._reachable = up
+    def _drop(self, conn: bsproto.Connection | None, error: object) -> None:
+        """Close ``conn``; if it is the current connection, the connector takes over.
+        ``error`` None means an expected close (shutdown): nothing is logged."""
+        if conn is None:
+            return
+        conn.close()
+        if conn is not self._conn:
+            return  # an older connection, already replaced
+        self._conn = None
+        if error is not None:
+            self._mark_down(error)
+            if isinstance(error, BaseException):
+                self._retry_after(error)
+            else:
+                self._retry_in = RECONNECT_INTERVAL_S
+        self._conn_lost.set()
+
+    def _mark_down(self, error: object) -> None:
+        if self._reachable is not False:  # once per outage, not once per attempt
+            log.error(kv("beanstalkd_down", error=error))
+        self._set_reachable(False)
+
+    def _set_reachable(self, up: bool) -> None:
+        self._reachable = up
         self._metrics.beanstalkd_up.set(1 if up else 0)
 
     async def _idle(self) -> None:
         # Without traffic, a dead server or connection goes unnoticed until the next
         # put: check now and then, so readiness is honest and the spool can drain.
-        if self._conn is None:
-            try:
-                await self._connection()
-            except PutFailed:
-                return
-        elif time.monotonic() - self._last_io > PING_INTERVAL_S:
-            try:
-                await self._conn.ping(self._tube)
-                self._last_io = time.monotonic()
-            except bsproto.ConnectionLost as exc:
-                self._disconnect(exc)
-                return
+        conn = self._conn
+        if conn is None or not await self._connection_free():
+            return
+        if time.monotonic() - self._last_io > PING_INTERVAL_S:
+            self._busy = asyncio.create_task(self._ping(conn))
+            return
         await self._replay_some()
+
+    async def _ping(self, conn: bsproto.Connection) -> None:
+        with contextlib.suppress(PutFailed):  # a failed ping has dropped the connection
+            await self._command(conn, conn.ping(self._tube))
 
     # Spool ------------------------------------------------------------------------------
 
     async def _replay_some(self) -> None:
         spool = self.spool
-        if spool is None or spool.empty or self._conn is None:
+        if spool is None or spool.empty or not await self._connection_free():
             return
-        for _ in range(REPLAY_CHUNK):
-            body = await self._on_disk(spool.peek)
-            if body is None:
-                break
-            try:
-                dropped = await self._replay_one(body)
-            except PutFailed as exc:
-                log.warning(kv("spool_replay_paused", reason=exc))
-                break
-            await self._on_disk(spool.replayed, body)
-            self._metrics.spool_replayed.inc()
-            for kind in dropped:
-                self._metrics.event_counter(kind, "lost").inc()
-        self._spool_gauges()
-        if spool.empty:
+        self._busy = asyncio.create_task(self._replay_round(spool))
+
+    async def _replay_round(self, spool: Spool) -> None:
+        replayed = 0
+        try:
+            for _ in range(REPLAY_CHUNK):
+                body = await self._on_disk(spool.peek)
+                if body is None:
+                    break
+                try:
+                    dropped = await self._replay_one(body)
+                except PutFailed as exc:
+                    log.warning(kv("spool_replay_paused", reason=exc))
+                    return
+                await self._on_disk(spool.replayed, body)
+                replayed += 1
+                self._metrics.spool_replayed.inc()
+                for kind in dropped:
+                    self._metrics.event_counter(kind, "lost").inc()
+            else:
+                self._wake.set()  # more to do: the next round comes right after live work
+        except Exception:
+            log.exception(kv("spool_replay_error"))
+        finally:
+            self._spool_gauges()
+        if replayed and spool.empty:
             log.info(kv("spool_drained"))
 
     async def _replay_one(self, body: bytes) -> list[str]:
@@ -435,6 +556,12 @@ class Enqueuer:
 
     async def _on_disk(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._disk, fn, *args)
+
+
+def _settle(chunk: list[Pending], outcomes: list[Outcome]) -> None:
+    for (_, future), outcome in zip(chunk, outcomes, strict=True):
+        if not future.done():  # a client that hung up cancelled its request
+            future.set_result(outcome)
 
 
 def _kind(item: object) -> str:

@@ -7,6 +7,7 @@ real beanstalkd and count what was acknowledged against what was stored.
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from pathlib import Path
 
@@ -14,10 +15,13 @@ import greenstalk
 import pytest
 from prometheus_client import CollectorRegistry
 
+from ingest import enqueue
 from ingest.enqueue import Enqueuer, Outcome
 from ingest.metrics import IngestMetrics
 from ingest.spool import Spool
-from tests.faults.test_outages import report
+from loadtest.bench import histogram_quantile, scrape
+from tests.faults.test_outages import metric, report, start_consumer
+from tests.load import Load, audit_until_settled
 from tests.procs import start_ingest
 from tests.servers import Beanstalkd
 from trackbuf import codec
@@ -65,6 +69,67 @@ def test_beanstalkd_down_at_start_is_logged_once_per_outage_with_its_error(
     assert len(down) == 2, down
     assert all("error=" in line for line in down), down
     assert ingest.terminate() == 0
+
+
+DURATION = "trackbuf_ingest_request_duration_seconds"
+
+
+def answered(before: dict[str, float], after: dict[str, float], le: str = "+Inf") -> float:
+    """Requests (both routes) answered between two scrapes in at most ``le`` seconds."""
+    total = 0.0
+    for route in ("open", "click"):
+        key = f'{DURATION}_bucket{{le="{le}",route="{route}"}}'
+        total += after[key] - before[key]
+    return total
+
+
+def test_a_hung_beanstalkd_does_not_slow_ingest_down(
+    make_settings, beanstalkd: Beanstalkd, keyring, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """beanstalkd stopped (SIGSTOP: connections open, nothing answered) for 4 s under
+    steady load. Requests are answered from the spool at spool latency; only those in
+    the one put in flight when it hung wait for that put to time out. Reconnecting is
+    probed in the background. Every acknowledged event is stored once."""
+    settings = make_settings(threads=2)
+    ingest = start_ingest(settings, tmp_path / "ingest.log")
+    consumer = start_consumer(settings, tmp_path / "consumer.log")
+    concurrency = 16
+    load = Load(f"http://{settings.listen}", keyring, "hang", count=3000, rate=300,
+                concurrency=concurrency).start()  # fmt: skip
+    time.sleep(2.0)
+    assert beanstalkd.proc is not None
+    before = scrape(settings.listen)
+    beanstalkd.proc.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(4.0)
+        during = scrape(settings.listen)
+    finally:
+        beanstalkd.proc.send_signal(signal.SIGCONT)
+    result = load.wait()
+    audit = audit_until_settled(settings.database_url, "hang", result.acked)
+    spooled = metric(settings, 'trackbuf_ingest_events_total{kind="open",outcome="spooled"}')
+    # A request that waited longer than the stall bound plus a slow spool write was
+    # waiting on the put that was in flight when beanstalkd stopped.
+    bound = enqueue.PUT_STALL_S + 0.25
+    in_hang = answered(before, during)
+    slow = in_hang - answered(before, during, "0.5")
+    p99 = histogram_quantile(0.99, before, during, DURATION)
+    report(
+        "beanstalkd hung (SIGSTOP 4 s)",
+        f"sent={result.sent} failed={result.failed} spooled_opens={spooled} "
+        f"answered_in_hang={in_hang:.0f} slower_than_0.5s={slow:.0f} p99_in_hang={p99:.3f}s "
+        f"p99_overall={result.p99():.3f}s",
+        audit,
+    )
+    assert result.failed == 0 and audit.acked == 3000
+    assert audit.lost == 0 and audit.duplicated == 0
+    assert spooled > 0, "nothing went to the spool: the hang was not exercised"
+    assert in_hang > 600, "ingest answered too few requests while beanstalkd hung"
+    # At most one put was in flight, and it cannot hold more than the client's
+    # concurrency; everyone else was answered within the bound.
+    assert slow <= concurrency, f"{slow:.0f} requests waited for the hung beanstalkd"
+    assert p99 < bound, f"p99 {p99:.3f}s while beanstalkd hung"
+    assert consumer.terminate() == 0 and ingest.terminate() == 0
 
 
 # The enqueue task in this process, against a real beanstalkd ---------------------------
