@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import struct
 import time
 from pathlib import Path
 
@@ -129,6 +130,59 @@ def test_a_hung_beanstalkd_does_not_slow_ingest_down(
     # concurrency; everyone else was answered within the bound.
     assert slow <= concurrency, f"{slow:.0f} requests waited for the hung beanstalkd"
     assert p99 < bound, f"p99 {p99:.3f}s while beanstalkd hung"
+    assert consumer.terminate() == 0 and ingest.terminate() == 0
+
+
+def spooled_job_sizes(directory: Path) -> list[int]:
+    """Body sizes of the records in a spool directory (read, not claimed: flock is
+    advisory, and the file only grows while we read it)."""
+    sizes = []
+    for path in sorted(directory.glob("*.spool")):
+        data = path.read_bytes()
+        offset = 0
+        while offset + 8 <= len(data):
+            (length,) = struct.unpack_from(">I", data, offset)
+            if length == 0 or offset + 8 + length > len(data):
+                break
+            sizes.append(length)
+            offset += 8 + length
+    return sizes
+
+
+def test_spooled_jobs_are_split_for_a_server_with_a_smaller_job_limit(
+    make_settings, beanstalkd: Beanstalkd, keyring, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Events spooled in default-sized jobs (beanstalkd down) meet a beanstalkd that
+    comes back with -z 1500: replay splits every record that no longer fits, and
+    every acknowledged event is stored once."""
+    settings = make_settings(threads=2)
+    beanstalkd.stop()
+    ingest = start_ingest(settings, tmp_path / "ingest.log")
+    result = Load(f"http://{settings.listen}", keyring, "split", count=1500, rate=100_000,
+                  concurrency=64).start().wait()  # fmt: skip
+    records = metric(settings, "trackbuf_ingest_spool_jobs")
+    sizes = spooled_job_sizes(Path(settings.spool_path))
+    big = sum(1 for size in sizes if size > 1500)
+    assert result.failed == 0 and len(result.acked) == 1500
+    assert len(sizes) == records and big > 0, "no spooled job is too big for -z 1500"
+    beanstalkd.extra = ("-z", "1500")
+    beanstalkd.start()  # same port and binlog, smaller job limit
+    consumer = start_consumer(settings, tmp_path / "consumer.log")
+    audit = audit_until_settled(settings.database_url, "split", result.acked)
+    replayed = metric(settings, "trackbuf_ingest_spool_replayed_jobs_total")
+    lost = metric(settings, 'trackbuf_ingest_events_total{kind="open",outcome="lost"}')
+    lost += metric(settings, 'trackbuf_ingest_events_total{kind="click",outcome="lost"}')
+    jobs = beanstalkd.tube_stats()["total-jobs"]
+    report(
+        "spool replayed into -z 1500",
+        f"sent={result.sent} spooled_jobs={records:.0f} over_1500_bytes={big} "
+        f"largest={max(sizes)} replayed={replayed:.0f} jobs_put={jobs} lost_metric={lost:.0f}",
+        audit,
+    )
+    assert audit.acked == 1500 and audit.lost == 0 and audit.duplicated == 0
+    assert lost == 0 and replayed == records
+    assert jobs >= records + big, "the spooled jobs were not split"
+    assert "max_job_bytes=1500" in ingest.log()
     assert consumer.terminate() == 0 and ingest.terminate() == 0
 
 
