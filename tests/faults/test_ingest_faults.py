@@ -186,6 +186,39 @@ def test_spooled_jobs_are_split_for_a_server_with_a_smaller_job_limit(
     assert consumer.terminate() == 0 and ingest.terminate() == 0
 
 
+def test_a_corrupt_spool_record_is_counted_lost_and_the_rest_stored(
+    make_settings, beanstalkd: Beanstalkd, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """A dead ingest left a spool of five 10-event jobs and the disk corrupted the
+    third: the next ingest skips that one record, counts its 10 events as lost, and
+    replays the two records after it instead of dropping them silently."""
+    settings = make_settings(threads=2)
+    events = [[new_event("open", "corrupt", f"j{j}-{i}") for i in range(10)] for j in range(5)]
+    bodies = [codec.encode_job([codec.encode_event(e) for e in job]) for job in events]
+    left_behind = Spool(Path(settings.spool_path), max_bytes=1 << 20)
+    left_behind.open()
+    assert all(left_behind.append(body) for body in bodies)
+    path = left_behind._active_path
+    left_behind.close()  # what a kill -9 leaves: the file, unlocked
+    assert path is not None
+    third = sum(8 + len(body) for body in bodies[:2]) + 8 + len(bodies[2]) // 2
+    data = bytearray(path.read_bytes())
+    data[third] ^= 0xFF  # one flipped byte inside the third job's events
+    path.write_bytes(bytes(data))
+
+    ingest = start_ingest(settings, tmp_path / "ingest.log")
+    consumer = start_consumer(settings, tmp_path / "consumer.log")
+    kept = {e.recipient for job in events[:2] + events[3:] for e in job}
+    audit = audit_until_settled(settings.database_url, "corrupt", kept)
+    lost = metric(settings, 'trackbuf_ingest_events_total{kind="open",outcome="lost"}')
+    report("corrupt spool record", f"records=5 corrupt=1 lost_metric={lost:.0f}", audit)
+    assert audit.lost == 0 and audit.stored == 40 and audit.duplicated == 0
+    assert lost == 10
+    assert "event=spool_record_corrupt" in ingest.log()
+    assert not list(Path(settings.spool_path).iterdir())  # replayed and deleted
+    assert consumer.terminate() == 0 and ingest.terminate() == 0
+
+
 # The enqueue task in this process, against a real beanstalkd ---------------------------
 
 
