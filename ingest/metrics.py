@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp.abc import AbstractAccessLogger
-from aiohttp.web import BaseRequest, StreamResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from trackbuf import metric_names as names
@@ -158,22 +156,3 @@ class IngestMetrics:
                 registry=registry,
             ),
         )
-
-
-def error_counter(metrics: IngestMetrics) -> type[AbstractAccessLogger]:
-    """An aiohttp "access logger" that logs nothing and counts error answers.
-
-    aiohttp calls it once per answer, including the 400 it sends for a request it
-    could not parse and the 500 for a handler that raised, which no middleware sees.
-    Use it as ``web.AppRunner(app, access_log=<any logger>,
-    access_log_class=error_counter(metrics))``. /readyz answers 503 on purpose when
-    ingest cannot persist; that is a probe result, not a failed request.
-    """
-
-    class ErrorCounter(AbstractAccessLogger):
-        def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
-            status = response.status
-            if (status >= 500 or status == 400) and request.path != "/readyz":
-                metrics.http_error(status)
-
-    return ErrorCounter

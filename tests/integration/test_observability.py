@@ -19,7 +19,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from consumer.queue_metrics import QueueCollector
 from ingest.app import Ingest
-from ingest.metrics import error_counter
+from ingest.server import ErrorAnswers
 from loadtest.bench import scrape
 from tests.procs import Process, start_ingest, trackbuf
 from tests.servers import Beanstalkd, free_port
@@ -245,29 +245,22 @@ def test_error_answers_are_counted_by_status_code(make_settings, tmp_path: Path)
     settings: Settings = make_settings(beanstalkd=f"127.0.0.1:{free_port()}", spool_max_bytes=1000)
     port = free_port()
     ingest = Ingest(settings)
+    counter = ErrorAnswers(ingest.metrics)
 
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
         if request.path == "/bug":
             raise RuntimeError("a bug in a handler")
-        if request.path == "/busy":
-            return web.Response(status=503, text="busy")
         return await ingest.handle(request)
 
     async def run() -> tuple[list[int], bytes]:
         await ingest.start()
-        # As ingest/server.py serves it, with the error counter as its access logger.
-        server = web.Server(
-            handle,
-            access_log=logging.getLogger("test.access"),
-            access_log_class=error_counter(ingest.metrics),
-        )
-        runner = web.ServerRunner(server)
+        runner = web.ServerRunner(web.Server(handle, access_log=None))  # as server.py
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
         statuses = []
         try:
             async with aiohttp.ClientSession() as session:
-                for path in ("/bug", "/bug", "/busy", "/readyz", "/healthz", "/c/forged"):
+                for path in ("/bug", "/bug", "/readyz", "/healthz", "/c/forged"):
                     async with session.get(f"http://127.0.0.1:{port}{path}") as response:
                         statuses.append(response.status)
             # A header line without a colon: aiohttp answers 400 before any handler runs.
@@ -281,17 +274,49 @@ def test_error_answers_are_counted_by_status_code(make_settings, tmp_path: Path)
             await ingest.close()
         return statuses, raw
 
-    statuses, raw = asyncio.run(run())
-    assert statuses == [500, 500, 503, 503, 200, 404]
+    aiohttp_log = logging.getLogger("aiohttp.server")
+    aiohttp_log.addFilter(counter)  # what ingest/server.py installs
+    try:
+        statuses, raw = asyncio.run(run())
+    finally:
+        aiohttp_log.removeFilter(counter)
+    assert statuses == [500, 500, 503, 200, 404]
     assert raw.split(b" ", 2)[1] == b"400"
 
     def errors(code: str) -> float | None:
         return ingest.registry.get_sample_value("trackbuf_ingest_http_errors_total", {"code": code})
 
     assert errors("500") == 2
-    assert errors("503") == 1  # /busy only: the /readyz 503 is a probe's answer
+    assert errors("503") == 0  # the /readyz 503 is a probe's answer, not a failure
     assert errors("400") == 1
     assert errors("404") is None  # a forged token is counted by invalid_tokens instead
+
+
+def test_a_real_ingest_counts_the_requests_it_could_not_parse(
+    make_settings, beanstalkd: Beanstalkd, tmp_path: Path
+) -> None:
+    settings: Settings = make_settings()
+    ingest = start_ingest(settings, tmp_path / "ingest.log")
+    host, port = settings.listen.rsplit(":", 1)
+
+    async def malformed() -> bytes:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /o/x.gif HTTP/1.1\r\nHost: t\r\nno colon here\r\n\r\n")
+        raw = await reader.read()
+        writer.close()
+        await writer.wait_closed()
+        return raw
+
+    try:
+        raws = [asyncio.run(malformed()) for _ in range(3)]
+        samples = scrape(settings.listen)
+    finally:
+        assert ingest.terminate() == 0
+    assert [raw.split(b" ", 2)[1] for raw in raws] == [b"400"] * 3
+    assert samples['trackbuf_ingest_http_errors_total{code="400"}'] == 3
+    assert "event=bad_request status=400" in ingest.log()
+    bad = [line for line in ingest.log().splitlines() if "event=bad_request" in line]
+    assert len(bad) == 3 and not any("127.0.0.1" in line for line in bad)  # no client address
 
 
 CLIENT_IP = "127.0.0.2"  # loopback too, but not the address any server listens on
