@@ -1,4 +1,5 @@
-"""A minimal asyncio beanstalkd client: just what ingest needs (use, put, stats).
+"""A minimal asyncio beanstalkd client: just what ingest needs (use, put, stats), and
+the link that keeps one connection open in the background.
 
 Ingest puts from its event loop instead of a helper thread: a thread needs the GIL
 after every put, and a busy event loop hands it over only at the interpreter's switch
@@ -9,7 +10,14 @@ write and one short read; requests keep being served while it is in flight.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import socket
+from collections.abc import Callable
+
+from trackbuf.log import kv
+
+log = logging.getLogger("trackbuf.ingest.beanstalkd")
 
 CONNECT_TIMEOUT_S = 1.0
 # A hung beanstalkd (SIGSTOP, dead host) must not hold requests: after this long the
@@ -18,6 +26,10 @@ CONNECT_TIMEOUT_S = 1.0
 IO_TIMEOUT_S = 2.0
 DEFAULT_PRIORITY = 1 << 16
 SERVER_DEFAULT_MAX_JOB = 65535
+# Reconnecting: first retry after a failure, doubling after each timeout (a hung or
+# blackholed server) up to the cap; a refused connection retries at the first interval.
+RECONNECT_INTERVAL_S = 0.5
+RECONNECT_MAX_S = 5.0
 
 
 class BeanstalkError(Exception):
@@ -132,3 +144,113 @@ class Connection:
 
     def close(self) -> None:
         self._writer.close()
+
+
+class Link:
+    """The connection ingest puts through, reopened in the background whenever there
+    is none: a hung server costs this task its timeouts, never a request.
+
+    Reachability starts unknown, so an outage that is there from the start is logged
+    like any other: ``beanstalkd_down`` with the error, once per outage, not once per
+    attempt. ``on_change`` gets True for every new connection (``max_job_size`` is then
+    the server's limit) and False when an outage begins.
+    """
+
+    def __init__(
+        self, address: tuple[str, int], tube: str, on_change: Callable[[bool], None]
+    ) -> None:
+        self._address = address
+        self._tube = tube
+        self._on_change = on_change
+        self.conn: Connection | None = None
+        self.max_job_size = SERVER_DEFAULT_MAX_JOB  # the server's, read at each connect
+        self._lost = asyncio.Event()
+        self._tried = asyncio.Event()
+        self._retry_in = 0.0
+        self._backoff = RECONNECT_INTERVAL_S
+        self._reachable: bool | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, wait: float) -> None:
+        """Start connecting; give the first attempt up to ``wait`` seconds, so that a
+        healthy server takes the first requests while a hung one holds nobody."""
+        self._task = asyncio.get_running_loop().create_task(self._keep(), name="beanstalkd")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                await self._tried.wait()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait([self._task], timeout=0.1)
+        self.drop(self.conn, None)
+
+    def drop(self, conn: Connection | None, error: object) -> None:
+        """Close ``conn``; if it is the current connection, reconnecting starts.
+        ``error`` None means an expected close (shutdown): nothing is logged."""
+        if conn is None:
+            return
+        conn.close()
+        if conn is not self.conn:
+            return  # an older connection, already replaced
+        self.conn = None
+        if error is not None:
+            self._down(error)
+            if isinstance(error, BaseException):
+                self._retry_after(error)
+            else:
+                self._retry_in = RECONNECT_INTERVAL_S
+        self._lost.set()
+
+    async def _keep(self) -> None:
+        while True:
+            if self.conn is not None:
+                await self._lost.wait()
+                self._lost.clear()
+                continue
+            if self._retry_in:
+                await asyncio.sleep(self._retry_in)
+            try:
+                await self._connect()
+            except Exception:
+                log.exception(kv("beanstalkd_connect_error"))  # a bug: keep trying
+                self._retry_in = RECONNECT_MAX_S
+            finally:
+                self._tried.set()
+
+    async def _connect(self) -> None:
+        conn = None
+        try:
+            conn = await Connection.open(self._address, self._tube)
+            limit = await conn.max_job_size()
+        except ConnectionLost as exc:
+            if conn is not None:
+                conn.close()
+            self._down(exc)
+            self._retry_after(exc)
+            return
+        except BaseException:  # cancelled at shutdown
+            if conn is not None:
+                conn.close()
+            raise
+        self.conn, self.max_job_size = conn, limit
+        self._retry_in, self._backoff = 0.0, RECONNECT_INTERVAL_S
+        if self._reachable is not True:
+            log.info(kv("beanstalkd_connected", max_job_bytes=limit))
+            self._reachable = True
+        self._on_change(True)
+
+    def _retry_after(self, error: BaseException) -> None:
+        if isinstance(error, TimedOut):
+            # Hung or blackholed: each attempt costs the full timeouts, so space them.
+            self._retry_in = self._backoff
+            self._backoff = min(self._backoff * 2, RECONNECT_MAX_S)
+        else:
+            # Refused or reset: it is down or restarting; cheap to try again soon.
+            self._retry_in, self._backoff = RECONNECT_INTERVAL_S, RECONNECT_INTERVAL_S
+
+    def _down(self, error: object) -> None:
+        if self._reachable is not False:
+            log.error(kv("beanstalkd_down", error=error))
+            self._reachable = False
+            self._on_change(False)

@@ -15,8 +15,8 @@ once it takes puts again.
 A hung beanstalkd must not make requests slow, so nothing on the request path waits
 for it longer than ``PUT_STALL_S``:
 
-- Connecting happens in a background task, with backoff after timeouts. While there is
-  no connection, batches go straight to the spool.
+- Connecting happens in the background (``bsproto.Link``), with backoff after
+  timeouts. While there is no connection, batches go straight to the spool.
 - Each use of the connection (a put, a replay round, a ping) runs as its own task. The
   enqueue task waits for it while its command keeps answering; once one command has
   been in flight longer than ``PUT_STALL_S``, later batches go to the spool instead of
@@ -47,10 +47,6 @@ from trackbuf.log import kv
 
 log = logging.getLogger("trackbuf.ingest.enqueue")
 
-# Reconnecting: first retry after a failure, doubling after each timeout (a hung or
-# blackholed server) up to the cap; a refused connection retries at the first interval.
-RECONNECT_INTERVAL_S = 0.5
-RECONNECT_MAX_S = 5.0
 # A healthy put answers in well under a millisecond (a few ms with -f 0 on a busy
 # disk); one this slow means beanstalkd is hung, and later batches stop waiting for it.
 PUT_STALL_S = 0.25
@@ -99,11 +95,7 @@ class Enqueuer:
         self._pending: list[Pending] = []
         self._wake = asyncio.Event()
         self._closing = False
-        self._conn: bsproto.Connection | None = None
-        self._conn_lost = asyncio.Event()  # wakes the connector
-        self._tried_once = asyncio.Event()  # the connector's first attempt is over
-        self._retry_in = 0.0  # the connector's wait before its next attempt
-        self._backoff = RECONNECT_INTERVAL_S
+        self._link = bsproto.Link(address, tube, self._link_changed)
         # The one task using the connection, and since when its command is in flight.
         self._busy: asyncio.Task[None] | None = None
         self._io_since: float | None = None
@@ -112,29 +104,21 @@ class Enqueuer:
         self._spooling = False
         self._spool_lost_counted = 0
         self._task: asyncio.Task[None] | None = None
-        self._connector: asyncio.Task[None] | None = None
         # One thread for spool I/O keeps appends in order and fsyncs off the loop.
         self._disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
-        # Whether beanstalkd was reachable at the last attempt; None before the first,
-        # so an outage that is there from the start is logged like any other.
-        self._reachable: bool | None = None
 
     @property
     def connected(self) -> bool:
-        return self._conn is not None
+        return self._link.conn is not None
 
     async def start(self) -> None:
         if self.spool is not None:
             await self._on_disk(self.spool.open)
             self._spool_gauges()
-        loop = asyncio.get_running_loop()
-        self._connector = loop.create_task(self._keep_connected(), name="beanstalkd-connect")
-        # A moment for the first attempt, so that a healthy beanstalkd takes the first
-        # requests (and /readyz is right from the start); a hung one does not hold us.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(bsproto.CONNECT_TIMEOUT_S):
-                await self._tried_once.wait()
-        self._task = loop.create_task(self._run(), name="enqueue")
+        # /readyz is right from the start, and a healthy beanstalkd takes the first
+        # requests rather than the spool.
+        await self._link.start(wait=bsproto.CONNECT_TIMEOUT_S)
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="enqueue")
 
     def submit(self, encoded: bytes) -> asyncio.Future[Outcome]:
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
@@ -157,13 +141,13 @@ class Enqueuer:
             except TimeoutError:
                 finished = False
                 self._task.cancel()
-        tasks = [t for t in (self._task, self._busy, self._connector) if t is not None]
+        tasks = [t for t in (self._task, self._busy) if t is not None]
         for task in tasks:
             task.cancel()
         if tasks:
             # Cancelled tasks end at their next await; let them, so none is left pending.
             await asyncio.wait(tasks, timeout=0.1)
-        self._drop(self._conn, None)
+        await self._link.close()
         if self.spool is not None:
             await self._on_disk(self.spool.close)
         # A disk thread stuck in fsync must not hold the process at exit.
@@ -183,7 +167,7 @@ class Enqueuer:
                 # This task must outlive any bug: if it died, every later request
                 # would wait for a future nobody settles.
                 log.exception(kv("enqueue_loop_error"))
-                self._drop(self._conn, "enqueue loop error")
+                self._link.drop(self._link.conn, "enqueue loop error")
                 await asyncio.sleep(0.1)
 
     async def _step(self) -> bool:
@@ -213,7 +197,7 @@ class Enqueuer:
             if await self._connection_free():
                 self._busy = asyncio.create_task(self._put_chunk(chunk))
             else:
-                reason = "beanstalkd unreachable" if self._conn is None else "beanstalkd hung"
+                reason = "beanstalkd hung" if self.connected else "beanstalkd unreachable"
                 outcome = await self._spool_events([item[0] for item in chunk], reason)
                 _settle(chunk, [outcome] * len(chunk))
 
@@ -233,7 +217,7 @@ class Enqueuer:
                     log.warning(kv("beanstalkd_stalled", in_flight_s=PUT_STALL_S))
                 return False
             await asyncio.wait([self._busy], timeout=left)
-        return self._conn is not None
+        return self.connected
 
     async def _put_chunk(self, chunk: list[Pending]) -> None:
         encoded = [item[0] for item in chunk]
@@ -242,7 +226,7 @@ class Enqueuer:
         except Exception:
             # A bug must not leave requests waiting forever, nor hide the loss.
             log.exception(kv("enqueue_crashed", events=len(encoded)))
-            self._drop(self._conn, "enqueue crashed")
+            self._link.drop(self._link.conn, "enqueue crashed")
             outcomes = [Outcome.LOST] * len(chunk)
         _settle(chunk, outcomes)
 
@@ -282,7 +266,7 @@ class Enqueuer:
             # safe place either way (a duplicate is dropped by the consumer).
             reason = str(exc) if isinstance(exc, PutFailed) else repr(exc)
             if not isinstance(exc, PutFailed):
-                self._drop(self._conn, reason)
+                self._link.drop(self._link.conn, reason)
         else:
             if self._spooling:
                 self._spooling = False
@@ -337,7 +321,7 @@ class Enqueuer:
         """JOB_TOO_BIG: the server's limit is lower than we knew (it was restarted with a
         smaller -z, or spooled jobs were packed for another server). Ask it."""
         limit = refused - 1
-        conn = self._conn
+        conn = self._link.conn
         if conn is not None:
             limit = min(limit, await self._command(conn, conn.max_job_size()))
         limit = min(self._wanted_job_bytes, limit)
@@ -346,7 +330,7 @@ class Enqueuer:
             self._job_bytes = limit
 
     async def _put_body(self, body: bytes, events: int) -> None:
-        conn = self._conn
+        conn = self._link.conn
         if conn is None:
             raise PutFailed("beanstalkd unreachable")
         started = time.perf_counter()
@@ -369,7 +353,7 @@ class Enqueuer:
         try:
             result = await command
         except bsproto.ConnectionLost as exc:
-            self._drop(conn, exc)
+            self._link.drop(conn, exc)
             raise PutFailed(str(exc)) from None
         finally:
             self._io_since = None
@@ -377,89 +361,17 @@ class Enqueuer:
         self._stall_logged = False
         return result
 
-    # The connection -----------------------------------------------------------------
-
-    async def _keep_connected(self) -> None:
-        """Open a connection whenever there is none, in the background: a hung server
-        costs this task its timeouts, never a request."""
-        while not self._closing:
-            if self._conn is not None:
-                await self._conn_lost.wait()
-                self._conn_lost.clear()
-                continue
-            if self._retry_in:
-                await asyncio.sleep(self._retry_in)
-            try:
-                await self._connect()
-            except Exception:
-                log.exception(kv("beanstalkd_connect_error"))  # a bug: keep trying
-                self._retry_in = RECONNECT_MAX_S
-            finally:
-                self._tried_once.set()
-
-    async def _connect(self) -> None:
-        conn = None
-        try:
-            conn = await bsproto.Connection.open(self._address, self._tube)
-            server_limit = await conn.max_job_size()
-        except bsproto.ConnectionLost as exc:
-            if conn is not None:
-                conn.close()
-            self._mark_down(exc)
-            self._retry_after(exc)
-            return
-        except BaseException:  # cancelled at shutdown
-            if conn is not None:
-                conn.close()
-            raise
-        self._job_bytes = min(self._wanted_job_bytes, server_limit)
-        self._conn = conn
-        self._last_io = time.monotonic()
-        self._retry_in, self._backoff = 0.0, RECONNECT_INTERVAL_S
-        if self._reachable is not True:
-            log.info(kv("beanstalkd_connected", max_job_bytes=self._job_bytes))
-        self._set_reachable(True)
-        self._wake.set()  # the spool may have something to replay
-
-    def _retry_after(self, error: BaseException) -> None:
-        if isinstance(error, bsproto.TimedOut):
-            # Hung or blackholed: each attempt costs the full timeouts, so space them.
-            self._retry_in = self._backoff
-            self._backoff = min(self._backoff * 2, RECONNECT_MAX_S)
-        else:
-            # Refused or reset: it is down or restarting; cheap to try again soon.
-            self._retry_in, self._backoff = RECONNECT_INTERVAL_S, RECONNECT_INTERVAL_S
-
-    def _drop(self, conn: bsproto.Connection | None, error: object) -> None:
-        """Close ``conn``; if it is the current connection, the connector takes over.
-        ``error`` None means an expected close (shutdown): nothing is logged."""
-        if conn is None:
-            return
-        conn.close()
-        if conn is not self._conn:
-            return  # an older connection, already replaced
-        self._conn = None
-        if error is not None:
-            self._mark_down(error)
-            if isinstance(error, BaseException):
-                self._retry_after(error)
-            else:
-                self._retry_in = RECONNECT_INTERVAL_S
-        self._conn_lost.set()
-
-    def _mark_down(self, error: object) -> None:
-        if self._reachable is not False:  # once per outage, not once per attempt
-            log.error(kv("beanstalkd_down", error=error))
-        self._set_reachable(False)
-
-    def _set_reachable(self, up: bool) -> None:
-        self._reachable = up
+    def _link_changed(self, up: bool) -> None:
         self._metrics.beanstalkd_up.set(1 if up else 0)
+        if up:
+            self._job_bytes = min(self._wanted_job_bytes, self._link.max_job_size)
+            self._last_io = time.monotonic()
+            self._wake.set()  # the spool may have something to replay
 
     async def _idle(self) -> None:
         # Without traffic, a dead server or connection goes unnoticed until the next
         # put: check now and then, so readiness is honest and the spool can drain.
-        conn = self._conn
+        conn = self._link.conn
         if conn is None or not await self._connection_free():
             return
         if time.monotonic() - self._last_io > PING_INTERVAL_S:
