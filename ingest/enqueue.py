@@ -85,7 +85,6 @@ class Enqueuer:
         metrics: IngestMetrics,
         spool: Spool | None = None,
     ) -> None:
-        self._address = address
         self._tube = tube
         self._ttr = ttr
         self._wanted_job_bytes = max_job_bytes
