@@ -7,6 +7,7 @@ real beanstalkd and count what was acknowledged against what was stored.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import signal
 import struct
 import time
@@ -16,7 +17,7 @@ import greenstalk
 import pytest
 from prometheus_client import CollectorRegistry
 
-from ingest import enqueue
+from ingest import bsproto, enqueue
 from ingest.enqueue import Enqueuer, Outcome
 from ingest.metrics import IngestMetrics
 from ingest.spool import Spool
@@ -147,6 +148,45 @@ def spooled_job_sizes(directory: Path) -> list[int]:
             sizes.append(length)
             offset += 8 + length
     return sizes
+
+
+def test_reconnecting_to_a_hung_server_backs_off(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server that accepts connections and never answers (what a stopped beanstalkd
+    or a blackholing firewall looks like): attempts are spaced 0.5, 1, 2, 4 s apart
+    after their timeouts, not every 0.5 s, and the outage is logged once."""
+    monkeypatch.setattr(bsproto, "IO_TIMEOUT_S", 0.1)  # so attempts are quick to count
+    window = 6.0
+
+    async def scenario() -> list[float]:
+        accepted: list[float] = []
+        held: list[asyncio.StreamWriter] = []
+
+        async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            accepted.append(time.monotonic())
+            held.append(writer)  # never answered, closed at the end
+
+        server = await asyncio.start_server(hang, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        link = bsproto.Link(("127.0.0.1", port), TUBE, lambda up: None)
+        await link.start(wait=0)
+        await asyncio.sleep(window)
+        await link.close()
+        server.close()
+        for writer in held:
+            writer.close()
+        await server.wait_closed()
+        return accepted
+
+    accepted = asyncio.run(scenario())
+    gaps = [round(b - a, 2) for a, b in itertools.pairwise(accepted)]
+    down = [r for r in caplog.records if "event=beanstalkd_down" in r.getMessage()]
+    report("reconnect to a hung server", f"attempts={len(accepted)} gaps={gaps}", "")
+    # Every 0.5 s would be about 10 attempts in the window; with backoff: 0, 0.6, 1.7, 3.8.
+    assert 3 <= len(accepted) <= 5, gaps
+    assert all(b > a for a, b in itertools.pairwise(gaps)), gaps
+    assert len(down) == 1 and "no answer" in down[0].getMessage()
 
 
 def test_spooled_jobs_are_split_for_a_server_with_a_smaller_job_limit(
