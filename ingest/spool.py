@@ -81,6 +81,11 @@ class Spool:
                 kv("spool_found", files=len(self._replay), records=self.pending_records,
                    bytes=self.pending_bytes)
             )  # fmt: skip
+        kept = sorted(path.name for path in self.directory.glob("*.corrupt"))
+        if kept:
+            # Left by an earlier replay that could not get past damage: say so on every
+            # start until an operator has looked at them.
+            log.warning(kv("spool_corrupt_files_kept", files=len(kept), first=kept[0]))
 
     def _claim(self, path: Path) -> None:
         """Take over a spool file nobody holds (its writer died) for replay."""

@@ -233,6 +233,11 @@ def test_damage_with_no_trustworthy_boundary_stops_and_keeps_the_file(
     assert list(tmp_path.glob("*.spool")) == []
     assert len(list(tmp_path.glob("*.corrupt"))) == 1  # kept for an operator
     reader.close()
+    caplog.clear()
+    restarted = Spool(tmp_path, max_bytes=1 << 20)
+    restarted.open()  # and reminded of at every start, never replayed again
+    assert restarted.empty and "event=spool_corrupt_files_kept" in caplog.text
+    restarted.close()
 
 
 def test_a_bad_crc_on_the_last_record_is_a_torn_append_not_a_loss(tmp_path: Path) -> None:
