@@ -95,8 +95,10 @@ class Enqueuer:
         self._wake = asyncio.Event()
         self._closing = False
         self._link = bsproto.Link(address, tube, self._link_changed)
-        # The one task using the connection, and since when its command is in flight.
+        # The one task using the connection, whether requests wait for it (a put of
+        # theirs, not a replay round or a ping), and since when its command is in flight.
         self._busy: asyncio.Task[None] | None = None
+        self._busy_has_requests = False
         self._io_since: float | None = None
         self._stall_logged = False
         self._last_io = 0.0
@@ -173,8 +175,10 @@ class Enqueuer:
         """One round: deliver what is pending, or idle; True when closed and flushed."""
         if not self._pending:
             if self._closing:
-                if self._busy is not None:
+                if self._busy is not None and self._busy_has_requests:
                     await asyncio.wait([self._busy])  # close() bounds this
+                # A replay round or a ping is simply cancelled: the spool keeps what it
+                # had not put, and the next start replays it.
                 return True
             try:
                 async with asyncio.timeout(IDLE_CHECK_S):
@@ -182,23 +186,30 @@ class Enqueuer:
             except TimeoutError:
                 await self._idle()
                 return False
+            if not self._pending:  # woken to replay, or to close
+                self._wake.clear()
+                await self._replay_some()
+                return False
         # Wait for the put in flight first: what arrives meanwhile joins this batch.
         await self._connection_free()
         self._wake.clear()
         batch, self._pending = self._pending, []
-        if batch:
-            await self._deliver(batch)
+        await self._deliver(batch)
         await self._replay_some()
         return False
 
     async def _deliver(self, batch: list[Pending]) -> None:
         for chunk in self._pack(batch):
             if await self._connection_free():
-                self._busy = asyncio.create_task(self._put_chunk(chunk))
+                self._use_connection(self._put_chunk(chunk), has_requests=True)
             else:
                 reason = "beanstalkd hung" if self.connected else "beanstalkd unreachable"
                 outcome = await self._spool_events([item[0] for item in chunk], reason)
                 _settle(chunk, [outcome] * len(chunk))
+
+    def _use_connection(self, work: Coroutine[Any, Any, None], has_requests: bool = False) -> None:
+        self._busy = asyncio.create_task(work)
+        self._busy_has_requests = has_requests
 
     async def _connection_free(self) -> bool:
         """Wait for the task using the connection while its commands keep answering.
@@ -374,7 +385,7 @@ class Enqueuer:
         if conn is None or not await self._connection_free():
             return
         if time.monotonic() - self._last_io > PING_INTERVAL_S:
-            self._busy = asyncio.create_task(self._ping(conn))
+            self._use_connection(self._ping(conn))
             return
         await self._replay_some()
 
@@ -386,9 +397,9 @@ class Enqueuer:
 
     async def _replay_some(self) -> None:
         spool = self.spool
-        if spool is None or spool.empty or not await self._connection_free():
+        if spool is None or spool.empty or self._closing or not await self._connection_free():
             return
-        self._busy = asyncio.create_task(self._replay_round(spool))
+        self._use_connection(self._replay_round(spool))
 
     async def _replay_round(self, spool: Spool) -> None:
         replayed = 0

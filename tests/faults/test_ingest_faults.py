@@ -370,3 +370,63 @@ def test_replay_drops_only_the_oversized_event_of_a_spooled_job(tmp_path: Path) 
     assert outcomes == [SPOOLED] * 5
     assert stored == ["r0", "r1", "r3", "r4"]
     assert lost(registry, "click") == 1 and lost(registry, "open") == 0
+
+
+class HungOnPut:
+    """Speaks just enough beanstalkd (use, stats) to be connected to, then never
+    answers a put: a server that hangs in the middle of a replay."""
+
+    def __init__(self) -> None:
+        self.puts = 0
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        while line := await reader.readline():
+            if line.startswith(b"use "):
+                writer.write(b"USING " + line[4:].strip() + b"\r\n")
+            elif line.startswith(b"stats"):
+                body = b"---\nmax-job-size: 65535\n"
+                writer.write(b"OK %d\r\n%s\r\n" % (len(body), body))
+            elif line.startswith(b"put "):
+                self.puts += 1  # never answered (its body line is read and ignored)
+
+
+def test_stopping_does_not_wait_for_a_hung_replay(tmp_path: Path) -> None:
+    """Requests never wait for a replay round, so neither does a stop: the round is
+    cancelled, the stop is clean, and the record stays in the spool for next time."""
+    spool_dir = tmp_path / "spool"
+    left_behind = Spool(spool_dir, max_bytes=1 << 20)
+    left_behind.open()
+    assert left_behind.append(codec.encode_job([codec.encode_event(new_event("open", "c", "r"))]))
+    left_behind.close()
+    registry = CollectorRegistry()
+
+    async def scenario() -> tuple[bool, float]:
+        hung = HungOnPut()
+        server = await asyncio.start_server(hung.handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        enq = Enqueuer(("127.0.0.1", port), TUBE, ttr=60, max_job_bytes=60000,
+                       metrics=IngestMetrics.create(registry),
+                       spool=Spool(spool_dir, max_bytes=1 << 20))  # fmt: skip
+        await enq.start()
+        deadline = time.monotonic() + 5
+        while not hung.puts:
+            assert time.monotonic() < deadline, "the spool was never replayed"
+            await asyncio.sleep(0.02)
+        started = time.monotonic()
+        finished = await enq.close(timeout=1.0)
+        took = time.monotonic() - started
+        server.close()
+        for writer in hung.writers:
+            writer.close()
+        await server.wait_closed()
+        return finished, took
+
+    finished, took = asyncio.run(scenario())
+    report("stop during a hung replay", f"clean={finished} took={took:.2f}s", "")
+    assert finished and took < 0.5
+    after = Spool(spool_dir, max_bytes=1 << 20)
+    after.open()
+    assert after.pending_records == 1  # replayed by the next start
+    after.close()
