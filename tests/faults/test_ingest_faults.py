@@ -11,6 +11,7 @@ import itertools
 import signal
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import greenstalk
@@ -28,8 +29,12 @@ from tests.procs import start_ingest
 from tests.servers import Beanstalkd
 from trackbuf import codec
 from trackbuf.events import Event, new_event
+from trackbuf.settings import Settings
+from trackbuf.tokens import Keyring
 
 pytestmark = pytest.mark.faults
+
+MakeSettings = Callable[..., Settings]
 
 QUEUED, SPOOLED, LOST = Outcome.QUEUED, Outcome.SPOOLED, Outcome.LOST
 TUBE = "trackbuf-events"
@@ -49,7 +54,7 @@ def wait_for_log(path: Path, event: str, count: int = 1, timeout: float = 10) ->
 
 
 def test_beanstalkd_down_at_start_is_logged_once_per_outage_with_its_error(
-    make_settings, beanstalkd: Beanstalkd, tmp_path: Path
+    make_settings: MakeSettings, beanstalkd: Beanstalkd, tmp_path: Path
 ) -> None:
     """Down from the start, ingest says so at once (not when the first event spools),
     with the error, and only once however often it retries."""
@@ -86,8 +91,8 @@ def answered(before: dict[str, float], after: dict[str, float], le: str = "+Inf"
 
 
 def test_a_hung_beanstalkd_does_not_slow_ingest_down(
-    make_settings, beanstalkd: Beanstalkd, keyring, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+    make_settings: MakeSettings, beanstalkd: Beanstalkd, keyring: Keyring, tmp_path: Path
+) -> None:
     """beanstalkd stopped (SIGSTOP: connections open, nothing answered) for 4 s under
     steady load. Requests are answered from the spool at spool latency; only those in
     the one put in flight when it hung wait for that put to time out. Reconnecting is
@@ -190,8 +195,8 @@ def test_reconnecting_to_a_hung_server_backs_off(
 
 
 def test_spooled_jobs_are_split_for_a_server_with_a_smaller_job_limit(
-    make_settings, beanstalkd: Beanstalkd, keyring, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+    make_settings: MakeSettings, beanstalkd: Beanstalkd, keyring: Keyring, tmp_path: Path
+) -> None:
     """Events spooled in default-sized jobs (beanstalkd down) meet a beanstalkd that
     comes back with -z 1500: replay splits every record that no longer fits, and
     every acknowledged event is stored once."""
@@ -227,8 +232,8 @@ def test_spooled_jobs_are_split_for_a_server_with_a_smaller_job_limit(
 
 
 def test_a_corrupt_spool_record_is_counted_lost_and_the_rest_stored(
-    make_settings, beanstalkd: Beanstalkd, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+    make_settings: MakeSettings, beanstalkd: Beanstalkd, tmp_path: Path
+) -> None:
     """A dead ingest left a spool of five 10-event jobs and the disk corrupted the
     third: the next ingest skips that one record, counts its 10 events as lost, and
     replays the two records after it instead of dropping them silently."""
