@@ -1,7 +1,10 @@
 """Ingest under beanstalkd faults: down at start, hung, a smaller job limit, a damaged spool.
 
 Like test_outages.py, these drive real processes (or the real enqueue task) against a
-real beanstalkd and count what was acknowledged against what was stored.
+real beanstalkd and count what was acknowledged against what was stored. Two faults a
+real beanstalkd cannot produce on cue (accepting connections but never answering, and
+hanging on a put while answering use and stats) use a local stand-in that speaks just
+that much of the protocol. The figures are printed with ``pytest -s``.
 """
 
 from __future__ import annotations
