@@ -12,8 +12,8 @@ goes to the local spool (on a disk thread, so an fsync never stalls the loop), a
 the spool is replayed into beanstalkd, a few jobs at a time between live batches,
 once it takes puts again.
 
-A hung beanstalkd must not make requests slow, so nothing on the request path waits
-for it longer than ``PUT_STALL_S``:
+A hung beanstalkd must not make requests slow, so no request waits for it longer than
+``PUT_STALL_S``, except those in the one put in flight when it hung:
 
 - Connecting happens in the background (``bsproto.Link``), with backoff after
   timeouts. While there is no connection, batches go straight to the spool.
@@ -47,8 +47,9 @@ from trackbuf.log import kv
 
 log = logging.getLogger("trackbuf.ingest.enqueue")
 
-# A healthy put answers in well under a millisecond (a few ms with -f 0 on a busy
-# disk); one this slow means beanstalkd is hung, and later batches stop waiting for it.
+# A healthy put answers within a millisecond (DESIGN.md: ~15k puts/s, ~3.4k/s fsyncing
+# each with -f 0); one this slow means beanstalkd is hung, and later batches stop
+# waiting for it. Set too low it only sends batches to the spool early, never loses one.
 PUT_STALL_S = 0.25
 MAX_EVENTS_PER_JOB = 1000
 IDLE_CHECK_S = 0.5
