@@ -11,6 +11,7 @@ low-level server answers ~1.35x the requests/s of the same handler in an Applica
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -23,6 +24,7 @@ from ingest.enqueue import Enqueuer, Outcome
 from ingest.metrics import IngestMetrics
 from ingest.pixel import GIF, PIXEL_HEADERS
 from ingest.spool import Spool
+from ingest.tally import RequestTally
 from trackbuf import codec, tokens
 from trackbuf.events import clean_ip, new_event
 from trackbuf.links import CLICK_PREFIX, OPEN_PREFIX, OPEN_SUFFIX
@@ -32,6 +34,7 @@ from trackbuf.settings import Settings
 log = logging.getLogger("trackbuf.ingest")
 
 READ_METHODS = ("GET", "HEAD")
+TALLY_FLUSH_S = 1.0
 
 INVALID_LINK_PAGE = (
     "<!doctype html><title>Link not valid</title>"
@@ -70,6 +73,8 @@ class Ingest:
         self.keyring = tokens.Keyring.parse(settings.signing_keys)
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = IngestMetrics.create(self.registry)
+        self.tally = RequestTally(self.metrics)
+        self._flusher: asyncio.Task[None] | None = None
         self.shutdown = ShutdownClock()
         self.enqueuer = Enqueuer(
             settings.beanstalkd_address,
@@ -82,6 +87,7 @@ class Ingest:
 
     async def start(self) -> None:
         await self.enqueuer.start()
+        self._flusher = asyncio.get_running_loop().create_task(self._flush_tally())
 
     async def close(self) -> None:
         """Flush what is still pending; runs after the server stopped taking requests."""
@@ -89,6 +95,16 @@ class Ingest:
         if not await self.enqueuer.close(timeout):
             self.shutdown.clean = False
             log.error(kv("enqueue_flush_timeout", timeout_s=round(timeout, 3)))
+        if self._flusher is not None:
+            self._flusher.cancel()
+        self.tally.flush()
+
+    async def _flush_tally(self) -> None:
+        # With several ingest processes, the one answering a scrape reads the others'
+        # figures from their files: they must not fall further behind than this.
+        while True:
+            await asyncio.sleep(TALLY_FLUSH_S)
+            self.tally.flush()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         path = request.path
@@ -181,7 +197,7 @@ class Ingest:
         # No timeout here: the enqueue task settles every future (its own I/O has
         # timeouts), and wait_for would cost a task per request on the hot path.
         outcome = await self.enqueuer.submit(codec.encode_event(event))
-        self.metrics.event_counter(kind, outcome.value).inc()
+        self.tally.event(kind, outcome.value)
         if outcome is Outcome.LOST:
             log.error(kv("event_lost", kind=kind, campaign=payload.campaign))
         return outcome.value
@@ -200,8 +216,7 @@ class Ingest:
         return clean_ip(request.remote, settings.ip_mode)
 
     def _observe(self, route: str, outcome: str, started: float) -> None:
-        self.metrics.request_counter(route, outcome).inc()
-        self.metrics.duration(route).observe(time.perf_counter() - started)
+        self.tally.request(route, outcome, time.perf_counter() - started)
 
     def readyz(self) -> web.Response:
         if self.enqueuer.ready():
@@ -209,6 +224,7 @@ class Ingest:
         return web.Response(status=503, text="not ready: beanstalkd unreachable and spool full\n")
 
     def metrics_page(self) -> web.Response:
+        self.tally.flush()
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             # Several ingest processes share the port: whichever answers reports all.
             registry = CollectorRegistry()
