@@ -26,7 +26,7 @@ from ingest.pixel import GIF, PIXEL_HEADERS
 from ingest.spool import Spool
 from ingest.tally import RequestTally
 from trackbuf import codec, tokens
-from trackbuf.events import clean_ip, new_event
+from trackbuf.events import clean_ip
 from trackbuf.links import CLICK_PREFIX, OPEN_PREFIX, OPEN_SUFFIX
 from trackbuf.log import kv
 from trackbuf.settings import Settings
@@ -186,7 +186,7 @@ class Ingest:
                 return "invalid_token"
         if request.method == "HEAD":
             return "not_recorded"
-        event = new_event(
+        event = codec.encode_new_event(
             kind,
             payload.campaign,
             payload.recipient,
@@ -196,7 +196,7 @@ class Ingest:
         )
         # No timeout here: the enqueue task settles every future (its own I/O has
         # timeouts), and wait_for would cost a task per request on the hot path.
-        outcome = await self.enqueuer.submit(codec.encode_event(event))
+        outcome = await self.enqueuer.submit(event)
         self.tally.event(kind, outcome.value)
         if outcome is Outcome.LOST:
             log.error(kv("event_lost", kind=kind, campaign=payload.campaign))

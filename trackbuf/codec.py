@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 
 import orjson
 
-from trackbuf.events import KINDS, Event
+from trackbuf.events import KINDS, Event, clip_user_agent, stamp
 
 VERSION = 1
 HEADER = b'{"v":1,"n":'
@@ -38,19 +38,48 @@ class CodecError(ValueError):
 
 
 def encode_event(event: Event) -> bytes:
+    return _encode(event.event_id, event.kind, event.occurred_at, event.campaign,
+                   event.recipient, event.url, event.user_agent, event.ip)  # fmt: skip
+
+
+def encode_new_event(
+    kind: str,
+    campaign: str,
+    recipient: str,
+    url: str | None = None,
+    user_agent: str | None = None,
+    ip: str | None = None,
+) -> bytes:
+    """``encode_event(new_event(...))`` without the Event in between: ingest's hot path,
+    where building the frozen dataclass cost more than encoding it."""
+    event_id, occurred_at = stamp()
+    return _encode(event_id, kind, occurred_at, campaign, recipient, url,
+                   clip_user_agent(user_agent), ip)  # fmt: skip
+
+
+def _encode(
+    event_id: uuid.UUID,
+    kind: str,
+    occurred_at: datetime,
+    campaign: str,
+    recipient: str,
+    url: str | None,
+    user_agent: str | None,
+    ip: str | None,
+) -> bytes:
     item: dict[str, object] = {
-        "id": event.event_id,  # orjson writes a UUID in C, 4x faster than str()
-        "k": event.kind,
-        "t": event.occurred_at,
-        "c": event.campaign,
-        "r": event.recipient,
+        "id": event_id,  # orjson writes a UUID in C, 4x faster than str()
+        "k": kind,
+        "t": occurred_at,
+        "c": campaign,
+        "r": recipient,
     }
-    if event.url is not None:
-        item["u"] = event.url
-    if event.user_agent is not None:
-        item["ua"] = event.user_agent
-    if event.ip is not None:
-        item["ip"] = event.ip
+    if url is not None:
+        item["u"] = url
+    if user_agent is not None:
+        item["ua"] = user_agent
+    if ip is not None:
+        item["ip"] = ip
     return orjson.dumps(item, option=orjson.OPT_UTC_Z)
 
 

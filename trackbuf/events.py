@@ -107,6 +107,12 @@ def clip_user_agent(raw: str | None) -> str | None:
     return raw[:MAX_USER_AGENT]
 
 
+def stamp(now_ns: int | None = None) -> tuple[uuid.UUID, datetime]:
+    """A new event's id and time: the UUIDv7 carries the same millisecond."""
+    ns = time.time_ns() if now_ns is None else now_ns
+    return uuid7(ns // 1_000_000), datetime.fromtimestamp(ns / 1e9, tz=UTC)
+
+
 def new_event(
     kind: str,
     campaign: str,
@@ -116,11 +122,11 @@ def new_event(
     ip: str | None = None,
     now_ns: int | None = None,
 ) -> Event:
-    ns = time.time_ns() if now_ns is None else now_ns
+    event_id, occurred_at = stamp(now_ns)
     return Event(
-        event_id=uuid7(ns // 1_000_000),
+        event_id=event_id,
         kind=kind,
-        occurred_at=datetime.fromtimestamp(ns / 1e9, tz=UTC),
+        occurred_at=occurred_at,
         campaign=campaign,
         recipient=recipient,
         url=url,

@@ -117,3 +117,21 @@ def test_first_event_time_of_a_broken_job_is_none(body: bytes) -> None:
 def test_first_event_time_takes_a_time_without_zone_as_utc() -> None:
     body = b'{"v":1,"n":1,"e":[{"t":"2023-11-14T22:13:20"}]}'
     assert codec.first_event_time(body) == 1_700_000_000.0
+
+
+def test_encode_new_event_is_encode_event_of_new_event() -> None:
+    """Ingest's shortcut must write exactly what the Event route writes."""
+    ua = "Mozilla/5.0 " + "x" * 600  # over the 512-character cap
+    before = datetime.now(UTC)
+    body = codec.encode_new_event("click", "c", "r", "https://x.example/", ua, "192.0.2.1")
+    (event,) = codec.decode_job(codec.encode_job([body]))
+    assert before <= event.occurred_at <= datetime.now(UTC)
+    assert event.event_id.version == 7
+    assert uuid7_time(event.event_id) == event.occurred_at.replace(
+        microsecond=event.occurred_at.microsecond // 1000 * 1000
+    )
+    same = new_event("click", "c", "r", "https://x.example/", ua, "192.0.2.1")
+    same = Event(event.event_id, same.kind, event.occurred_at, same.campaign, same.recipient,
+                 same.url, same.user_agent, same.ip)  # fmt: skip
+    assert codec.encode_event(same) == body
+    assert event.user_agent is not None and len(event.user_agent) == 512
