@@ -22,7 +22,7 @@ from typing import Any
 import asyncpg
 
 from loadtest import stack as st
-from loadtest.servers import cpu_seconds, free_port, wait_http
+from loadtest.servers import Beanstalkd, cpu_seconds, free_port, wait_http
 from loadtest.traffic import drive
 from trackbuf import codec, links
 from trackbuf.events import new_event
@@ -183,6 +183,8 @@ def bench_workers(work: Path, plan: Plan) -> dict[str, Any]:
                 cpu_us[n].append(round((after - before) / max(run.requests, 1) * 1e6, 1))
         # Every answer is counted once whichever process gave it; wrk does not count
         # the few answers still in flight when it stops, so allow one per connection.
+        # Each process adds its tally to the shared files every second: wait for that.
+        time.sleep(1.5)
         counted = {n: scrape_total(at, "trackbuf_ingest_requests_total") for n, (_, at) in
                    procs.items()}  # fmt: skip
         for proc, _ in procs.values():
@@ -198,6 +200,44 @@ def bench_workers(work: Path, plan: Plan) -> dict[str, Any]:
             "metrics_match": all(0 <= counted[n] - answered_by_wrk[n] <= 3 * 64 for n in procs),
         }
     finally:
+        stack.close()
+
+
+FSYNC_MODES = {"-f 0": ("-f", "0"), "-f 50 (default)": (), "-F (never)": ("-F",)}
+
+
+def bench_fsync(work: Path, plan: Plan) -> dict[str, Any]:
+    """What power-loss safety costs ingest: one beanstalkd (binlog on) per fsync setting,
+    one ingest on each, wrk against them in interleaved rounds. Ingest puts
+    micro-batches, so one fsync covers a batch of events."""
+    stack = st.Stack.start(work, "fsync")
+    urls = write_urls(work / "urls.txt", 20_000)
+    servers: list[Beanstalkd] = []
+    try:
+        ingests: dict[str, tuple[st.Proc, str]] = {}
+        for i, (mode, flags) in enumerate(FSYNC_MODES.items()):
+            server = Beanstalkd(work / f"binlog-{i}", *flags).start()
+            servers.append(server)
+            ingests[mode] = st.start_ingest(stack, f"ingest-fsync-{i}",
+                                            TRACKBUF_BEANSTALKD=server.address,
+                                            TRACKBUF_DATA_DIR=str(work / f"data-{i}"))  # fmt: skip
+        runs: dict[str, list[st.WrkResult]] = {mode: [] for mode in ingests}
+        for _ in range(plan.ingest_rounds):
+            for mode, (_, at) in ingests.items():
+                runs[mode].append(st.wrk(at, urls, plan.wrk_s))
+        out: dict[str, Any] = {}
+        for mode, (proc, at) in ingests.items():
+            samples = scrape(at)
+            jobs = samples.get("trackbuf_ingest_job_events_count", 0.0)
+            best = max(runs[mode], key=lambda r: r.requests_per_s)
+            out[mode] = {**asdict(best), "runs_rps": [r.requests_per_s for r in runs[mode]],
+                         "events_per_job": round(samples.get("trackbuf_ingest_job_events_sum",
+                                                             0.0) / max(jobs, 1), 1)}  # fmt: skip
+            proc.stop()
+        return out
+    finally:
+        for server in servers:
+            server.kill()
         stack.close()
 
 
@@ -516,6 +556,7 @@ async def _recipients(dsn: str, prefix: str) -> list[str]:
 SECTIONS = {
     "ingest": bench_ingest,
     "workers": bench_workers,
+    "fsync": bench_fsync,
     "drain": bench_drain,
     "backlog": bench_backlog,
     "e2e": bench_e2e,

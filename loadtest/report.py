@@ -151,6 +151,15 @@ def tables(results: dict[str, Any]) -> str:
         lines += ["", f"2 workers / 1 worker = **{w['two_vs_one']}** on two cores shared with "
                   f"wrk, beanstalkd and PostgreSQL; /metrics counts every answer across "
                   f"processes: **{'yes' if w['metrics_match'] else 'NO'}**.", ""]  # fmt: skip
+    if "fsync" in results:
+        f = results["fsync"]
+        lines += ["### beanstalkd fsync setting (binlog on; trackbuf ingest, wrk -t2 -c64)", "",
+                  "| beanstalkd | requests/s | p50 ms | p99 ms | events per put |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for mode, r in f.items():
+            lines.append(f"| `{mode}` | {r['requests_per_s']:,.0f} | {r['p50_ms']:.2f} | "
+                         f"{r['p99_ms']:.2f} | {r['events_per_job']} |")  # fmt: skip
+        lines.append("")
     if "drain" in results:
         d = results["drain"]
         rounds = d.get("rounds", 1)

@@ -67,7 +67,7 @@ def test_benchmark_runner_writes_json_charts_and_tables(tmp_path: Path) -> None:
     )
     done = subprocess.run(
         [sys.executable, "-m", "loadtest", "bench", "--quick", "--only",
-         "ingest,workers,drain,spike",
+         "ingest,workers,fsync,drain,spike",
          "--out", str(tmp_path), "--markdown", str(markdown)],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
     )  # fmt: skip
@@ -80,6 +80,8 @@ def test_benchmark_runner_writes_json_charts_and_tables(tmp_path: Path) -> None:
     assert ingest["database_outage"]["trackbuf_ingest"]["errors"] == 0
     assert results["workers"]["metrics_match"] is True
     assert results["workers"]["requests_per_s"]["2"] > 0
+    assert all(r["requests_per_s"] > 0 and r["events_per_job"] >= 1
+               for r in results["fsync"].values())  # fmt: skip
     assert results["drain"]["consumer_events_per_s"]["1"] > 0
     assert results["drain"]["ceilings_rows_per_s"]["copy_staging_on_conflict"] > 0
     assert results["spike"]["lost"] == 0
@@ -90,3 +92,4 @@ def test_benchmark_runner_writes_json_charts_and_tables(tmp_path: Path) -> None:
     assert "Prose kept." in text and "old" not in text
     assert "### Drain" in text and "**lost 0**" in text
     assert "### Ingest (" in text and "### Ingest processes" in text
+    assert "### beanstalkd fsync setting" in text
