@@ -44,12 +44,13 @@ class Plan:
     spike_rate: float = 1000
     drain_rounds: int = 3  # best of: one slow round (a checkpoint, say) is not the consumer
     ingest_rounds: int = 3  # interleaved, so drift in the machine's speed hits all alike
+    fsync_drain_jobs: int = 20_000  # one event each: the fsync-per-delete worst case
 
     @classmethod
     def quick(cls) -> Plan:
         return cls(wrk_s=1, drain_events=4_000, thread_counts=(1, 2), backlog_events=10_000,
                    e2e_rate=300, e2e_s=3, spike_s=6, spike_rate=200, drain_rounds=1,
-                   ingest_rounds=1)  # fmt: skip
+                   ingest_rounds=1, fsync_drain_jobs=500)  # fmt: skip
 
 
 def keyring() -> Keyring:
@@ -234,6 +235,15 @@ def bench_fsync(work: Path, plan: Plan) -> dict[str, Any]:
                          "events_per_job": round(samples.get("trackbuf_ingest_job_events_sum",
                                                              0.0) / max(jobs, 1), 1)}  # fmt: skip
             proc.stop()
+        # The other side of the binlog: every delete is a record too, fsynced with -f 0.
+        # Jobs of one event each (what ingest puts at low traffic) are the worst case.
+        for i, (mode, flags) in enumerate(FSYNC_MODES.items()):
+            queue = Beanstalkd(work / f"drain-binlog-{i}", *flags).start()
+            servers.append(queue)
+            stack.sql("TRUNCATE events")
+            fill(queue, make_jobs(plan.fsync_drain_jobs, f"fsync{i}", events_per_job=1))
+            seconds = timed_drain(stack, queue, 4, plan.fsync_drain_jobs, f"drain-fsync-{i}")
+            out[mode]["drain_one_event_jobs_per_s"] = round(plan.fsync_drain_jobs / seconds)
         return out
     finally:
         for server in servers:
@@ -249,13 +259,13 @@ def scrape_total(listen: str, name: str) -> float:
 # Drain ----------------------------------------------------------------------------
 
 
-def make_jobs(count: int, run: str) -> list[bytes]:
+def make_jobs(count: int, run: str, events_per_job: int = EVENTS_PER_JOB) -> list[bytes]:
     jobs, batch = [], []
     for i in range(count):
         event = new_event("open", f"{run}-c{i % 50}", f"{run}-{i}", user_agent="Mozilla/5.0",
                           ip="203.0.113.7")  # fmt: skip
         batch.append(codec.encode_event(event))
-        if len(batch) == EVENTS_PER_JOB:
+        if len(batch) == events_per_job:
             jobs.append(codec.encode_job(batch))
             batch = []
     if batch:
@@ -263,8 +273,8 @@ def make_jobs(count: int, run: str) -> list[bytes]:
     return jobs
 
 
-def fill(stack: st.Stack, jobs: list[bytes]) -> None:
-    with stack.bs.client() as client:
+def fill(queue: Beanstalkd, jobs: list[bytes]) -> None:
+    with queue.client() as client:
         for body in jobs:
             client.put(body, ttr=600)
 
@@ -303,7 +313,9 @@ async def copy_ceilings(dsn: str, count: int) -> dict[str, float]:
     return out
 
 
-def timed_drain(stack: st.Stack, threads: int, expected: int, name: str) -> float:
+def timed_drain(
+    stack: st.Stack, queue: Beanstalkd, threads: int, expected: int, name: str
+) -> float:
     """Seconds from releasing a full queue to a running consumer until it is empty.
 
     The tube is paused while the consumer starts, so its start-up (imports, connections)
@@ -312,13 +324,14 @@ def timed_drain(stack: st.Stack, threads: int, expected: int, name: str) -> floa
     nothing reserved) means every event is stored.
     """
     listen = f"127.0.0.1:{free_port()}"
-    with stack.bs.client() as client:
+    with queue.client() as client:
         client.pause_tube(st.TUBE, 3600)
     proc = stack.trackbuf(name, "consume", "--threads", str(threads),
-                          TRACKBUF_METRICS_LISTEN=listen)  # fmt: skip
+                          TRACKBUF_METRICS_LISTEN=listen,
+                          TRACKBUF_BEANSTALKD=queue.address)  # fmt: skip
     try:
         wait_http(f"http://{listen}/readyz", proc.proc)  # connected to the database
-        with stack.bs.client() as client:
+        with queue.client() as client:
             started = time.perf_counter()
             client.pause_tube(st.TUBE, 0)  # beanstalkd hands out jobs at once
             while True:
@@ -335,33 +348,52 @@ def timed_drain(stack: st.Stack, threads: int, expected: int, name: str) -> floa
     return elapsed
 
 
+# beanstalkd writes a binlog record for every delete too; with -f 0 it fsyncs each one
+# before answering, so the drain is bounded by the disk's fsync rate times the events per
+# job. The consumer is measured against both settings.
+DRAIN_QUEUES = {"-f 0": ("-f", "0"), "-f 50": ()}
+
+
 def bench_drain(work: Path, plan: Plan) -> dict[str, Any]:
     stack = st.Stack.start(work, "drain")
+    queues = {mode: Beanstalkd(work / f"queue{i}", *flags).start()
+              for i, (mode, flags) in enumerate(DRAIN_QUEUES.items())}  # fmt: skip
     try:
         runs: dict[str, list[float]] = {}
         # Rounds interleave the ceilings and the consumer, so drift hits both alike.
         for round_ in range(plan.drain_rounds):
             for key, value in asyncio.run(copy_ceilings(stack.dsn, plan.drain_events)).items():
                 runs.setdefault(key, []).append(round(value))
-            for threads in plan.thread_counts:
-                stack.sql("TRUNCATE events")
-                fill(stack, make_jobs(plan.drain_events, f"t{threads}r{round_}"))
-                seconds = timed_drain(stack, threads, plan.drain_events, f"drain-{threads}")
-                runs.setdefault(str(threads), []).append(round(plan.drain_events / seconds))
+            for mode, queue in queues.items():
+                for threads in plan.thread_counts:
+                    stack.sql("TRUNCATE events")
+                    fill(queue, make_jobs(plan.drain_events, f"t{threads}r{round_}"))
+                    seconds = timed_drain(stack, queue, threads, plan.drain_events,
+                                          f"drain-{threads}")  # fmt: skip
+                    runs.setdefault(f"{mode} {threads}", []).append(
+                        round(plan.drain_events / seconds)
+                    )
         ceilings = {key: max(runs[key]) for key in ("raw_copy", "copy_staging_on_conflict")}
-        consumer = {str(t): max(runs[str(t)]) for t in plan.thread_counts}
-        best = max(consumer.values())
+        consumer = {mode: {str(t): max(runs[f"{mode} {t}"]) for t in plan.thread_counts}
+                    for mode in queues}  # fmt: skip
+        best = {mode: max(by_threads.values()) for mode, by_threads in consumer.items()}
         return {
             "events": plan.drain_events,
             "events_per_job": EVENTS_PER_JOB,
             "rounds": plan.drain_rounds,
             "runs": runs,
-            "ceilings_rows_per_s": {k: round(v) for k, v in ceilings.items()},
-            "consumer_events_per_s": {k: round(v) for k, v in consumer.items()},
-            "best_vs_copy_staging": round(best / ceilings["copy_staging_on_conflict"], 3),
-            "best_vs_raw_copy": round(best / ceilings["raw_copy"], 3),
+            "ceilings_rows_per_s": ceilings,
+            "consumer_events_per_s": consumer,
+            "best_vs_copy_staging": {
+                mode: round(v / ceilings["copy_staging_on_conflict"], 3) for mode, v in best.items()
+            },
+            "best_vs_raw_copy": {
+                mode: round(v / ceilings["raw_copy"], 3) for mode, v in best.items()
+            },
         }
     finally:
+        for queue in queues.values():
+            queue.kill()
         stack.close()
 
 
@@ -374,7 +406,7 @@ def bench_backlog(work: Path, plan: Plan) -> dict[str, Any]:
         empty_rss = stack.bs.rss_bytes()
         stack.pg.stop()
         jobs = make_jobs(plan.backlog_events, "backlog")
-        fill(stack, jobs)
+        fill(stack.bs, jobs)
         full_rss = stack.bs.rss_bytes()
         proc = stack.trackbuf("backlog-consumer", "consume", "--burst", "--threads", "4",
                               TRACKBUF_METRICS_LISTEN=f"127.0.0.1:{free_port()}")  # fmt: skip

@@ -36,14 +36,16 @@ def charts(results: dict[str, Any], out: Path) -> list[Path]:
         made.append(_save(fig, out / "ingest.png"))
     if "drain" in results:
         drain = results["drain"]
-        labels = ["raw COPY", "COPY+staging\n+ON CONFLICT"] + [
-            f"consumer\n{t} thread(s)" for t in drain["consumer_events_per_s"]
-        ]
-        values = list(drain["ceilings_rows_per_s"].values()) + list(
-            drain["consumer_events_per_s"].values()
-        )
-        fig, ax = plt.subplots(figsize=(8, 4))
-        ax.bar(labels, values, color=["#999", "#999"] + ["#2a7"] * (len(values) - 2))
+        labels = ["raw COPY", "COPY+staging\n+ON CONFLICT"]
+        values = list(drain["ceilings_rows_per_s"].values())
+        colors = ["#999", "#999"]
+        for mode, color in zip(drain["consumer_events_per_s"], ("#2a7", "#69c"), strict=False):
+            for threads, rate in drain["consumer_events_per_s"][mode].items():
+                labels.append(f"{threads} thr\n{mode}")
+                values.append(rate)
+                colors.append(color)
+        fig, ax = plt.subplots(figsize=(10, 4))
+        ax.bar(labels, values, color=colors)
         ax.set_ylabel("events/s into PostgreSQL")
         ax.set_title("Drain rate against COPY ceilings")
         made.append(_save(fig, out / "drain.png"))
@@ -153,25 +155,36 @@ def tables(results: dict[str, Any]) -> str:
                   f"processes: **{'yes' if w['metrics_match'] else 'NO'}**.", ""]  # fmt: skip
     if "fsync" in results:
         f = results["fsync"]
-        lines += ["### beanstalkd fsync setting (binlog on; trackbuf ingest, wrk -t2 -c64)", "",
-                  "| beanstalkd | requests/s | p50 ms | p99 ms | events per put |",
-                  "|---|---|---|---|---|"]  # fmt: skip
+        lines += ["### beanstalkd fsync setting (binlog on)", "",
+                  "Ingest: trackbuf ingest under wrk -t2 -c64. Drain: the consumer, 4 threads, "
+                  "emptying jobs of one event each (what ingest puts at low traffic; every "
+                  "delete is a binlog record, fsynced with `-f 0`).", "",
+                  "| beanstalkd | ingest requests/s | p50 ms | p99 ms | events per put | "
+                  "drain, 1-event jobs/s |", "|---|---|---|---|---|---|"]  # fmt: skip
         for mode, r in f.items():
+            drain = r.get("drain_one_event_jobs_per_s")
             lines.append(f"| `{mode}` | {r['requests_per_s']:,.0f} | {r['p50_ms']:.2f} | "
-                         f"{r['p99_ms']:.2f} | {r['events_per_job']} |")  # fmt: skip
+                         f"{r['p99_ms']:.2f} | {r['events_per_job']} | "
+                         f"{f'{drain:,}' if drain else '-'} |")  # fmt: skip
         lines.append("")
     if "drain" in results:
         d = results["drain"]
         rounds = d.get("rounds", 1)
+        modes = list(d["consumer_events_per_s"])
         lines += [f"### Drain ({d['events']:,} events, {d['events_per_job']} per job, "
                   f"best of {rounds} interleaved rounds)", "",
-                  "| writer | events/s |", "|---|---|"]  # fmt: skip
+                  "| writer | " + " | ".join(f"beanstalkd `{m}`" for m in modes) + " |",
+                  "|---|" + "---|" * len(modes)]  # fmt: skip
         for name, value in d["ceilings_rows_per_s"].items():
-            lines.append(f"| {name} (rows prebuilt in Python, 1000 per COPY) | {value:,} |")
-        for threads, value in d["consumer_events_per_s"].items():
-            lines.append(f"| trackbuf consumer, {threads} thread(s) | {value:,} |")
-        lines += ["", f"Best consumer / COPY+staging+ON CONFLICT = **{d['best_vs_copy_staging']}**"
-                  f" (/ raw COPY = {d['best_vs_raw_copy']}).", ""]  # fmt: skip
+            cells = " | ".join([f"{value:,} (no beanstalkd)"] + [""] * (len(modes) - 1))
+            lines.append(f"| {name} (rows prebuilt in Python, 1000 per COPY) | {cells} |")
+        for threads in d["consumer_events_per_s"][modes[0]]:
+            cells = " | ".join(f"{d['consumer_events_per_s'][m][threads]:,}" for m in modes)
+            lines.append(f"| trackbuf consumer, {threads} thread(s) | {cells} |")
+        ratios = ", ".join(f"`{m}`: **{d['best_vs_copy_staging'][m]}**" for m in modes)
+        raw = ", ".join(f"`{m}`: {d['best_vs_raw_copy'][m]}" for m in modes)
+        lines += ["", f"Best consumer / COPY+staging+ON CONFLICT: {ratios} (/ raw COPY: {raw}).",
+                  ""]  # fmt: skip
     if "backlog" in results:
         b = results["backlog"]
         lines += ["### Backlog", "",

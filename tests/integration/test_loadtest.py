@@ -81,8 +81,10 @@ def test_benchmark_runner_writes_json_charts_and_tables(tmp_path: Path) -> None:
     assert results["workers"]["metrics_match"] is True
     assert results["workers"]["requests_per_s"]["2"] > 0
     assert all(r["requests_per_s"] > 0 and r["events_per_job"] >= 1
+               and r["drain_one_event_jobs_per_s"] > 0
                for r in results["fsync"].values())  # fmt: skip
-    assert results["drain"]["consumer_events_per_s"]["1"] > 0
+    assert all(rates["1"] > 0 for rates in results["drain"]["consumer_events_per_s"].values())
+    assert set(results["drain"]["consumer_events_per_s"]) == {"-f 0", "-f 50"}
     assert results["drain"]["ceilings_rows_per_s"]["copy_staging_on_conflict"] > 0
     assert results["spike"]["lost"] == 0
     assert results["spike"]["client"]["acknowledged"] == results["spike"]["stored"]
