@@ -45,12 +45,15 @@ class Plan:
     drain_rounds: int = 3  # best of: one slow round (a checkpoint, say) is not the consumer
     ingest_rounds: int = 3  # interleaved, so drift in the machine's speed hits all alike
     fsync_drain_jobs: int = 20_000  # one event each: the fsync-per-delete worst case
+    memory_cycles: int = 24
+    memory_events: int = 200_000
 
     @classmethod
     def quick(cls) -> Plan:
         return cls(wrk_s=1, drain_events=4_000, thread_counts=(1, 2), backlog_events=10_000,
                    e2e_rate=300, e2e_s=3, spike_s=6, spike_rate=200, drain_rounds=1,
-                   ingest_rounds=1, fsync_drain_jobs=500)  # fmt: skip
+                   ingest_rounds=1, fsync_drain_jobs=500, memory_cycles=2,
+                   memory_events=2_000)  # fmt: skip
 
 
 def keyring() -> Keyring:
@@ -433,6 +436,35 @@ def bench_backlog(work: Path, plan: Plan) -> dict[str, Any]:
         stack.close()
 
 
+def bench_memory(work: Path, plan: Plan) -> dict[str, Any]:
+    """Consumer RSS after each of many fill-and-drain cycles of 200,000 fresh events: a
+    leak grows with the events handled, allocator noise does not."""
+    stack = st.Stack.start(work, "memory")
+    try:
+        proc, _ = st.start_consumer(stack, "memory-consumer")
+        samples = []
+        for cycle in range(plan.memory_cycles):
+            fill(stack.bs, make_jobs(plan.memory_events, f"m{cycle}"))
+            while True:
+                stats = stack.bs.tube_stats()
+                if stats["current-jobs-ready"] == 0 and stats["current-jobs-reserved"] == 0:
+                    break
+                time.sleep(0.05)
+            stack.sql("TRUNCATE events")  # keeps PostgreSQL's work the same every cycle
+            samples.append(round(proc.rss_bytes() / 2**20, 2))
+        proc.stop()
+        half = len(samples) // 2
+        return {
+            "events": plan.memory_cycles * plan.memory_events,
+            "events_per_cycle": plan.memory_events,
+            "rss_mb": samples,
+            "first_half_max_mb": max(samples[:half] or samples),
+            "second_half_max_mb": max(samples[half:]),
+        }
+    finally:
+        stack.close()
+
+
 # End-to-end latency and the spike ------------------------------------------------------
 
 
@@ -591,6 +623,7 @@ SECTIONS = {
     "fsync": bench_fsync,
     "drain": bench_drain,
     "backlog": bench_backlog,
+    "memory": bench_memory,
     "e2e": bench_e2e,
     "spike": bench_spike,
 }

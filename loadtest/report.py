@@ -195,6 +195,14 @@ def tables(results: dict[str, Any]) -> str:
                   f"{b['beanstalkd_rss_full_mb']} MB full: "
                   f"**{b['beanstalkd_mb_per_million_events']} MB per million queued events**.",
                   ""]  # fmt: skip
+    if "memory" in results:
+        m = results["memory"]
+        lines += ["### Consumer memory", "",
+                  f"{m['events']:,} events through one consumer (4 threads), "
+                  f"{m['events_per_cycle']:,} per fill-and-drain cycle; RSS after each cycle "
+                  f"(MB): {m['rss_mb']}. Highest in the first half "
+                  f"{m['first_half_max_mb']} MB, in the second half "
+                  f"**{m['second_half_max_mb']} MB**.", ""]  # fmt: skip
     if "e2e" in results:
         e = results["e2e"]
         c = e["client"]

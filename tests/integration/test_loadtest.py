@@ -67,7 +67,7 @@ def test_benchmark_runner_writes_json_charts_and_tables(tmp_path: Path) -> None:
     )
     done = subprocess.run(
         [sys.executable, "-m", "loadtest", "bench", "--quick", "--only",
-         "ingest,workers,fsync,drain,spike",
+         "ingest,workers,fsync,drain,memory,spike",
          "--out", str(tmp_path), "--markdown", str(markdown)],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
     )  # fmt: skip
@@ -85,6 +85,7 @@ def test_benchmark_runner_writes_json_charts_and_tables(tmp_path: Path) -> None:
                for r in results["fsync"].values())  # fmt: skip
     assert all(rates["1"] > 0 for rates in results["drain"]["consumer_events_per_s"].values())
     assert set(results["drain"]["consumer_events_per_s"]) == {"-f 0", "-f 50"}
+    assert len(results["memory"]["rss_mb"]) == 2 and min(results["memory"]["rss_mb"]) > 0
     assert results["drain"]["ceilings_rows_per_s"]["copy_staging_on_conflict"] > 0
     assert results["spike"]["lost"] == 0
     assert results["spike"]["client"]["acknowledged"] == results["spike"]["stored"]
@@ -94,4 +95,4 @@ def test_benchmark_runner_writes_json_charts_and_tables(tmp_path: Path) -> None:
     assert "Prose kept." in text and "old" not in text
     assert "### Drain" in text and "**lost 0**" in text
     assert "### Ingest (" in text and "### Ingest processes" in text
-    assert "### beanstalkd fsync setting" in text
+    assert "### beanstalkd fsync setting" in text and "### Consumer memory" in text
