@@ -127,15 +127,7 @@ class Ingest:
 
     async def open_pixel(self, request: web.BaseRequest, token: str) -> web.Response:
         started = time.perf_counter()
-        try:
-            outcome = await self._record(request, "open", token)
-        except Exception:
-            # Tracking must never break an email: whatever failed, the image loads. The
-            # event is not stored, so it is counted and logged as lost.
-            log.exception(kv("request_failed", route="open"))
-            self.metrics.event_counter("open", "lost").inc()
-            log.error(kv("event_lost", kind="open", reason="request_failed"))
-            outcome = "error"
+        outcome = await self._record_or_count_loss(request, "open", token)
         self._observe("open", outcome, started)
         return web.Response(body=GIF, headers=PIXEL_HEADERS)
 
@@ -150,21 +142,31 @@ class Ingest:
             return web.Response(
                 status=404, text=INVALID_LINK_PAGE, content_type="text/html", headers=NO_STORE
             )
-        try:
-            outcome = await self._record(request, "click", token, payload)
-        except Exception:
-            # The token is valid, so the person still gets where they were going; the
-            # event is counted and logged as lost.
-            log.exception(kv("request_failed", route="click"))
-            self.metrics.event_counter("click", "lost").inc()
-            log.error(kv("event_lost", kind="click", reason="request_failed"))
-            outcome = "error"
+        outcome = await self._record_or_count_loss(request, "click", token, payload)
         self._observe("click", outcome, started)
         assert payload.url is not None  # verify() guarantees a safe URL on click tokens
         return web.Response(
             status=302,
             headers={"Location": payload.url, "Referrer-Policy": "no-referrer", **NO_STORE},
         )
+
+    async def _record_or_count_loss(
+        self,
+        request: web.BaseRequest,
+        kind: str,
+        token: str,
+        payload: tokens.LinkPayload | None = None,
+    ) -> str:
+        try:
+            return await self._record(request, kind, token, payload)
+        except Exception:
+            # Tracking must never break an email: whatever failed, the pixel loads and
+            # a valid click still redirects. The event is not stored, so it is counted
+            # and logged as lost.
+            log.exception(kv("request_failed", route=kind))
+            self.metrics.event_counter(kind, "lost").inc()
+            log.error(kv("event_lost", kind=kind, reason="request_failed"))
+            return "error"
 
     async def _record(
         self,
