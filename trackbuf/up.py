@@ -10,6 +10,7 @@ they would in production. Ctrl-C or SIGTERM stops everything this command starte
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -129,6 +130,9 @@ def _embedded_pg(data_dir: Path) -> Iterator[str]:
         warnings.simplefilter("ignore")  # pgserver warns about XDG_RUNTIME_DIR at import
         import pgserver
 
+    # pgserver logs every initdb/pg_ctl command line and its whole output at INFO: a
+    # screenful before the banner a newcomer is looking for. Its warnings still show.
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
     server = pgserver.get_server(  # type: ignore[attr-defined]
         data_dir / "postgres", cleanup_mode="stop"
     )
