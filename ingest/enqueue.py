@@ -2,18 +2,19 @@
 
 Requests hand encoded events to one task on the event loop and await a future. The
 task takes *everything* that arrived while the previous put was in flight and sends
-it as one job (or a few, to stay under the job-size limit): natural batching. Under
-light load a job carries one event and adds no wait; under heavy load jobs fill up by
-themselves, so no fixed linger is needed (DESIGN.md measured a fixed 2 ms linger at
-~0.5x the bare handler).
+it as one job: natural batching. (What does not fit under the job-size limit goes
+first in the next round.) Under light load a job carries one event and adds no wait;
+under heavy load jobs fill up by themselves, so no fixed linger is needed (DESIGN.md
+measured a fixed 2 ms linger at ~0.5x the bare handler).
 
 When a put cannot be done (beanstalkd down, hung, out of memory, draining), the job
 goes to the local spool (on a disk thread, so an fsync never stalls the loop), and
-the spool is replayed into beanstalkd, a few jobs at a time between live batches,
-once it takes puts again.
+the spool is replayed into beanstalkd between live batches once it takes puts again;
+while requests wait, a replay round yields after ``REPLAY_SLICE_S``.
 
-A hung beanstalkd must not make requests slow, so no request waits for it longer than
-``PUT_STALL_S``, except those in the one put in flight when it hung:
+A hung beanstalkd must not make requests slow: no request waits for it much longer
+than ``PUT_STALL_S`` (plus a replay slice), except those in the one put in flight
+when it hung:
 
 - Connecting happens in the background (``bsproto.Link``), with backoff after
   timeouts. While there is no connection, batches go straight to the spool.
@@ -59,9 +60,11 @@ PING_INTERVAL_S = 1.0
 # A spool write that takes longer than this (a hung disk) counts as failed, so requests
 # are answered (the event counted lost) instead of waiting on the disk.
 SPOOL_TIMEOUT_S = 5.0
-# Spooled jobs replayed between two live batches: few enough that live requests wait
-# at most a few put round trips, enough to drain a spool quickly.
+# Spooled jobs replayed between two live batches: enough to drain a spool quickly. Once
+# live requests wait, a round stops after REPLAY_SLICE_S (one job at least, so a spool
+# drains even under steady traffic): they wait for at most that and one put.
 REPLAY_CHUNK = 64
+REPLAY_SLICE_S = 0.02
 
 
 class Outcome(enum.Enum):
@@ -104,6 +107,7 @@ class Enqueuer:
         # A command has been in flight for PUT_STALL_S; _stall_spooler answers meanwhile.
         self._stalled = False
         self._stall_spooler: asyncio.Task[None] | None = None
+        self._spooler_holds: list[Pending] = []
         self._stall_logged = False
         self._last_io = 0.0
         self._spooling = False
@@ -140,8 +144,9 @@ class Enqueuer:
         self._closing = True
         self._wake.set()
         finished = True
+        deadline = time.monotonic() + timeout
         if self._task is not None:
-            if not self._holding_requests and not self._pending:
+            if not self._holding_requests and not _waiting(self._pending):
                 # Idle, or in a replay round or a ping, which may hang: nobody waits for
                 # them. The spool keeps what a round had not put; the next start replays it.
                 self._task.cancel()
@@ -151,9 +156,11 @@ class Enqueuer:
                 finished = False
             except asyncio.CancelledError:
                 pass  # the task was cancelled above; this coroutine was not
-        if self._stall_spooler is not None:
-            # It stops once nothing is stalled; give it its current batch's spool write.
-            await asyncio.wait([self._stall_spooler], timeout=0.5)
+        spooler = self._stall_spooler
+        if spooler is not None and _waiting(self._spooler_holds):
+            # Requests wait for the spool write it is in; an idle spooler is just cancelled.
+            done, _ = await asyncio.wait([spooler], timeout=max(deadline - time.monotonic(), 0))
+            finished = finished and bool(done)
         tasks = [t for t in (self._task, self._stall_spooler) if t is not None]
         for task in tasks:
             task.cancel()
@@ -205,18 +212,29 @@ class Enqueuer:
         return False
 
     async def _deliver(self, batch: list[Pending]) -> None:
+        first, *rest = self._pack(batch)
+        if rest:
+            # One job per round: the rest goes back to the head of the queue, where the
+            # stall spooler finds it if this put hangs (here it would wait for the put).
+            self._pending[:0] = [item for chunk in rest for item in chunk]
+            self._wake.set()
         self._holding_requests = True
         try:
-            for chunk in self._pack(batch):
-                if self.connected:
-                    await self._put_chunk(chunk)
-                else:
-                    await self._spool_chunk(chunk, "beanstalkd unreachable")
+            if self.connected:
+                await self._put_chunk(first)
+            else:
+                await self._spool_chunk(first, "beanstalkd unreachable")
         finally:
             self._holding_requests = False
 
     async def _spool_chunk(self, chunk: list[Pending], reason: str) -> None:
-        outcome = await self._spool_events([item[0] for item in chunk], reason)
+        try:
+            outcome = await self._spool_events([item[0] for item in chunk], reason)
+        except Exception:
+            # A request whose future nobody settles waits forever (ingest sets no
+            # timeout of its own): answer it, with the loss counted and logged.
+            log.exception(kv("spool_write_crashed", events=len(chunk)))
+            outcome = Outcome.LOST
         _settle(chunk, [outcome] * len(chunk))
 
     def _on_stall(self) -> None:
@@ -243,8 +261,12 @@ class Enqueuer:
                         await self._wake.wait()
                 continue
             batch, self._pending = self._pending, []
-            for chunk in self._pack(batch):
-                await self._spool_chunk(chunk, "beanstalkd hung")
+            self._spooler_holds = batch  # a stop waits for these, not for an idle spooler
+            try:
+                for chunk in self._pack(batch):
+                    await self._spool_chunk(chunk, "beanstalkd hung")
+            finally:
+                self._spooler_holds = []
 
     async def _put_chunk(self, chunk: list[Pending]) -> None:
         encoded = [item[0] for item in chunk]
@@ -327,22 +349,20 @@ class Enqueuer:
         ``len(outcomes)`` on are then not stored.
         """
         body = codec.encode_job(encoded)
-        if len(encoded) > 1 and len(body) > self._job_bytes:
-            for piece in self._split(encoded):  # packed under a limit since lowered
-                await self._put_events(piece, outcomes)
-            return
-        try:
-            await self._put_body(body, len(encoded))
-        except bsproto.JobTooBig:
-            await self._learn_limit(len(body))
-            if len(encoded) == 1:
-                log.error(kv("event_too_big", bytes=len(body), max_job_bytes=self._job_bytes))
-                outcomes.append(Outcome.LOST)
+        # More than one event and over the limit: packed under a limit since lowered.
+        if len(encoded) == 1 or len(body) <= self._job_bytes:
+            try:
+                await self._put_body(body, len(encoded))
+                outcomes.extend([Outcome.QUEUED] * len(encoded))
                 return
-            for piece in self._split(encoded):
-                await self._put_events(piece, outcomes)
-            return
-        outcomes.extend([Outcome.QUEUED] * len(encoded))
+            except bsproto.JobTooBig:
+                await self._learn_limit(len(body))
+                if len(encoded) == 1:
+                    log.error(kv("event_too_big", bytes=len(body), max_job_bytes=self._job_bytes))
+                    outcomes.append(Outcome.LOST)
+                    return
+        for piece in self._split(encoded):
+            await self._put_events(piece, outcomes)
 
     async def _learn_limit(self, refused: int) -> None:
         """JOB_TOO_BIG: the server's limit is lower than we knew (it was restarted with a
@@ -420,8 +440,13 @@ class Enqueuer:
 
     async def _replay_round(self, spool: Spool) -> None:
         replayed = 0
+        started = time.monotonic()
         try:
             for _ in range(REPLAY_CHUNK):
+                late = time.monotonic() - started > REPLAY_SLICE_S
+                if replayed and late and _waiting(self._pending):
+                    self._wake.set()  # the rest after the live batch
+                    break
                 body = await self._on_disk(spool.peek)
                 if body is None:
                     break
@@ -495,6 +520,12 @@ class Enqueuer:
 
     async def _on_disk(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._disk, fn, *args)
+
+
+def _waiting(items: list[Pending]) -> bool:
+    """Does any request still wait on these? (aiohttp cancels a request whose client
+    hung up, and with it the future.)"""
+    return any(not future.done() for _, future in items)
 
 
 def _settle(chunk: list[Pending], outcomes: list[Outcome]) -> None:
