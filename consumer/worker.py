@@ -92,7 +92,8 @@ class Worker:
     def run(self) -> None:
         try:
             while not self.stop.is_set():
-                if not self._db_up and not self._wait_for_database():
+                known_up = self._db_up and self._db_checked_lately()
+                if not known_up and not self._wait_for_database():
                     continue
                 client = self._beanstalkd()
                 if client is None:
@@ -143,8 +144,8 @@ class Worker:
             if not jobs:
                 if not batch.items:
                     self.state.drained = True
-                    if self.settings.burst or not self._database_still_up():
-                        return batch
+                    if self.settings.burst or not self._db_checked_lately():
+                        return batch  # run() looks at the database, then comes back
                     continue
                 if self.settings.burst:
                     return batch  # nothing more to wait for
@@ -201,6 +202,7 @@ class Worker:
                     self._store(half, pending)
             return
         self._db_backoff = BACKOFF_START_S  # a commit, not a ping, proves the database
+        self._next_db_check = time.monotonic() + IDLE_DB_CHECK_S
         self.health.committed()
         self.metrics.insert_duration.observe(time.perf_counter() - started)
         self.metrics.events_written.inc(result.inserted)
@@ -311,19 +313,11 @@ class Worker:
         self.health.database(True)
         return True
 
-    def _database_still_up(self) -> bool:
-        """While idle, look at the database now and then: without writes an outage
-        would go unnoticed, and /readyz and database_up would say all is well."""
-        now = time.monotonic()
-        if now < self._next_db_check:
-            return True
-        self._next_db_check = now + IDLE_DB_CHECK_S
-        try:
-            self._db.ping()
-        except DatabaseUnavailable as exc:
-            self._database_down(exc)
-            return False
-        return True
+    def _db_checked_lately(self) -> bool:
+        """Did a commit or a ping show the database up in the last IDLE_DB_CHECK_S? An
+        idle worker writes nothing, and without a look now and then an outage would go
+        unnoticed while /readyz and database_up said all is well."""
+        return time.monotonic() < self._next_db_check
 
     def _beanstalkd(self) -> queue.Client | None:
         if self._client is not None:
