@@ -109,7 +109,9 @@ class Ingest:
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         path = request.path
         if request.method not in READ_METHODS:
-            return web.Response(status=405, text="method not allowed\n", headers={"Allow": "GET"})
+            return web.Response(
+                status=405, text="method not allowed\n", headers={"Allow": "GET, HEAD"}
+            )
         if path.startswith(OPEN_PREFIX):
             # Whatever follows /o/ gets the pixel: a mangled path is an invalid token
             # (counted), never a broken image in someone's email.
@@ -136,7 +138,7 @@ class Ingest:
         try:
             payload = tokens.verify(self.keyring, token, "click")
         except tokens.InvalidToken as exc:
-            self.metrics.invalid_tokens.labels("click", exc.reason).inc()
+            self.metrics.invalid_token_counter("click", exc.reason).inc()
             self._observe("click", "invalid_token", started)
             # Never redirect on a token we cannot trust: that would be an open redirect.
             return web.Response(
@@ -184,7 +186,7 @@ class Ingest:
             try:
                 payload = tokens.verify(self.keyring, token, kind)
             except tokens.InvalidToken as exc:
-                self.metrics.invalid_tokens.labels(kind, exc.reason).inc()
+                self.metrics.invalid_token_counter(kind, exc.reason).inc()
                 return "invalid_token"
         if request.method == "HEAD":
             return "not_recorded"

@@ -17,9 +17,8 @@ EVENT_OUTCOMES = ("queued", "spooled", "lost")
 REQUEST_OUTCOMES = (*EVENT_OUTCOMES, "invalid_token", "not_recorded", "error")
 TOKEN_REASONS = ("malformed", "too_long", "unknown_kid", "bad_signature", "wrong_kind")
 # Status codes counted by trackbuf_ingest_http_errors_total from the start (at 0): 400
-# is aiohttp's answer to a request it cannot parse, 500 to a handler that raised, 503
-# to an overloaded or stopping server.
-HTTP_ERROR_CODES = (400, 500, 503)
+# is aiohttp's answer to a request it cannot parse, 500 to a handler that raised.
+HTTP_ERROR_CODES = (400, 500)
 
 
 @dataclass
@@ -45,6 +44,9 @@ class IngestMetrics:
 
     def event_counter(self, kind: str, outcome: str) -> Any:
         return self._child(("events", kind, outcome), self.events, kind, outcome)
+
+    def invalid_token_counter(self, route: str, reason: str) -> Any:
+        return self._child(("invalid", route, reason), self.invalid_tokens, route, reason)
 
     def duration(self, route: str) -> Any:
         return self._child(("duration", route), self.request_duration, route)

@@ -59,6 +59,8 @@ class ErrorAnswers(logging.Filter):
         if isinstance(error, HttpProcessingError):
             status = error.code or 400
             record.exc_info = None
+        elif error is None:
+            status = 504  # aiohttp logs its answer to a handler that timed out without one
         else:
             status = 500
         self._metrics.http_error(status)
@@ -77,9 +79,17 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    host, port = settings.listen.rsplit(":", 1)
     ingest = Ingest(settings)
-    logging.getLogger("aiohttp.server").addFilter(ErrorAnswers(ingest.metrics))
+    errors = ErrorAnswers(ingest.metrics)
+    logging.getLogger("aiohttp.server").addFilter(errors)
+    try:
+        return await _serve(settings, stop, ingest)
+    finally:
+        logging.getLogger("aiohttp.server").removeFilter(errors)
+
+
+async def _serve(settings: Settings, stop: asyncio.Event, ingest: Ingest) -> int:
+    host, port = settings.listen.rsplit(":", 1)
     await ingest.start()
     runner = web.ServerRunner(
         web.Server(ingest.handle, access_log=None),  # a line per pixel costs more than it
