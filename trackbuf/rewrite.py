@@ -25,19 +25,24 @@ from dataclasses import dataclass, field
 from trackbuf.links import CLICK_PREFIX, OPEN_PREFIX, click_url, open_url
 from trackbuf.tokens import Keyring, LinkError, ascii_url, is_safe_target
 
+# One attribute as an HTML tokenizer reads it: a name, then maybe = and a value that is
+# double-quoted, single-quoted, or unquoted up to whitespace or ">" (so "?a=1&b=2" and
+# "it's" belong to the value). Possessive quantifiers: no backtracking on a broken tag.
+_ATTRIBUTE = r"""[^\s"'>/=]++(?:\s*+=\s*+(?:"[^"]*+"|'[^']*+'|[^\s>]++))?"""
+_TAG_REST = rf"""(?=[\s/>])(?:\s*+(?:{_ATTRIBUTE}|/))*+\s*+>"""
 # One pass over the document finds what matters and steps over what must not be touched.
-# An attribute value in quotes may hold ">", so a tag is matched attribute by attribute.
 _SCAN = re.compile(
-    r"""(?P<comment><!--.*?-->)
+    rf"""(?P<comment><!--.*?-->)
       | (?P<raw><(?P<rawtag>script|style)\b.*?</(?P=rawtag)\s*>)
-      | (?P<link><(?:a|area)\s(?:[^>"']|"[^"]*"|'[^']*')*>)
-      | (?P<img><img\s(?:[^>"']|"[^"]*"|'[^']*')*>)
+      | (?P<link><(?:a|area){_TAG_REST})
+      | (?P<img><img{_TAG_REST})
       | (?P<body></body\s*>)""",
     re.IGNORECASE | re.DOTALL | re.VERBOSE,
 )
 _ATTR = re.compile(
-    r"""\s(?P<name>[^\s"'>/=]+)(?:\s*=\s*(?P<value>"[^"]*"|'[^']*'|[^\s"'=<>`]+))?"""
+    r"""(?P<name>[^\s"'>/=]++)(?:\s*+=\s*+(?P<value>"[^"]*+"|'[^']*+'|[^\s>]++))?"""
 )
+_TAG_NAME = re.compile(r"<\w+")
 OPT_OUT = "data-trackbuf"
 # Merge tags of common template languages (Jinja/Handlebars/Liquid, Mailchimp, others).
 TEMPLATE_MARKERS = ("{{", "{%", "*|", "%%")
@@ -118,7 +123,8 @@ def _rewrite_link(
 def _attribute(tag: str, name: str) -> tuple[tuple[int, int], str] | None:
     """The span of an attribute's raw value in ``tag`` and the value as a browser reads
     it (entities decoded, surrounding whitespace dropped); None if it is absent."""
-    for attr in _ATTR.finditer(tag):
+    name_end = _TAG_NAME.match(tag)
+    for attr in _ATTR.finditer(tag, name_end.end() if name_end else 0):
         if attr.group("name").lower() != name:
             continue
         raw = attr.group("value")

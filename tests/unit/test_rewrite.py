@@ -113,3 +113,30 @@ def test_rewriting_twice_changes_nothing_more() -> None:
     assert twice.html == once.html
     assert twice.links == 0 and not twice.pixel_added
     assert sum(why == "already tracked" for _, why in twice.skipped) == 4
+
+
+def test_unquoted_values_and_odd_quoting_are_read_as_a_browser_reads_them() -> None:
+    cases = {
+        # An unquoted value runs to whitespace or ">": "=" and "&" belong to it.
+        "<a href=https://shop.example/?a=1&b=2>x</a>": "https://shop.example/?a=1&b=2",
+        # An apostrophe inside an unquoted value opens no quote.
+        "<a title=it's href='https://shop.example/q'>y</a>": "https://shop.example/q",
+        # No space after a quoted value; a slash that is part of an unquoted one.
+        '<a href="https://shop.example/a"title="t">z</a>': "https://shop.example/a",
+        "<a href=https://shop.example/b/>w</a>": "https://shop.example/b/",
+    }
+    for document, target in cases.items():
+        done = rewrite_html(document, BASE, KEYS, "spring", "user-42")
+        (click,) = re.findall(r'href="(https://t\.example\.com/c/[^"]+)"', done.html)
+        assert target_of(click) == target, document
+        assert done.html.endswith("/>") and done.html.count("</a>") == 1
+
+
+def test_a_broken_tag_is_left_alone_quickly() -> None:
+    import time
+
+    broken = "<a " + "b" * 50_000 + "='never closed"
+    started = time.perf_counter()
+    done = rewrite_html(broken, BASE, KEYS, "spring", "user-42")
+    assert time.perf_counter() - started < 1.0  # no regex backtracking blow-up
+    assert done.html.startswith(broken) and done.links == 0
