@@ -22,6 +22,7 @@ raises again on every flush, so nothing may depend on flushing it.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import fcntl
 import logging
@@ -135,7 +136,7 @@ class Spool:
                 os.fdatasync(handle.fileno())
         except Exception as exc:
             log.error(kv("spool_write_failed", error=repr(exc)))
-            self._reset_writer()
+            self._reset_writer(write_failed=True)
             return False
         self._active_bytes += len(record)
         self._active_records += 1
@@ -159,12 +160,12 @@ class Spool:
             self._active_bytes = self._active_records = 0
         return self._active
 
-    def _reset_writer(self) -> None:
+    def _reset_writer(self, write_failed: bool) -> None:
         """After a failed write the file may end in a torn record: seal it and start
         a new one. Its whole records (every acknowledged one among them) are replayed;
         the torn one at its end never was acknowledged and is skipped."""
         if self._active is not None:
-            self._seal()
+            self._seal(write_failed)
 
     # Replay ---------------------------------------------------------------------------
 
@@ -182,7 +183,7 @@ class Spool:
         # could not be counted: emptiness must never hide a file on disk.
         return not self._replay and not self._active_records
 
-    def _seal(self) -> None:
+    def _seal(self, write_failed: bool = False) -> None:
         """Move the active file to the replay queue; new appends start a fresh file.
 
         The handle stays open: it keeps the lock, so no other process can claim the
@@ -201,18 +202,22 @@ class Spool:
             # unrenamed file is replayed all the same.
             log.error(kv("spool_rename_failed", file=path.name, error=repr(exc)))
             target = path
-        try:
-            # Counted from the file, not from what append() acknowledged: a record whose
-            # sync failed may be whole on disk, and it will be replayed like the others.
-            records, size = _count(handle.fileno())
-        except OSError as exc:
-            log.error(kv("spool_count_failed", file=target.name, error=repr(exc)))
-            records, size = acked_records, acked_bytes
+        records, size = acked_records, acked_bytes
+        if write_failed:
+            try:
+                # Counted from the file, not from what append() acknowledged: a record
+                # whose sync failed may be whole on disk, and it will be replayed too.
+                # (Only then: reading a large file back would hold up the replay.)
+                records, size = _count(handle.fileno())
+            except OSError as exc:
+                log.error(kv("spool_count_failed", file=target.name, error=repr(exc)))
         if records == 0 and acked_records == 0:
             # Nothing acknowledged in it (a write failed into a fresh file): drop it now,
             # so a disk that stays full does not pile up empty files and open handles.
-            target.unlink(missing_ok=True)
-            handle.close()
+            with contextlib.suppress(OSError):  # a sealing error must not fail the write
+                target.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                handle.close()
             return
         self._replay.append(_ReplayFile(target, handle, records, size))
 
