@@ -1,6 +1,7 @@
 """``python -m loadtest``: generate traffic, or run the benchmarks.
 
 python -m loadtest generate --url http://127.0.0.1:8080 --profile spike --rate 500 --duration 30
+python -m loadtest urls --count 20000 --mix mixed > urls.txt   # for loadtest/wrk/urls.lua
 python -m loadtest bench [--quick] [--only ingest,drain,...] [--out loadtest/results]
 """
 
@@ -17,8 +18,8 @@ from pathlib import Path
 
 from loadtest import report
 from loadtest.bench import SECTIONS, Plan
-from loadtest.traffic import PROFILES, drive
-from trackbuf.tokens import Keyring
+from loadtest.traffic import PROFILES, URL_MIXES, drive, wrk_paths
+from trackbuf.tokens import Keyring, KeyringError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -37,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--concurrency", type=int, default=64)
     gen.add_argument("--run", default=f"gen{int(time.time())}", help="prefix of recipients")
     gen.add_argument("--acked", type=Path, help="write acknowledged recipients here")
+    urls = sub.add_parser("urls", help="print signed URL paths for loadtest/wrk/urls.lua")
+    urls.add_argument("--count", type=int, default=20_000)
+    urls.add_argument("--mix", choices=URL_MIXES, default="mixed")
     bench = sub.add_parser("bench", help="run the benchmarks and write results")
     bench.add_argument("--quick", action="store_true", help="tiny counts, seconds")
     bench.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
@@ -45,6 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "generate":
         return _generate(args)
+    if args.command == "urls":
+        try:
+            keys = Keyring.parse(os.environ.get("TRACKBUF_SIGNING_KEYS", ""))
+        except KeyringError as exc:  # the ingest under test must verify what we sign
+            print(f"python -m loadtest urls: {exc}", file=sys.stderr)
+            return 2
+        sys.stdout.writelines(path + "\n" for path in wrk_paths(keys, args.count, args.mix))
+        return 0
     return _bench(args)
 
 

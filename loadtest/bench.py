@@ -23,8 +23,8 @@ import asyncpg
 
 from loadtest import stack as st
 from loadtest.servers import Beanstalkd, cpu_seconds, free_port, wait_http
-from loadtest.traffic import drive
-from trackbuf import codec, links
+from loadtest.traffic import drive, wrk_paths
+from trackbuf import codec
 from trackbuf.events import new_event
 from trackbuf.tokens import Keyring
 
@@ -61,11 +61,7 @@ def keyring() -> Keyring:
 
 
 def write_urls(path: Path, count: int) -> Path:
-    keys = keyring()
-    with open(path, "w") as out:
-        for i in range(count):
-            url = links.open_url("http://x", keys, f"bench-c{i % 50}", f"wrk-{i}@example.com")
-            out.write(url.removeprefix("http://x") + "\n")
+    path.write_text("".join(p + "\n" for p in wrk_paths(keyring(), count, "open", "bench")))
     return path
 
 

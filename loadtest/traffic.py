@@ -18,7 +18,7 @@ import ipaddress
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -93,6 +93,29 @@ class Result:
             "p50_ms": round(self.percentile(0.50) * 1000, 2),
             "p99_ms": round(self.percentile(0.99) * 1000, 2),
         }
+
+
+URL_MIXES = ("open", "click", "mixed")
+
+
+def wrk_paths(keyring: Keyring, count: int, mix: str = "open", run: str = "wrk") -> Iterator[str]:
+    """Paths (no host) of ``count`` signed URLs for ``loadtest/wrk/urls.lua``: all
+    opens, all clicks, or the generator's mix (one click in five)."""
+    rng = random.Random(count)
+    for i in range(count):
+        if mix == "mixed":
+            url, _ = make_url(_NO_HOST, keyring, run, i, rng)
+        elif mix == "click":
+            url = links.click_url(_NO_HOST, keyring, f"{run}-c{i % 40}", f"{run}-{i}@example.com",
+                                  f"https://shop.example.com/p/{i % 500}")  # fmt: skip
+        elif mix == "open":
+            url = links.open_url(_NO_HOST, keyring, f"{run}-c{i % 40}", f"{run}-{i}@example.com")
+        else:
+            raise ValueError(f"mix must be one of {URL_MIXES}, got {mix!r}")
+        yield url.removeprefix(_NO_HOST)
+
+
+_NO_HOST = "http://x"
 
 
 def make_url(base: str, keyring: Keyring, run: str, i: int, rng: random.Random) -> tuple[str, str]:

@@ -60,3 +60,27 @@ def test_cpu_seconds_counts_a_process_and_its_children() -> None:
         child.kill()
         child.wait()
     assert cpu_seconds(child.pid) == 0.0  # gone: nothing to count
+
+
+def test_wrk_urls_are_signed_paths_of_the_asked_kind() -> None:
+    from trackbuf import tokens
+    from trackbuf.tokens import Keyring
+
+    keys = "k1:wrk-url-test-secret-0001"
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtest", "urls", "--count", "50", "--mix", "mixed"],
+        env={**os.environ, "TRACKBUF_SIGNING_KEYS": keys}, capture_output=True, text=True,
+        check=True,
+    )  # fmt: skip
+    paths = done.stdout.splitlines()
+    assert len(paths) == len(set(paths)) == 50
+    kinds = []
+    for path in paths:
+        kind = "open" if path.startswith("/o/") else "click"
+        token = path.removeprefix("/o/").removesuffix(".gif").removeprefix("/c/")
+        kinds.append(tokens.verify(Keyring.parse(keys), token, kind).kind)
+    assert "open" in kinds and "click" in kinds
+    unsigned = subprocess.run([sys.executable, "-m", "loadtest", "urls"], capture_output=True,
+                              text=True, env={k: v for k, v in os.environ.items()
+                                              if k != "TRACKBUF_SIGNING_KEYS"})  # fmt: skip
+    assert unsigned.returncode == 2 and "TRACKBUF_SIGNING_KEYS" in unsigned.stderr
