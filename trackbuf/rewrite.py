@@ -28,7 +28,9 @@ from trackbuf.tokens import Keyring, LinkError, ascii_url, is_safe_target
 # One attribute as an HTML tokenizer reads it: a name, then maybe = and a value that is
 # double-quoted, single-quoted, or unquoted up to whitespace or ">" (so "?a=1&b=2" and
 # "it's" belong to the value). Possessive quantifiers: no backtracking on a broken tag.
-_ATTRIBUTE = r"""[^\s"'>/=]++(?:\s*+=\s*+(?:"[^"]*+"|'[^']*+'|[^\s>]++))?"""
+_NAME = r"""[^\s"'>/=]++"""
+_VALUE = r""""[^"]*+"|'[^']*+'|[^\s>]++"""
+_ATTRIBUTE = rf"""{_NAME}(?:\s*+=\s*+(?:{_VALUE}))?"""
 _TAG_REST = rf"""(?=[\s/>])(?:\s*+(?:{_ATTRIBUTE}|/))*+\s*+>"""
 # One pass over the document finds what matters and steps over what must not be touched.
 _SCAN = re.compile(
@@ -39,9 +41,7 @@ _SCAN = re.compile(
       | (?P<body></body\s*>)""",
     re.IGNORECASE | re.DOTALL | re.VERBOSE,
 )
-_ATTR = re.compile(
-    r"""(?P<name>[^\s"'>/=]++)(?:\s*+=\s*+(?P<value>"[^"]*+"|'[^']*+'|[^\s>]++))?"""
-)
+_ATTR = re.compile(rf"""(?P<name>{_NAME})(?:\s*+=\s*+(?P<value>{_VALUE}))?""")
 _TAG_NAME = re.compile(r"<\w+")
 OPT_OUT = "data-trackbuf"
 # Merge tags of common template languages (Jinja/Handlebars/Liquid, Mailchimp, others).
