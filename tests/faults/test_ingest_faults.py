@@ -14,8 +14,9 @@ import itertools
 import signal
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import greenstalk
 import pytest
@@ -302,6 +303,18 @@ async def submit_together(enq: Enqueuer, events: list[Event]) -> list[Outcome]:
     return [await future for future in futures]
 
 
+def run_then_take(
+    scenario: Callable[[], Coroutine[Any, Any, list[Outcome]]], server: Beanstalkd
+) -> tuple[list[Outcome], list[str]]:
+    """Run an enqueue scenario, then take what it left in beanstalkd; the server is
+    killed whatever happens."""
+    try:
+        outcomes = asyncio.run(scenario())
+        return outcomes, take_recipients(server)
+    finally:
+        server.kill()
+
+
 def take_recipients(server: Beanstalkd) -> list[str]:
     """Every event queued in the tube (the jobs are deleted)."""
     found: list[str] = []
@@ -339,11 +352,7 @@ def test_an_oversized_event_in_a_split_job_is_lost_alone(tmp_path: Path) -> None
         assert await enq.close(5)
         return outcomes
 
-    try:
-        outcomes = asyncio.run(scenario())
-        stored = take_recipients(server)
-    finally:
-        server.kill()
+    outcomes, stored = run_then_take(scenario, server)
     report("oversized event, live", f"outcomes={[o.value for o in outcomes]}", stored)
     assert outcomes == [QUEUED, QUEUED, LOST, QUEUED, QUEUED]
     assert stored == ["r0", "r1", "r3", "r4"]
@@ -369,11 +378,7 @@ def test_replay_drops_only_the_oversized_event_of_a_spooled_job(tmp_path: Path) 
         assert await enq.close(5)
         return outcomes
 
-    try:
-        outcomes = asyncio.run(scenario())
-        stored = take_recipients(server)
-    finally:
-        server.kill()
+    outcomes, stored = run_then_take(scenario, server)
     report("oversized event, replay", f"outcomes={[o.value for o in outcomes]}", stored)
     assert outcomes == [SPOOLED] * 5
     assert stored == ["r0", "r1", "r3", "r4"]

@@ -37,13 +37,19 @@ async def get(url: str) -> tuple[int, str]:
         return response.status, await response.text()
 
 
+def start_both(settings: Settings, tmp_path: Path) -> tuple[Process, Process]:
+    """A real ingest and consumer, logging to tmp_path, both answering."""
+    ingest = start_ingest(settings, tmp_path / "ingest.log")
+    consumer = Process(settings, "consume", log_path=tmp_path / "consumer.log")
+    consumer.wait_http(f"http://{settings.metrics_listen}/healthz")
+    return ingest, consumer
+
+
 def test_metrics_count_real_traffic(
     make_settings, beanstalkd: Beanstalkd, keyring: Keyring, tmp_path: Path
 ) -> None:
     settings: Settings = make_settings(threads=2)
-    ingest = start_ingest(settings, tmp_path / "ingest.log")
-    consumer = Process(settings, "consume", log_path=tmp_path / "consumer.log")
-    consumer.wait_http(f"http://{settings.metrics_listen}/healthz")
+    ingest, consumer = start_both(settings, tmp_path)
     base = f"http://{settings.listen}"
     forger = Keyring.parse("k1:not-the-real-secret-at-all")
     urls = [links.open_url(base, keyring, "m", f"o{i}") for i in range(50)]
@@ -332,9 +338,7 @@ def test_logs_are_one_key_value_event_per_line_without_tokens_or_ips(
     """Real processes through real trouble (forged and garbled tokens, a malformed
     request, a beanstalkd outage): every line both write parses as key=value."""
     settings: Settings = make_settings(threads=2)
-    ingest = start_ingest(settings, tmp_path / "ingest.log")
-    consumer = Process(settings, "consume", log_path=tmp_path / "consumer.log")
-    consumer.wait_http(f"http://{settings.metrics_listen}/healthz")
+    ingest, consumer = start_both(settings, tmp_path)
     base = f"http://{settings.listen}"
     forger = Keyring.parse("k1:not-the-real-secret-at-all")
     good = [links.open_url(base, keyring, "logs", f"o{i}") for i in range(10)]
