@@ -21,6 +21,7 @@ from typing import Any
 
 import asyncpg
 
+from ingest.app import TALLY_FLUSH_S
 from loadtest import stack as st
 from loadtest.servers import Beanstalkd, cpu_seconds, free_port, wait_http
 from loadtest.traffic import drive, wrk_paths
@@ -183,8 +184,8 @@ def bench_workers(work: Path, plan: Plan) -> dict[str, Any]:
                 cpu_us[n].append(round((after - before) / max(run.requests, 1) * 1e6, 1))
         # Every answer is counted once whichever process gave it; wrk does not count
         # the few answers still in flight when it stops, so allow one per connection.
-        # Each process adds its tally to the shared files every second: wait for that.
-        time.sleep(1.5)
+        # Each process adds its tally to the shared files every TALLY_FLUSH_S: wait.
+        time.sleep(TALLY_FLUSH_S + 0.5)
         counted = {n: scrape_total(at, "trackbuf_ingest_requests_total") for n, (_, at) in
                    procs.items()}  # fmt: skip
         for proc, _ in procs.values():
