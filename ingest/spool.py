@@ -8,7 +8,8 @@ Files and ownership, so several ingest processes can share one directory:
 
 - ``active-*.spool``: the file one live process appends to, held with ``flock``.
 - ``replay-*.spool``: sealed files waiting to be put into beanstalkd.
-- ``*.corrupt``: a file whose damage replay could not get past, kept for an operator.
+- ``*.corrupt``: a file that ends in damage replay could not read (not a torn append),
+  kept for an operator after every whole record in it was replayed.
 
 On start, a process claims every file in the directory that no live process holds
 (a crashed ingest's spool) and replays it. Replay puts records in order and deletes a
@@ -40,8 +41,14 @@ from trackbuf.log import kv
 log = logging.getLogger("trackbuf.ingest.spool")
 
 _HEADER = struct.Struct(">II")
-# No job body is near this; a larger length is a torn or garbage header, not a record.
-MAX_RECORD = 1 << 20
+_LENGTH = struct.Struct(">I")
+# The largest record append() writes. Settings bound TRACKBUF_MAX_JOB_BYTES below it,
+# and larger bodies are split before they are spooled, so replay can read them all.
+MAX_RECORD = codec.MAX_JOB_BYTES
+# Where a record boundary is trusted (the file start, or just after a good record),
+# replay reads a record up to this size: files written by releases that did not bound
+# the job size may hold such records. Past damage it only trusts MAX_RECORD.
+_READ_LIMIT = 64 << 20
 FSYNC_POLICIES = ("always", "never")
 _SCAN_BLOCK = 1 << 16
 
@@ -125,7 +132,12 @@ class Spool:
         return self.pending_bytes + nbytes + _HEADER.size <= self.max_bytes
 
     def append(self, body: bytes) -> bool:
-        """Append one job body; True once it is on disk (synced with fsync=always)."""
+        """Append one job body; True once it is on disk (synced with fsync=always).
+
+        A body over ``MAX_RECORD`` is refused with ValueError: replay could not read it
+        back, so accepting it would acknowledge an event that is lost. Callers split."""
+        if len(body) > MAX_RECORD:
+            raise ValueError(f"spool record of {len(body)} bytes is over {MAX_RECORD}")
         if not self.has_room(len(body)):
             return False
         record = _HEADER.pack(len(body), zlib.crc32(body)) + body
@@ -257,7 +269,7 @@ class Spool:
 
     def _skip(self, current: _ReplayFile, found: _Record) -> None:
         """A damaged record with a whole record after it: the disk corrupted it (only
-        the last record of a file can be torn by a crash). Skip just this one."""
+        the last record of a file can be torn by a crash). Skip to the next whole one."""
         events = codec.event_count(found.body) or 1  # the frame may be damaged too
         self.lost_events += events
         log.error(
@@ -267,11 +279,9 @@ class Spool:
         current.offset = found.next_offset
 
     def _give_up(self, current: _ReplayFile) -> None:
-        """Damage replay cannot get past: no trustworthy record boundary follows it.
-
-        Resynchronising by searching for something that looks like a header could put
-        garbage into beanstalkd, so stop here, keep the file for an operator and count
-        the loss (at least one event; how many the rest held is unknown)."""
+        """Damage at the end of the file with no whole record after it, and not zeros
+        (so not a torn append): keep the file for an operator and count the loss (at
+        least one event; how many the damaged bytes held is unknown)."""
         left = os.fstat(current.handle.fileno()).st_size - current.offset
         kept = current.path.with_suffix(".corrupt")
         try:
@@ -316,10 +326,11 @@ def _read_record(fd: int, offset: int) -> _Record:
 
     A crash can only tear the *last* record (appends are sequential and an append is
     acknowledged only once it is whole). So a bad record is torn when nothing but
-    zeros follows it, and damaged (the disk corrupted it) when data follows. Skipping
-    a damaged record is safe only if its length field can be trusted, which is the
-    case when a whole record with a matching CRC starts where that length says the
-    next one does: random bytes pass a CRC-32 check once in 4 billion.
+    zeros follows it, or when the file ends inside it and no whole record follows.
+    Otherwise the disk damaged it, and replay goes on at the next whole record: where
+    the bad record's length field says it is, or else the first offset after it where
+    a whole record with a matching CRC starts (random bytes pass a CRC-32 check once
+    in 4 billion). Every acknowledged record after a damaged one is replayed.
     """
     header = os.pread(fd, _HEADER.size, offset)
     if not header:
@@ -327,31 +338,54 @@ def _read_record(fd: int, offset: int) -> _Record:
     if len(header) < _HEADER.size:
         return _Record(_Found.TORN)
     length, crc = _HEADER.unpack(header)
-    if not 0 < length <= MAX_RECORD:
-        # Zeros: the file grew but the data never reached the disk (a crash).
-        return _Record(_Found.TORN if _only_zeros(fd, offset) else _Found.UNREADABLE)
-    body = os.pread(fd, length, offset + _HEADER.size)
-    if len(body) < length:
-        return _Record(_Found.TORN)
-    after = offset + _HEADER.size + length
-    if zlib.crc32(body) == crc:
-        return _Record(_Found.RECORD, body, after)
-    if _only_zeros(fd, after):
-        return _Record(_Found.TORN)
-    if _whole_record_at(fd, after):
-        return _Record(_Found.DAMAGED, body, after)
+    plausible = 0 < length <= _READ_LIMIT
+    body = os.pread(fd, length, offset + _HEADER.size) if plausible else b""
+    whole = plausible and len(body) == length
+    if whole and zlib.crc32(body) == crc:
+        return _Record(_Found.RECORD, body, offset + _HEADER.size + length)
+    if whole:
+        after = offset + _HEADER.size + length
+        if _only_zeros(fd, after):
+            return _Record(_Found.TORN)  # the last record's data never reached the disk
+        if _whole_record_at(fd, after):
+            return _Record(_Found.DAMAGED, body, after)  # its length field holds
+    elif _only_zeros(fd, offset):
+        return _Record(_Found.TORN)  # the file grew, but no data reached the disk
+    resume = _next_whole_record(fd, offset + 1)
+    if resume is not None:
+        return _Record(_Found.DAMAGED, body if whole else b"", resume)
+    if plausible and not whole:
+        return _Record(_Found.TORN)  # the file ends inside it: an unfinished append
     return _Record(_Found.UNREADABLE)
 
 
-def _whole_record_at(fd: int, offset: int) -> bool:
+def _whole_record_at(fd: int, offset: int, limit: int = MAX_RECORD) -> bool:
     header = os.pread(fd, _HEADER.size, offset)
     if len(header) < _HEADER.size:
         return False
     length, crc = _HEADER.unpack(header)
-    if not 0 < length <= MAX_RECORD:
+    if not 0 < length <= limit:
         return False
     body = os.pread(fd, length, offset + _HEADER.size)
     return len(body) == length and zlib.crc32(body) == int(crc)
+
+
+def _next_whole_record(fd: int, start: int) -> int | None:
+    """The first offset from ``start`` on where a whole, CRC-checked record begins.
+
+    Used only past damage, so it may be slow: it looks at every offset, but reads a
+    body only where the length field is plausible (at most ``MAX_RECORD``, which every
+    record written since appends were bounded respects)."""
+    offset = start
+    while True:
+        window = os.pread(fd, _SCAN_BLOCK + _HEADER.size, offset)
+        if len(window) < _HEADER.size:
+            return None
+        for i in range(len(window) - _HEADER.size + 1):
+            length = _LENGTH.unpack_from(window, i)[0]
+            if 0 < length <= MAX_RECORD and _whole_record_at(fd, offset + i):
+                return offset + i
+        offset += len(window) - _HEADER.size + 1
 
 
 def _only_zeros(fd: int, offset: int) -> bool:

@@ -30,6 +30,10 @@ VERSION = 1
 HEADER = b'{"v":1,"n":'
 # Added around the joined events: the header, the count (up to 6 digits), the tail.
 FRAME_BYTES = len(HEADER) + 6 + len(',"e":[') + len("]}")
+# The largest job body trackbuf makes. beanstalkd's own default limit is 64 KiB; this
+# bound is what ingest's local spool can always read back (a spool record holds one
+# job body), so TRACKBUF_MAX_JOB_BYTES may not exceed it.
+MAX_JOB_BYTES = 1 << 20
 _HEADER_RE = re.compile(rb'\{"v":1,"n":(\d{1,6}),"e":\[')
 
 
@@ -117,6 +121,31 @@ def encode_job(encoded_events: list[bytes]) -> bytes:
     return b"".join(
         (HEADER, str(len(encoded_events)).encode(), b',"e":[', b",".join(encoded_events), b"]}")
     )
+
+
+def job_ranges(sizes: list[int], max_bytes: int, max_events: int) -> list[tuple[int, int]]:
+    """Cut a run of encoded events (their sizes in bytes) into jobs: ``(start, end)``
+    index ranges whose framed body stays within ``max_bytes`` and ``max_events``.
+    An event too big for any job on its own still gets a range of its own."""
+    budget = max_bytes - FRAME_BYTES
+    ranges: list[tuple[int, int]] = []
+    start = size = 0
+    for i, nbytes in enumerate(sizes):
+        cost = nbytes + 1  # and its comma
+        if i > start and (size + cost > budget or i - start >= max_events):
+            ranges.append((start, i))
+            start, size = i, 0
+        size += cost
+    if start < len(sizes):
+        ranges.append((start, len(sizes)))
+    return ranges
+
+
+def item_kind(item: object) -> str:
+    """The kind of an undecoded event item, "open" when it cannot be told (used only
+    to label counts of events that could not be stored)."""
+    kind = item.get("k") if isinstance(item, dict) else None
+    return kind if isinstance(kind, str) and kind in KINDS else "open"
 
 
 def event_count(body: bytes) -> int | None:

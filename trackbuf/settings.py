@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from trackbuf import codec
+
 ENV_PREFIX = "TRACKBUF_"
 
 
@@ -74,6 +76,12 @@ class Settings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise SettingsError(f"{env_name(name)} must be at least 1")
+        if self.max_job_bytes > codec.MAX_JOB_BYTES:
+            # ingest's spool stores one job per record and must read every record back.
+            raise SettingsError(
+                f"{env_name('max_job_bytes')} must be at most {codec.MAX_JOB_BYTES} "
+                f"(1 MiB), got {self.max_job_bytes}"
+            )
         if self.linger_ms < 0:
             raise SettingsError(f"{env_name('linger_ms')} must not be negative")
         if self.ip_mode not in ("full", "anonymize", "drop"):

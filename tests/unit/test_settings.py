@@ -1,7 +1,12 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
+from tests.conftest import KEYS
 from trackbuf.settings import Settings, SettingsError, as_environ, load
 
 
@@ -34,6 +39,8 @@ def test_round_trip_through_the_environment() -> None:
         ({"TRACKBUF_IP_MODE": "hash"}, "TRACKBUF_IP_MODE"),
         ({"TRACKBUF_BURST": "maybe"}, "must be a boolean"),
         ({"TRACKBUF_PUBLIC_URL": "t.example.com"}, "must start with http"),
+        # ingest's spool must read back every job it holds: one job may not pass 1 MiB.
+        ({"TRACKBUF_MAX_JOB_BYTES": "1048577"}, "TRACKBUF_MAX_JOB_BYTES must be at most 1048576"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:
@@ -50,3 +57,14 @@ def test_settings_are_frozen() -> None:
 def test_missing_database_is_a_clear_error() -> None:
     with pytest.raises(SettingsError, match="TRACKBUF_DATABASE_URL is not set"):
         Settings().require_database()
+
+
+def test_an_unusable_setting_stops_ingest_with_the_reason_and_no_traceback() -> None:
+    env = {**os.environ, "TRACKBUF_MAX_JOB_BYTES": "2000000", "TRACKBUF_SIGNING_KEYS": KEYS}
+    done = subprocess.run(
+        [sys.executable, "-m", "trackbuf", "ingest"], env=env, capture_output=True, text=True,
+        timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "TRACKBUF_MAX_JOB_BYTES must be at most 1048576" in done.stderr
+    assert "Traceback" not in done.stderr

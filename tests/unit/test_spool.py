@@ -1,13 +1,15 @@
 from __future__ import annotations
 
 import resource
+import struct
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from ingest.spool import Spool
+from ingest.spool import MAX_RECORD, Spool
 from trackbuf import codec
 
 HEADER_BYTES = 8  # length and crc32, both 4 bytes
@@ -210,21 +212,50 @@ def test_a_corrupt_record_mid_file_is_skipped_counted_and_the_rest_replayed(
     spool.close()
 
 
-def test_damage_with_no_trustworthy_boundary_stops_and_keeps_the_file(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    writer = Spool(tmp_path, max_bytes=1 << 20)
+def crashed_writer_with(tmp_path: Path, bodies: list[bytes]) -> tuple[Spool, Path]:
+    """A spool holding ``bodies`` whose writer died (its file left unlocked)."""
+    writer = Spool(tmp_path, max_bytes=1 << 30)
     writer.open()
-    bodies = [job(str(i)) for i in range(5)]
     assert all(writer.append(body) for body in bodies)
     assert writer._active is not None and writer._active_path is not None
-    # The third record's length field is garbage: where the next record starts cannot
-    # be known, and guessing could put garbage into beanstalkd.
-    with open(writer._active_path, "r+b") as f:
-        f.seek(record_offset(bodies, 2))
-        f.write(b"\x00\x00\x00\x05")
+    path = writer._active_path
     writer._active.close()
     writer._active = None
+    return writer, path
+
+
+def test_a_garbage_length_field_costs_only_its_own_record(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where the next record starts cannot be read from a garbage length field; replay
+    finds it by its CRC and replays every acknowledged record after the damage."""
+    bodies = [job(str(i)) for i in range(6)]
+    _, path = crashed_writer_with(tmp_path, bodies)
+    for garbage in (b"\x00\x00\x00\x05", b"\xff\xff\xff\xff", b"\x00\x00\x7f\x00"):
+        with open(path, "r+b") as f:
+            f.seek(record_offset(bodies, 2))
+            f.write(garbage)
+        reader = Spool(tmp_path, max_bytes=1 << 30)
+        reader.open()
+        assert reader.pending_records == 5, garbage
+        assert drain(reader) == bodies[:2] + bodies[3:], garbage
+        assert reader.lost_events == 1 and reader.empty
+        assert "event=spool_record_corrupt" in caplog.text
+        assert list(tmp_path.glob("*")) == []
+        reader.close()
+        _, path = crashed_writer_with(tmp_path, bodies)
+
+
+def test_damage_with_no_whole_record_after_it_keeps_the_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The last record damaged, with data (not zeros) after it and no whole record to
+    resume at: it cannot be a torn append, so it is counted lost and the file kept."""
+    bodies = [job(str(i)) for i in range(3)]
+    _, path = crashed_writer_with(tmp_path, bodies)
+    with open(path, "r+b") as f:
+        f.seek(record_offset(bodies, 2))
+        f.write(b"\x7f\x00\x00\x00garbage")
     reader = Spool(tmp_path, max_bytes=1 << 20)
     reader.open()
     assert drain(reader) == bodies[:2]
@@ -238,6 +269,35 @@ def test_damage_with_no_trustworthy_boundary_stops_and_keeps_the_file(
     restarted.open()  # and reminded of at every start, never replayed again
     assert restarted.empty and "event=spool_corrupt_files_kept" in caplog.text
     restarted.close()
+
+
+def test_a_record_replay_could_not_read_is_never_acknowledged(tmp_path: Path) -> None:
+    """append() refuses a body over MAX_RECORD (callers split first) rather than
+    acknowledge an event that replay could not read back; the spool carries on."""
+    spool = Spool(tmp_path, max_bytes=1 << 30)
+    spool.open()
+    with pytest.raises(ValueError, match="over"):
+        spool.append(b"x" * (MAX_RECORD + 1))
+    assert spool.append(b"x" * MAX_RECORD)
+    assert spool.append(b"after")
+    assert drain(spool) == [b"x" * MAX_RECORD, b"after"]
+    spool.close()
+
+
+def test_a_large_record_from_an_older_release_is_still_replayed(tmp_path: Path) -> None:
+    """Releases before the job-size bound could spool records over MAX_RECORD; at a
+    trusted boundary replay still reads them (and the put path splits them)."""
+    big = job(*(f"r{i:06d}" for i in range(200_000)))
+    assert len(big) > MAX_RECORD
+    path = tmp_path / "active-0123456789abcdef.spool"
+    with open(path, "wb") as f:
+        for body in (job("a"), big, job("z")):
+            f.write(struct.pack(">II", len(body), zlib.crc32(body)) + body)
+    reader = Spool(tmp_path, max_bytes=1 << 30)
+    reader.open()
+    assert drain(reader) == [job("a"), big, job("z")]
+    assert reader.lost_events == 0
+    reader.close()
 
 
 def test_a_bad_crc_on_the_last_record_is_a_torn_append_not_a_loss(tmp_path: Path) -> None:
