@@ -201,7 +201,8 @@ class Ingest:
         # No timeout here: the enqueue task settles every future (its own I/O has
         # timeouts), and wait_for would cost a task per request on the hot path.
         outcome = await self.enqueuer.submit(event)
-        self.tally.event(kind, outcome.value)
+        if outcome is not Outcome.UNCONFIRMED:  # counted by the spool writer when it ends
+            self.tally.event(kind, outcome.value)
         if outcome is Outcome.LOST:
             log.error(kv("event_lost", kind=kind, campaign=payload.campaign))
         return outcome.value

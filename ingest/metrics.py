@@ -14,7 +14,9 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 JOB_EVENT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 ROUTES = ("open", "click")
 EVENT_OUTCOMES = ("queued", "spooled", "lost")
-REQUEST_OUTCOMES = (*EVENT_OUTCOMES, "invalid_token", "not_recorded", "error")
+# "unconfirmed": the spool write outlasted its timeout; the request was answered and
+# its events are counted (spooled or lost) once the write ends.
+REQUEST_OUTCOMES = (*EVENT_OUTCOMES, "unconfirmed", "invalid_token", "not_recorded", "error")
 TOKEN_REASONS = ("malformed", "too_long", "unknown_kid", "bad_signature", "wrong_kind")
 # Status codes counted by trackbuf_ingest_http_errors_total from the start (at 0): 400
 # is aiohttp's answer to a request it cannot parse, 500 to a handler that raised.

@@ -347,7 +347,7 @@ def test_an_oversized_event_in_a_split_job_is_lost_alone(tmp_path: Path) -> None
         await wait_connected(enq)
         # Ingest learns max-job-size when it connects, so only a batch packed before
         # that (a race with a reconnect) meets a smaller limit; pack as if it had.
-        enq._job_bytes = 60000
+        enq._putter.job_bytes = 60000
         outcomes = await submit_together(enq, batch_with_one_oversized_event())
         assert await enq.close(5)
         return outcomes

@@ -1,0 +1,77 @@
+"""Spool replay: putting spooled jobs back into beanstalkd between live batches.
+
+A round puts up to ``REPLAY_CHUNK`` jobs, oldest first, through the same put path as
+live batches (``Putter.put_job``). A record leaves the spool only after its put
+succeeded; a failed put leaves it for the next round (and a job put twice this way is
+dropped by the consumer, by ``event_id``). Live requests come first: once they wait, a
+round stops after ``REPLAY_SLICE_S`` (having put one job at least, so a spool drains
+even under steady traffic).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from ingest.metrics import IngestMetrics
+from ingest.putter import PutFailed, Putter
+from ingest.spool_writer import SpoolWriter
+from trackbuf.log import kv
+
+log = logging.getLogger("trackbuf.ingest.enqueue")
+
+REPLAY_CHUNK = 64
+REPLAY_SLICE_S = 0.02
+
+
+class Replayer:
+    def __init__(
+        self,
+        writer: SpoolWriter,
+        putter: Putter,
+        metrics: IngestMetrics,
+        live_waiting: Callable[[], bool],
+        come_back: Callable[[], None],
+    ) -> None:
+        self._writer = writer
+        self._putter = putter
+        self._metrics = metrics
+        self._live_waiting = live_waiting  # do requests wait for the enqueue task?
+        self._come_back = come_back  # ask the enqueue task for another round soon
+
+    async def round(self) -> None:
+        spool = self._writer.spool
+        if spool is None or spool.empty or not self._putter.connected:
+            return
+        replayed = 0
+        started = time.monotonic()
+        try:
+            for _ in range(REPLAY_CHUNK):
+                late = time.monotonic() - started > REPLAY_SLICE_S
+                if replayed and late and self._live_waiting():
+                    self._come_back()  # the rest after the live batch
+                    break
+                body = await self._writer.run(spool.peek)
+                if body is None:
+                    break
+                try:
+                    dropped = await self._putter.put_job(body)
+                except PutFailed as exc:
+                    log.warning(kv("spool_replay_paused", reason=exc))
+                    return
+                # Drops are counted only now that the record is done: a record whose put
+                # failed comes back, and its drops would be counted twice.
+                await self._writer.run(spool.replayed, body)
+                replayed += 1
+                self._metrics.spool_replayed.inc()
+                for kind in dropped:
+                    self._metrics.event_counter(kind, "lost").inc()
+            else:
+                self._come_back()  # more to do: the next round comes right after live work
+        except Exception:
+            log.exception(kv("spool_replay_error"))
+        finally:
+            self._writer.gauges()
+        if replayed and spool.empty:
+            log.info(kv("spool_drained"))
