@@ -37,7 +37,9 @@ READ_METHODS = ("GET", "HEAD")
 TALLY_FLUSH_S = 1.0
 
 INVALID_LINK_PAGE = (
-    "<!doctype html><title>Link not valid</title>"
+    '<!doctype html><meta charset="utf-8">'
+    '<meta name="viewport" content="width=device-width,initial-scale=1">'
+    "<title>Link not valid</title>"
     "<h1>This link is not valid</h1>"
     "<p>The tracking link is damaged or was not issued by this service. "
     "Please use the link from the original email.</p>"

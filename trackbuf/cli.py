@@ -214,21 +214,29 @@ def _cmd_rewrite(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     keyring = Keyring.parse(settings.signing_keys)
+    # Bytes in, bytes out, from a file or a pipe alike: text mode would turn the CRLF
+    # of a MIME part into LF, and every byte but the links and the pixel must stay.
     try:
         if args.input:
-            with open(args.input, encoding="utf-8") as source:
-                document = source.read()
+            with open(args.input, "rb") as source:
+                document = source.read().decode("utf-8")
         else:
-            document = sys.stdin.read()
+            document = sys.stdin.buffer.read().decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         print(f"trackbuf rewrite: cannot read the HTML: {exc}", file=sys.stderr)
         return 1
     done = rewrite_html(document, settings.public_url, keyring, args.campaign, args.recipient)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as target:
-            target.write(done.html)
-    else:
-        sys.stdout.write(done.html)
+    tracked = done.html.encode("utf-8")
+    try:
+        if args.output:
+            with open(args.output, "wb") as target:
+                target.write(tracked)
+        else:
+            sys.stdout.buffer.write(tracked)
+            sys.stdout.buffer.flush()
+    except OSError as exc:
+        print(f"trackbuf rewrite: cannot write the HTML: {exc}", file=sys.stderr)
+        return 1
     # The report goes to stderr, so stdout stays the HTML alone for a pipe.
     for href, why in done.skipped:
         print(f"trackbuf rewrite: left as is: {href[:120]} ({why})", file=sys.stderr)
