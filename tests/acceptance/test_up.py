@@ -189,7 +189,9 @@ def test_up_beside_operator_commands_and_killed(data_dir: Path, tmp_path: Path) 
         # status finds up's ingest and consumer on their non-default addresses.
         status = trackbuf("status", "--json", "--interval", "0.2", env=operator, cwd=elsewhere)
         report = orjson.loads(status.stdout)
-        assert report["spool_jobs"] is not None and report["database_up"] is True, report
+        # Both /metrics pages were read (None: unreachable); the consumer's database
+        # state itself may not be known yet this early.
+        assert report["spool_jobs"] is not None and report["database_up"] is not None, report
 
         # --help shows the values in force, read from up's env file, secrets masked.
         helped = trackbuf("link", "open", "--help", env=operator, cwd=elsewhere)
