@@ -34,7 +34,14 @@ async def campaign(database_url: str, name: str, as_json: bool) -> int:
         report.setdefault(kind, dict.fromkeys(("total", "unique_recipients", "machine_total",
                                                "human_unique_recipients"), 0))  # fmt: skip
     if as_json:
+        # Same shape with or without events: zeros, never a sentence, for scripts.
         print(orjson.dumps({"campaign": name, **report}).decode())
+        return 0
+    if not rows:
+        # Not an error (a campaign just sent has none yet), but a table of zeros
+        # reads the same as a misspelt name; say it. Names are case-sensitive.
+        print(f"no events stored for campaign {name!r} (names are case-sensitive; "
+              "`trackbuf events` shows the latest rows)")  # fmt: skip
         return 0
     print(f"campaign {name}")
     print(f"{'':8}{'total':>10}{'unique':>10}{'machine':>10}{'human unique':>14}")

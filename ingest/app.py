@@ -30,6 +30,7 @@ from trackbuf.events import clean_ip
 from trackbuf.links import CLICK_PREFIX, OPEN_PREFIX, OPEN_SUFFIX
 from trackbuf.log import kv
 from trackbuf.settings import Settings
+from trackbuf.up import INSTANCE_ENV, INSTANCE_HEADER
 
 log = logging.getLogger("trackbuf.ingest")
 
@@ -73,6 +74,9 @@ class Ingest:
     def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
         self.settings = settings
         self.keyring = tokens.Keyring.parse(settings.signing_keys)
+        # Set by `trackbuf up`, which waits for its own ingest, not any server on the port.
+        instance = os.environ.get(INSTANCE_ENV)
+        self._health_headers = {INSTANCE_HEADER: instance} if instance else None
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = IngestMetrics.create(self.registry)
         self.tally = RequestTally(self.metrics)
@@ -122,7 +126,7 @@ class Ingest:
         if path.startswith(CLICK_PREFIX):
             return await self.click_redirect(request, path[len(CLICK_PREFIX) :])
         if path == "/healthz":
-            return web.Response(text="ok\n")
+            return web.Response(text="ok\n", headers=self._health_headers)
         if path == "/readyz":
             return self.readyz()
         if path == "/metrics":

@@ -12,11 +12,14 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
+from trackbuf import envfile
 from trackbuf import log as tlog
+from trackbuf.redact import masked, masked_dsn
 from trackbuf.settings import Settings, SettingsError, env_name, flag_name, load
-from trackbuf.tokens import KeyringError, LinkError
+from trackbuf.tokens import MAX_FIELD, MAX_URL, KeyringError, LinkError
 from trackbuf.up import UpError
 
 _FIELDS = {f.name: f for f in fields(Settings)}
@@ -28,36 +31,65 @@ INGEST = ("listen", "workers", *QUEUE, "signing_keys", "job_ttr", "max_job_bytes
 CONSUME = ("database_url", *QUEUE, "threads", "batch_size", "linger_ms", "burst",
            "metrics_listen", "shutdown_timeout")  # fmt: skip
 LINKS = ("public_url", "signing_keys")
+# Commands an operator runs beside `trackbuf up`: they read the env file it writes.
+# ingest, consume and migrate are what production runs: only their own environment
+# counts there, never a file some other process left in a directory.
+OPERATOR = ("status", "link", "stats", "events", "dead", "rewrite")
+# What each command cannot run without, checked before it starts.
+REQUIRED = {"events": ("database_url",), "stats": ("database_url",), "dead": ("database_url",),
+            "link": ("signing_keys",), "rewrite": ("signing_keys",)}  # fmt: skip
 
 
-def _add_settings(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+def _env_file() -> envfile.Found:
+    return envfile.read(os.environ.get(env_name("data_dir")) or Settings().data_dir)
+
+
+def _add_settings(
+    parser: argparse.ArgumentParser, names: Sequence[str], environ: dict[str, str]
+) -> None:
+    """One flag per setting; its help shows the value in force, secrets masked."""
     defaults = Settings()
     for name in names:
         spec = _FIELDS[name]
         env = env_name(name)
-        current = os.environ.get(env, getattr(defaults, name))
-        # Secrets never reach a terminal: keys and a DSN's password are hidden.
-        shown = "(set)" if name in ("signing_keys", "database_url") and current else current
-        helptext = f"{spec.metadata.get('help', '')} [env {env}; now: {shown!s}]"
+        current = masked(name, str(environ.get(env, getattr(defaults, name))))
+        helptext = f"{spec.metadata.get('help', '')} [env {env}; now: {current}]"
         if spec.type in (bool, "bool"):
-            parser.add_argument(
-                flag_name(name), dest=name, action="store_true", default=None, help=helptext
-            )
+            # --no-<flag> turns off what the environment turned on.
+            parser.add_argument(flag_name(name), dest=name, default=None, help=helptext,
+                                action=argparse.BooleanOptionalAction)  # fmt: skip
         else:
             kind: Callable[[str], Any] = {"int": int, "float": float}.get(str(spec.type), str)
             parser.add_argument(flag_name(name), dest=name, type=kind, default=None, help=helptext)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    """Flags over environment over the env file a running ``trackbuf up`` left behind."""
-    from trackbuf.up import read_env_file
-
+    """Flags over environment over (operator commands only) the env file of a running
+    ``trackbuf up``; a file its owner left behind when it died is ignored, with a warning."""
     overrides = {k: v for k, v in vars(args).items() if k in _FIELDS and v is not None}
-    data_dir = overrides.get("data_dir") or os.environ.get(env_name("data_dir"))
-    environ = {**read_env_file(data_dir or Settings().data_dir), **os.environ}
-    if args.command == "up":
-        environ = dict(os.environ)  # up writes that file; it must not read a stale one
-    return load(environ, overrides=overrides)
+    environ = dict(os.environ)
+    found = envfile.Found(Path())
+    if args.command in OPERATOR:
+        found = _env_file()
+        if found.stale:
+            print(f"trackbuf {args.command}: ignoring {found.path}: {found.stale}",
+                  file=sys.stderr)  # fmt: skip
+        environ = {**found.values, **environ}
+    settings = load(environ, overrides=overrides)
+    for name in REQUIRED.get(args.command, ()):
+        if not getattr(settings, name):
+            raise SettingsError(f"{env_name(name)} is not set: {_where_to_look(found)}")
+    return settings
+
+
+def _where_to_look(found: envfile.Found) -> str:
+    data_dir = env_name("data_dir")
+    if found.stale:
+        there = f"{found.path} is from a trackbuf up that is gone"
+    else:
+        there = f"there is no {found.path}"
+    return (f"export it, or run this command where `trackbuf up` runs, or set {data_dir} to "
+            f"the data dir of a running `trackbuf up` ({there})")  # fmt: skip
 
 
 def _explicit(args: argparse.Namespace) -> frozenset[str]:
@@ -82,22 +114,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-level", default=os.environ.get("TRACKBUF_LOG_LEVEL", "INFO"))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    plain = dict(os.environ)
+    beside_up = {**_env_file().values, **plain}  # what OPERATOR commands will use
 
     up = sub.add_parser("up", help="run everything on this machine (embedded servers if unset)")
     _add_settings(up, ("data_dir", "database_url", "listen", "public_url", "signing_keys",
-                       *QUEUE, "threads", "metrics_listen"))  # fmt: skip
+                       *QUEUE, "threads", "metrics_listen"), plain)  # fmt: skip
     up.set_defaults(func=_cmd_up)
 
     ingest = sub.add_parser("ingest", help="serve pixels and click redirects")
-    _add_settings(ingest, INGEST)
+    _add_settings(ingest, INGEST, plain)
     ingest.set_defaults(func=_cmd_ingest)
 
     consume = sub.add_parser("consume", help="drain beanstalkd into PostgreSQL")
-    _add_settings(consume, CONSUME)
+    _add_settings(consume, CONSUME, plain)
     consume.set_defaults(func=_cmd_consume)
 
     migrate = sub.add_parser("migrate", help="create or upgrade the database schema")
-    _add_settings(migrate, ("database_url",))
+    _add_settings(migrate, ("database_url",), plain)
     migrate.set_defaults(func=_cmd_migrate)
 
     link = sub.add_parser("link", help="print a signed tracking URL")
@@ -108,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--recipient", required=True, help="recipient or message id")
         if kind == "click":
             p.add_argument("--url", required=True, help="where the click goes (http/https)")
-        _add_settings(p, LINKS)
+        _add_settings(p, LINKS, beside_up)
         p.set_defaults(func=_cmd_link)
 
     rewrite = sub.add_parser(
@@ -118,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     rewrite.add_argument("--recipient", required=True, help="recipient or message id")
     rewrite.add_argument("--input", help="HTML file to read (default: standard input)")
     rewrite.add_argument("--output", help="file to write (default: standard output)")
-    _add_settings(rewrite, LINKS)
+    _add_settings(rewrite, LINKS, beside_up)
     rewrite.set_defaults(func=_cmd_rewrite)
 
     keygen = sub.add_parser("keygen", help="print a new signing key as kid:secret")
@@ -136,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("ids", type=int, nargs="*")
         p.add_argument("--all", action="store_true", dest="everything")
     for p in dead_sub.choices.values():
-        _add_settings(p, ("database_url", *QUEUE, "job_ttr"))
+        _add_settings(p, ("database_url", *QUEUE, "job_ttr"), beside_up)
     dead.set_defaults(func=_cmd_dead)
 
     status = sub.add_parser("status", help="queue depth, age, rates and health on one screen")
@@ -150,19 +184,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--ingest-url", help="ingest base URL for /metrics ('' to skip)")
     status.add_argument("--consumer-url", help="consumer base URL for /metrics ('' to skip)")
-    _add_settings(status, (*QUEUE, "listen", "metrics_listen"))
+    _add_settings(status, (*QUEUE, "listen", "metrics_listen"), beside_up)
     status.set_defaults(func=_cmd_status)
 
     stats = sub.add_parser("stats", help="a campaign's totals and uniques, human vs machine")
     stats.add_argument("--campaign", required=True)
     stats.add_argument("--json", action="store_true", help="one JSON object, for scripts")
-    _add_settings(stats, ("database_url",))
+    _add_settings(stats, ("database_url",), beside_up)
     stats.set_defaults(func=_cmd_stats)
 
     events = sub.add_parser("events", help="show recently stored events")
     events.add_argument("--limit", type=int, default=20)
     events.add_argument("--tail", action="store_true", help="keep printing new events")
-    _add_settings(events, ("database_url",))
+    _add_settings(events, ("database_url",), beside_up)
     events.set_defaults(func=_cmd_events)
     return parser
 
@@ -186,9 +220,18 @@ def _cmd_consume(args: argparse.Namespace) -> int:
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
+    import asyncpg
+
     from consumer import migrate
 
-    applied = asyncio.run(migrate.run(_settings(args).require_database()))
+    database_url = _settings(args).require_database()
+    try:
+        applied = asyncio.run(migrate.run(database_url))
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        # Unreachable, refused, no such database, bad password: the message says which.
+        print(f"trackbuf migrate: cannot migrate {masked_dsn(database_url)}: {exc}",
+              file=sys.stderr)  # fmt: skip
+        return 1
     print(f"migrations applied: {applied or 'none (schema is current)'}")
     return 0
 
@@ -199,13 +242,28 @@ def _cmd_link(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     keyring = Keyring.parse(settings.signing_keys)
-    if args.link_kind == "open":
-        print(links.open_url(settings.public_url, keyring, args.campaign, args.recipient))
-    else:
-        print(
-            links.click_url(settings.public_url, keyring, args.campaign, args.recipient, args.url)
-        )
+    try:
+        if args.link_kind == "open":
+            url = links.open_url(settings.public_url, keyring, args.campaign, args.recipient)
+        else:
+            url = links.click_url(
+                settings.public_url, keyring, args.campaign, args.recipient, args.url
+            )
+    except LinkError as exc:
+        raise LinkError(_link_refusal(exc.args[0], args)) from None
+    print(url)
     return 0
+
+
+def _link_refusal(reason: str, args: argparse.Namespace) -> str:
+    """The token module's reason code, said in terms of the flags the user gave."""
+    if reason == "bad_url":
+        given = args.url if len(args.url) <= 200 else args.url[:200] + "..."
+        return (f"--url must be an absolute http(s) URL with a host, got {given!r} "
+                f"(no spaces or control characters; at most {MAX_URL} characters)")  # fmt: skip
+    if reason in ("bad_campaign", "bad_recipient"):
+        return f"--{reason.removeprefix('bad_')} must be 1 to {MAX_FIELD} characters"
+    return reason
 
 
 def _cmd_rewrite(args: argparse.Namespace) -> int:

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import http.server
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
+import psutil
 import pytest
 
 from tests.servers import free_port
@@ -99,3 +104,138 @@ def read_banner(up: subprocess.Popen[str]) -> dict[str, str]:
         if sep and name.startswith("sample"):
             urls[name] = value.strip()
     return urls
+
+
+def up_env(data_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKBUF_")}
+    env.update(
+        TRACKBUF_DATA_DIR=str(data_dir),
+        TRACKBUF_LISTEN=f"127.0.0.1:{free_port()}",
+        TRACKBUF_METRICS_LISTEN=f"127.0.0.1:{free_port()}",
+        PYTHONPATH=str(ROOT),
+        COLUMNS="300",  # argparse would wrap --help lines at the terminal's width
+    )
+    env.update(extra)
+    return env
+
+
+def trackbuf(
+    *args: str, env: dict[str, str], cwd: Path, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "trackbuf", *args],
+        env=env, capture_output=True, text=True, cwd=cwd, timeout=timeout,
+    )  # fmt: skip
+
+
+class Healthy(http.server.BaseHTTPRequestHandler):
+    """Some other server that happens to answer /healthz."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"ok\n")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("setting", "flag"), [("TRACKBUF_LISTEN", "--listen"),
+                          ("TRACKBUF_METRICS_LISTEN", "--metrics-listen")]
+)  # fmt: skip
+def test_up_refuses_an_address_in_use_before_starting_anything(
+    data_dir: Path, tmp_path: Path, setting: str, flag: str
+) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Healthy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    busy = f"127.0.0.1:{server.server_address[1]}"
+    try:
+        up = trackbuf("up", env=up_env(data_dir, **{setting: busy}), cwd=tmp_path, timeout=60)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert up.returncode == 2, up.stderr
+    assert "Traceback" not in up.stderr
+    assert busy in up.stderr and flag in up.stderr and setting in up.stderr
+    assert "trackbuf is up" not in up.stdout
+    assert not (data_dir / "postgres").exists()  # nothing was started
+
+
+def test_up_reports_a_migrate_failure_without_a_traceback(data_dir: Path, tmp_path: Path) -> None:
+    nowhere = f"postgresql://trackbuf@127.0.0.1:{free_port()}/trackbuf"
+    up = trackbuf("up", env=up_env(data_dir, TRACKBUF_DATABASE_URL=nowhere), cwd=tmp_path)
+    assert up.returncode != 0
+    assert "Traceback" not in up.stderr, up.stderr
+    assert "migrate" in up.stderr and "127.0.0.1" in up.stderr
+
+
+def test_up_beside_operator_commands_and_killed(data_dir: Path, tmp_path: Path) -> None:
+    env = up_env(data_dir)
+    listen, metrics = env["TRACKBUF_LISTEN"], env["TRACKBUF_METRICS_LISTEN"]
+    log = open(tmp_path / "up.log", "wb")  # noqa: SIM115
+    up = subprocess.Popen(
+        [sys.executable, "-m", "trackbuf", "up"],
+        env=env, stdout=subprocess.PIPE, stderr=log, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        read_banner(up)
+        # Another directory, only TRACKBUF_DATA_DIR set: what an operator does.
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        operator = {k: v for k, v in env.items() if k not in (
+            "TRACKBUF_LISTEN", "TRACKBUF_METRICS_LISTEN")}  # fmt: skip
+
+        # status finds up's ingest and consumer on their non-default addresses.
+        status = trackbuf("status", "--json", "--interval", "0.2", env=operator, cwd=elsewhere)
+        report = orjson.loads(status.stdout)
+        # Both /metrics pages were read (None: unreachable); the consumer's database
+        # state itself may not be known yet this early.
+        assert report["spool_jobs"] is not None and report["database_up"] is not None, report
+
+        # --help shows the values in force, read from up's env file, secrets masked.
+        helped = trackbuf("link", "open", "--help", env=operator, cwd=elsewhere)
+        assert f"now: http://{listen}]" in helped.stdout
+        secret = (data_dir / "signing_keys").read_text().strip().partition(":")[2]
+        assert "now: k1:***]" in helped.stdout and secret not in helped.stdout
+
+        # A second up in the same data dir names the one that owns it.
+        second = trackbuf("up", env=up_env(data_dir), cwd=elsewhere)
+        assert second.returncode == 2
+        assert f"another trackbuf up (pid {up.pid}) is using {data_dir}" in second.stderr
+        assert "Traceback" not in second.stderr
+
+        # SIGKILL: nothing up started may outlive it, and its ports come free.
+        beanstalkd = dict(
+            line.split("=", 1) for line in (data_dir / "trackbuf.env").read_text().splitlines()
+            if line.startswith("TRACKBUF_")
+        )["TRACKBUF_BEANSTALKD"]  # fmt: skip
+        started = started_by(up.pid, data_dir)
+        assert len(started) >= 4, started  # ingest, consumer, beanstalkd, postgres (+ helpers)
+        up.kill()
+        up.wait(10)
+        _, alive = psutil.wait_procs(started, timeout=15)
+        assert not alive, [(p.pid, p.info) for p in alive]
+        for address in (listen, metrics, beanstalkd):
+            host, _, port = address.rpartition(":")
+            with socket.socket() as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((host, int(port)))  # raises if anything still holds it
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        log.close()
+        assert up.stdout is not None
+        up.stdout.close()
+
+
+def started_by(pid: int, data_dir: Path) -> list[psutil.Process]:
+    """up's descendants, and the embedded postmaster with its backends (pg_ctl
+    detaches it from up, so it is nobody's child but init's)."""
+    procs = psutil.Process(pid).children(recursive=True)
+    postmaster = int((data_dir / "postgres" / "postmaster.pid").read_text().split()[0])
+    procs += [psutil.Process(postmaster), *psutil.Process(postmaster).children(recursive=True)]
+    for proc in procs:
+        proc.info = {"cmdline": " ".join(proc.cmdline())[:100]}
+    return procs
