@@ -27,10 +27,10 @@ from ingest.spool import Spool
 from ingest.tally import RequestTally
 from trackbuf import codec, tokens
 from trackbuf.events import clean_ip
+from trackbuf.instance import INSTANCE_ENV, INSTANCE_HEADER
 from trackbuf.links import CLICK_PREFIX, OPEN_PREFIX, OPEN_SUFFIX
 from trackbuf.log import kv
 from trackbuf.settings import Settings
-from trackbuf.up import INSTANCE_ENV, INSTANCE_HEADER
 
 log = logging.getLogger("trackbuf.ingest")
 

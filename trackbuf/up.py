@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from trackbuf import envfile, links
+from trackbuf.instance import INSTANCE_ENV, INSTANCE_HEADER
 from trackbuf.lifeline import Watchdog, die_with_parent
 from trackbuf.redact import masked_dsn
 from trackbuf.settings import Settings, as_environ, env_name, flag_name, parse_hostport
@@ -44,8 +45,6 @@ STARTUP_TIMEOUT_S = 30.0
 LOCK_FILE = "up.lock"
 # up gives its ingest a random instance id, which /healthz repeats in this header: the
 # banner waits for *its* ingest, not for whatever else answers on that port.
-INSTANCE_ENV = "TRACKBUF_UP_INSTANCE"
-INSTANCE_HEADER = "Trackbuf-Instance"
 # The addresses up's children listen on, with what a clash message calls them.
 LISTENERS = (("listen", "ingest"), ("metrics_listen", "consumer metrics"))
 
