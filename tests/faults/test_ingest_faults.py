@@ -28,7 +28,7 @@ from ingest.metrics import IngestMetrics
 from ingest.spool import Spool
 from loadtest.bench import histogram_quantile, scrape
 from tests.faults.test_outages import metric, report, start_consumer
-from tests.load import Load, audit_until_settled
+from tests.load import Load, Sent, audit_until_settled
 from tests.procs import start_ingest
 from tests.servers import Beanstalkd
 from trackbuf import codec
@@ -257,7 +257,7 @@ def test_a_corrupt_spool_record_is_counted_lost_and_the_rest_stored(
 
     ingest = start_ingest(settings, tmp_path / "ingest.log")
     consumer = start_consumer(settings, tmp_path / "consumer.log")
-    kept = {e.recipient for job in events[:2] + events[3:] for e in job}
+    kept = {Sent("open", "corrupt", e.recipient) for job in events[:2] + events[3:] for e in job}
     audit = audit_until_settled(settings.database_url, "corrupt", kept)
     lost = metric(settings, 'trackbuf_ingest_events_total{kind="open",outcome="lost"}')
     report("corrupt spool record", f"records=5 corrupt=1 lost_metric={lost:.0f}", audit)
