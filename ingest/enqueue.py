@@ -4,8 +4,8 @@ Requests hand encoded events to one task on the event loop and await a future. T
 task takes *everything* that arrived while the previous put was in flight and sends
 it as one job: natural batching. (What does not fit under the job-size limit goes
 first in the next round.) Under light load a job carries one event and adds no wait;
-under heavy load jobs fill up by themselves, so no fixed linger is needed (a fixed
-2 ms linger measured ~0.5x the bare handler; see docs/ARCHITECTURE.md).
+under heavy load jobs fill up by themselves, so no fixed linger is needed: a linger
+would add its wait to every request (docs/ARCHITECTURE.md).
 
 The parts, one job each:
 

@@ -30,10 +30,10 @@ from trackbuf.log import kv
 
 log = logging.getLogger("trackbuf.ingest.enqueue")
 
-# A healthy put answers within a millisecond (~15k puts/s measured here, ~3.4k/s when
-# beanstalkd fsyncs each with -f 0); one this slow means beanstalkd is hung, and later
-# batches stop waiting for it. Set too low it only sends batches to the spool early,
-# never loses one.
+# A healthy put answers within a millisecond, even with beanstalkd fsyncing each one
+# (-f 0; BENCHMARKS.md "beanstalkd fsync setting"); one this slow means beanstalkd is
+# hung, and later batches stop waiting for it. Set too low it only sends batches to the
+# spool early, never loses one.
 PUT_STALL_S = 0.25
 MAX_EVENTS_PER_JOB = 1000
 

@@ -1,7 +1,9 @@
 """A small load driver for fault tests: every request unique, every answer recorded.
 
-Each request carries its own recipient, so after a fault the test can say exactly
-which acknowledged events are missing (lost) or stored twice (duplicated).
+Each request carries its own recipient, so after a fault the audit compares the rows
+stored against the rows the acknowledged requests asked for, field by field (kind,
+campaign, recipient, click target): what is missing (lost), what is there more than
+once (duplicated), and what no request asked for (stray).
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -18,10 +22,34 @@ from trackbuf import links
 from trackbuf.tokens import Keyring
 
 
+@dataclass(frozen=True)
+class Sent:
+    """The row one request asks for, as the audit expects to find it exactly once."""
+
+    kind: str
+    campaign: str
+    recipient: str
+    url: str | None = None
+
+
+def planned(campaign: str, i: int) -> Sent:
+    """Request ``i`` of a load: its own recipient; every fourth a click, else an open."""
+    recipient = f"{campaign}-r{i}"
+    if i % 4 == 0:
+        return Sent("click", campaign, recipient, f"https://shop.example/{i}")
+    return Sent("open", campaign, recipient)
+
+
+def _planned_for(campaign: str, recipient: str) -> Sent | None:
+    """The request a load made for this recipient, if it is one of a load's."""
+    number = recipient.removeprefix(f"{campaign}-r")
+    return planned(campaign, int(number)) if number.isdigit() else None
+
+
 @dataclass
 class LoadResult:
     sent: int = 0
-    acked: set[str] = field(default_factory=set)
+    acked: set[Sent] = field(default_factory=set)
     failed: int = 0
     latencies: list[float] = field(default_factory=list)
     # (time.monotonic() when the request was sent, latency) of each acknowledged one
@@ -49,11 +77,11 @@ async def _drive(
     timeout = aiohttp.ClientTimeout(total=10)
 
     async def one(session: aiohttp.ClientSession, i: int) -> None:
-        recipient = f"{campaign}-r{i}"
-        if i % 4 == 0:
-            url = links.click_url(base, keyring, campaign, recipient, f"https://shop.example/{i}")
+        event = planned(campaign, i)
+        if event.url is not None:
+            url = links.click_url(base, keyring, campaign, event.recipient, event.url)
         else:
-            url = links.open_url(base, keyring, campaign, recipient)
+            url = links.open_url(base, keyring, campaign, event.recipient)
         async with gate:
             t0 = time.monotonic()
             try:
@@ -63,7 +91,7 @@ async def _drive(
             except (aiohttp.ClientError, TimeoutError):
                 ok = False
             if ok:
-                result.acked.add(recipient)
+                result.acked.add(event)
                 result.latencies.append(time.monotonic() - t0)
                 result.samples.append((t0, result.latencies[-1]))
             else:
@@ -111,8 +139,17 @@ class Load:
 class Audit:
     acked: int
     stored: int
+    # Acknowledged requests whose row (same kind, campaign, recipient and target) is
+    # not stored.
     lost: int
+    # Rows stored more than once. The table cannot hold one event_id twice, so these
+    # are copies under new ids: one request recorded twice (say, a replay that
+    # re-stamped its events), which ON CONFLICT (event_id) cannot catch.
     duplicated: int
+    # Rows of the campaign that no request of the load asked for (a wrong kind or
+    # target, a recipient never sent). A request that failed may still have been
+    # stored (nothing is promised about it), so its row is not stray.
+    stray: int = 0
     # Rows in dead_letters (any campaign): a redelivery refused instead of skipped as a
     # duplicate would land there while the row counts still looked right.
     dead_letters: int = 0
@@ -120,31 +157,51 @@ class Audit:
     def __str__(self) -> str:
         return (
             f"acked={self.acked} stored={self.stored} lost={self.lost} "
-            f"duplicated={self.duplicated} dead_letters={self.dead_letters}"
+            f"duplicated={self.duplicated} stray={self.stray} dead_letters={self.dead_letters}"
         )
 
 
-async def _audit(dsn: str, campaign: str, acked: set[str]) -> Audit:
+def compare(campaign: str, acked: Collection[Sent], stored: Counter[Sent]) -> Audit:
+    """What the acknowledged requests asked for against the rows stored (with counts)."""
+    wanted = set(acked)
+    stray = sum(
+        n
+        for row, n in stored.items()
+        if row not in wanted and _planned_for(campaign, row.recipient) != row
+    )
+    return Audit(
+        acked=len(wanted),
+        stored=sum(stored.values()),
+        lost=len(wanted - stored.keys()),
+        duplicated=sum(n - 1 for n in stored.values()),
+        stray=stray,
+    )
+
+
+async def _audit(dsn: str, campaign: str, acked: Collection[Sent]) -> Audit:
     conn = await asyncpg.connect(dsn)
     try:
         rows = await conn.fetch(
-            "SELECT recipient, count(*) AS n FROM events WHERE campaign = $1 GROUP BY 1", campaign
+            "SELECT kind, recipient, url, count(*) AS n FROM events WHERE campaign = $1"
+            " GROUP BY 1, 2, 3",
+            campaign,
         )
         dead_letters = await conn.fetchval("SELECT count(*) FROM dead_letters")
     finally:
         await conn.close()
-    stored = {row["recipient"]: row["n"] for row in rows}
-    return Audit(
-        acked=len(acked),
-        stored=sum(stored.values()),
-        lost=len(acked - stored.keys()),
-        duplicated=sum(n - 1 for n in stored.values() if n > 1),
-        dead_letters=dead_letters,
+    stored = Counter(
+        {Sent(row["kind"], campaign, row["recipient"], row["url"]): row["n"] for row in rows}
     )
+    report = compare(campaign, acked, stored)
+    report.dead_letters = dead_letters
+    return report
 
 
-def audit_until_settled(dsn: str, campaign: str, acked: set[str], timeout: float = 60) -> Audit:
-    """Wait for the backlog to drain (nothing lost any more), then report."""
+def audit_until_settled(
+    dsn: str, campaign: str, acked: Collection[Sent], timeout: float = 60
+) -> Audit:
+    """Wait for the backlog to drain (nothing lost any more), then report. A row no
+    request asked for never goes away by waiting, so it fails the test here."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -152,5 +209,6 @@ def audit_until_settled(dsn: str, campaign: str, acked: set[str], timeout: float
         except (OSError, asyncpg.PostgresError):
             report = Audit(len(acked), 0, len(acked), 0)
         if report.lost == 0 or time.monotonic() > deadline:
+            assert report.stray == 0, f"rows stored that no request asked for: {report}"
             return report
         time.sleep(0.25)

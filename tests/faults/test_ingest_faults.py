@@ -1,10 +1,10 @@
 """Ingest under beanstalkd faults: down at start, hung, a smaller job limit, a damaged spool.
 
 Like test_outages.py, these drive real processes (or the real enqueue task) against a
-real beanstalkd and count what was acknowledged against what was stored. Two faults a
-real beanstalkd cannot produce on cue (accepting connections but never answering, and
-hanging on a put while answering use and stats) use a local stand-in that speaks just
-that much of the protocol. The figures are printed with ``pytest -s``.
+real beanstalkd and count what was acknowledged against what was stored. A hung
+beanstalkd is a real one stopped with SIGSTOP: the kernel still completes TCP
+handshakes on its listening socket, and nothing answers. The figures are printed with
+``pytest -s``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from ingest.metrics import IngestMetrics
 from ingest.spool import Spool
 from loadtest.bench import histogram_quantile, scrape
 from tests.faults.test_outages import metric, report, start_consumer
-from tests.load import Load, audit_until_settled
+from tests.load import Load, Sent, audit_until_settled
 from tests.procs import start_ingest
 from tests.servers import Beanstalkd
 from trackbuf import codec
@@ -160,42 +160,50 @@ def spooled_job_sizes(directory: Path) -> list[int]:
 
 
 def test_reconnecting_to_a_hung_server_backs_off(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    beanstalkd: Beanstalkd, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A server that accepts connections and never answers (what a stopped beanstalkd
-    or a blackholing firewall looks like): attempts are spaced 0.5, 1, 2, 4 s apart
-    after their timeouts, not every 0.5 s, and the outage is logged once."""
+    """A beanstalkd stopped with SIGSTOP accepts connections (the kernel does) and never
+    answers, like a hung host or a blackholing firewall: attempts are spaced 0.5, 1, 2,
+    4 s apart after their timeouts, not every 0.5 s, and the outage is logged once.
+    After SIGCONT the link connects again by itself."""
     monkeypatch.setattr(bsproto, "IO_TIMEOUT_S", 0.1)  # so attempts are quick to count
     window = 6.0
+    attempts: list[float] = []
+    real_open = bsproto.Connection.open
 
-    async def scenario() -> list[float]:
-        accepted: list[float] = []
-        held: list[asyncio.StreamWriter] = []
+    async def timed_open(address: tuple[str, int], tube: str) -> bsproto.Connection:
+        attempts.append(time.monotonic())  # observed only: the real connect runs
+        return await real_open(address, tube)
 
-        async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            accepted.append(time.monotonic())
-            held.append(writer)  # never answered, closed at the end
+    monkeypatch.setattr(bsproto.Connection, "open", staticmethod(timed_open))
+    assert beanstalkd.proc is not None
+    proc = beanstalkd.proc
 
-        server = await asyncio.start_server(hang, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        link = bsproto.Link(("127.0.0.1", port), TUBE, lambda up: None)
-        await link.start(wait=0)
-        await asyncio.sleep(window)
+    async def scenario() -> bool:
+        link = bsproto.Link(("127.0.0.1", beanstalkd.port), TUBE, lambda up: None)
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            await link.start(wait=0)
+            await asyncio.sleep(window)
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + bsproto.RECONNECT_MAX_S + 2
+        while link.conn is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        reconnected = link.conn is not None
         await link.close()
-        server.close()
-        for writer in held:
-            writer.close()
-        await server.wait_closed()
-        return accepted
+        return reconnected
 
-    accepted = asyncio.run(scenario())
-    gaps = [round(b - a, 2) for a, b in itertools.pairwise(accepted)]
+    reconnected = asyncio.run(scenario())
+    in_window = [at for at in attempts if at - attempts[0] < window]
+    gaps = [round(b - a, 2) for a, b in itertools.pairwise(in_window)]
     down = [r for r in caplog.records if "event=beanstalkd_down" in r.getMessage()]
-    report("reconnect to a hung server", f"attempts={len(accepted)} gaps={gaps}", "")
+    report("reconnect to a hung server", f"attempts={len(in_window)} gaps={gaps}", "")
     # Every 0.5 s would be about 10 attempts in the window; with backoff: 0, 0.6, 1.7, 3.8.
-    assert 3 <= len(accepted) <= 5, gaps
+    assert 3 <= len(in_window) <= 5, gaps
     assert all(b > a for a, b in itertools.pairwise(gaps)), gaps
     assert len(down) == 1 and "no answer" in down[0].getMessage()
+    assert reconnected, "never reconnected after SIGCONT"
 
 
 def test_spooled_jobs_are_split_for_a_server_with_a_smaller_job_limit(
@@ -257,7 +265,7 @@ def test_a_corrupt_spool_record_is_counted_lost_and_the_rest_stored(
 
     ingest = start_ingest(settings, tmp_path / "ingest.log")
     consumer = start_consumer(settings, tmp_path / "consumer.log")
-    kept = {e.recipient for job in events[:2] + events[3:] for e in job}
+    kept = {Sent("open", "corrupt", e.recipient) for job in events[:2] + events[3:] for e in job}
     audit = audit_until_settled(settings.database_url, "corrupt", kept)
     lost = metric(settings, 'trackbuf_ingest_events_total{kind="open",outcome="lost"}')
     report("corrupt spool record", f"records=5 corrupt=1 lost_metric={lost:.0f}", audit)
@@ -385,60 +393,54 @@ def test_replay_drops_only_the_oversized_event_of_a_spooled_job(tmp_path: Path) 
     assert lost(registry, "click") == 1 and lost(registry, "open") == 0
 
 
-class HungOnPut:
-    """Speaks just enough beanstalkd (use, stats) to be connected to, then never
-    answers a put: a server that hangs in the middle of a replay."""
-
-    def __init__(self) -> None:
-        self.puts = 0
-        self.writers: list[asyncio.StreamWriter] = []
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.writers.append(writer)
-        while line := await reader.readline():
-            if line.startswith(b"use "):
-                writer.write(b"USING " + line[4:].strip() + b"\r\n")
-            elif line.startswith(b"stats"):
-                body = b"---\nmax-job-size: 65535\n"
-                writer.write(b"OK %d\r\n%s\r\n" % (len(body), body))
-            elif line.startswith(b"put "):
-                self.puts += 1  # never answered (its body line is read and ignored)
-
-
-def test_stopping_does_not_wait_for_a_hung_replay(tmp_path: Path) -> None:
+def test_stopping_does_not_wait_for_a_hung_replay(
+    beanstalkd: Beanstalkd, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Requests never wait for a replay round, so neither does a stop: the round is
-    cancelled, the stop is clean, and the record stays in the spool for next time."""
+    cancelled, the stop is clean, and the record stays in the spool for next time.
+
+    To hang a replay's put on a real beanstalkd, the connection must be up (replay runs
+    only then) and the put unanswered: in drain mode (SIGUSR1) beanstalkd answers
+    ``use`` and ``stats`` but refuses puts, so the first replay pauses with the record
+    kept and the connection up; SIGSTOP then hangs the next replay's put."""
     spool_dir = tmp_path / "spool"
     left_behind = Spool(spool_dir, max_bytes=1 << 20)
     left_behind.open()
     assert left_behind.append(codec.encode_job([codec.encode_event(new_event("open", "c", "r"))]))
     left_behind.close()
     registry = CollectorRegistry()
+    assert beanstalkd.proc is not None
+    proc = beanstalkd.proc
+    proc.send_signal(signal.SIGUSR1)  # drain mode: every put answers DRAINING
+
+    async def wait_log(event: str, timeout: float = 5) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(f"event={event}" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, f"no {event}"
+            await asyncio.sleep(0.01)
 
     async def scenario() -> tuple[bool, float]:
-        hung = HungOnPut()
-        server = await asyncio.start_server(hung.handle, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        enq = Enqueuer(("127.0.0.1", port), TUBE, ttr=60, max_job_bytes=60000,
-                       metrics=IngestMetrics.create(registry),
-                       spool=Spool(spool_dir, max_bytes=1 << 20))  # fmt: skip
+        enq = enqueuer(beanstalkd, tmp_path, registry)
         await enq.start()
-        deadline = time.monotonic() + 5
-        while not hung.puts:
-            assert time.monotonic() < deadline, "the spool was never replayed"
-            await asyncio.sleep(0.02)
-        started = time.monotonic()
-        finished = await enq.close(timeout=1.0)
-        took = time.monotonic() - started
-        server.close()
-        for writer in hung.writers:
-            writer.close()
-        await server.wait_closed()
-        return finished, took
+        await wait_log("spool_replay_paused")  # the first replay put: DRAINING
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            await wait_log("beanstalkd_stalled")  # the next replay put hangs
+            started = time.monotonic()
+            finished = await enq.close(timeout=1.0)
+            return finished, time.monotonic() - started
+        finally:
+            proc.send_signal(signal.SIGCONT)
 
     finished, took = asyncio.run(scenario())
     report("stop during a hung replay", f"clean={finished} took={took:.2f}s", "")
     assert finished and took < 0.5
+    # Resumed, beanstalkd reads what the closed connection had sent: the command that
+    # hung was the second put (a replay's), not a ping.
+    deadline = time.monotonic() + 5
+    while beanstalkd.stats()["cmd-put"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert beanstalkd.stats()["cmd-put"] == 2
     after = Spool(spool_dir, max_bytes=1 << 20)
     after.open()
     assert after.pending_records == 1  # replayed by the next start
