@@ -8,17 +8,19 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import multiprocess
 
+from ingest import listen
 from ingest.app import Ingest
 from ingest.metrics import IngestMetrics
+from ingest.supervisor import Supervisor
 from trackbuf.log import kv
 from trackbuf.settings import Settings, as_environ
 
@@ -26,13 +28,22 @@ log = logging.getLogger("trackbuf.ingest")
 
 # What the stop may take beyond shutdown_timeout: closing sockets and files.
 STOP_GRACE_S = 0.5
+# Set for the workers of a supervisor (not a setting): its pid, which they watch.
+SUPERVISOR_PID_VARIABLE = "_TRACKBUF_INGEST_SUPERVISOR_PID"
+SUPERVISOR_CHECK_S = 0.5
 
 
 def run(settings: Settings) -> int:
-    if settings.workers > 1:
-        return _run_workers(settings)
+    """Exit code: 0 after a clean stop, 1 when the stop was not clean (see
+    ``serve`` and ingest/supervisor.py); a listen address that cannot be bound raises
+    ``ListenError`` before anything starts (the CLI exits 2)."""
+    listeners = listen.inherited()  # a worker of a supervisor: its sockets
+    if listeners is None:
+        listeners = listen.bind(settings.listen)
+        if settings.workers > 1:
+            return _run_workers(settings, listeners)
     _use_uvloop()
-    return asyncio.run(serve(settings))
+    return asyncio.run(serve(settings, listeners))
 
 
 class ErrorAnswers(logging.Filter):
@@ -69,7 +80,9 @@ class ErrorAnswers(logging.Filter):
         return True
 
 
-async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
+async def serve(
+    settings: Settings, listeners: list[socket.socket], stop: asyncio.Event | None = None
+) -> int:
     """Serve until SIGTERM/SIGINT (or ``stop``), then shut down gracefully.
 
     Graceful: stop accepting, let in-flight requests finish, flush the enqueue task;
@@ -83,24 +96,28 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
     errors = ErrorAnswers(ingest.metrics)
     logging.getLogger("aiohttp.server").addFilter(errors)
     try:
-        return await _serve(settings, stop, ingest)
+        return await _serve(settings, listeners, stop, ingest)
     finally:
         logging.getLogger("aiohttp.server").removeFilter(errors)
 
 
-async def _serve(settings: Settings, stop: asyncio.Event, ingest: Ingest) -> int:
-    host, port = settings.listen.rsplit(":", 1)
+async def _serve(
+    settings: Settings, listeners: list[socket.socket], stop: asyncio.Event, ingest: Ingest
+) -> int:
     await ingest.start()
     runner = web.ServerRunner(
         web.Server(ingest.handle, access_log=None),  # a line per pixel costs more than it
         shutdown_timeout=settings.shutdown_timeout,
     )
     await runner.setup()
-    # reuse_port lets several worker processes share the port (the kernel balances).
-    site = web.TCPSite(runner, host.strip("[]"), int(port), reuse_port=True, backlog=1024)
-    await site.start()
+    for sock in listeners:
+        await web.SockSite(runner, sock, backlog=listen.BACKLOG).start()
     log.info(kv("ingest_listening", listen=settings.listen, pid=os.getpid()))
+    supervisor = os.environ.get(SUPERVISOR_PID_VARIABLE)
+    watch = asyncio.create_task(_watch_supervisor(int(supervisor), stop)) if supervisor else None
     await stop.wait()
+    if watch is not None:
+        watch.cancel()
     log.info(kv("ingest_stopping", pid=os.getpid()))
     clock = ingest.shutdown
     clock.start(settings.shutdown_timeout)
@@ -119,6 +136,15 @@ async def _serve(settings: Settings, stop: asyncio.Event, ingest: Ingest) -> int
     return 0 if clock.clean else 1
 
 
+async def _watch_supervisor(pid: int, stop: asyncio.Event) -> None:
+    # A supervisor killed with SIGKILL cannot stop its workers: they stop by themselves
+    # instead of holding the port (and their spool files) with nobody to stop them.
+    while os.getppid() == pid:
+        await asyncio.sleep(SUPERVISOR_CHECK_S)
+    log.error(kv("ingest_supervisor_gone", supervisor=pid, pid=os.getpid()))
+    stop.set()
+
+
 def _use_uvloop() -> None:
     with contextlib.suppress(ImportError):
         import uvloop
@@ -126,13 +152,14 @@ def _use_uvloop() -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def _run_workers(settings: Settings) -> int:
-    """Start ``workers`` single-process servers on the same port and supervise them.
+def _run_workers(settings: Settings, listeners: list[socket.socket]) -> int:
+    """Start ``workers`` single-process servers on the supervisor's sockets and
+    supervise them (ingest/supervisor.py).
 
-    The kernel spreads connections across them (SO_REUSEPORT). Their metrics go to a
-    shared directory (prometheus-client multiprocess mode), so any one of them answers
-    /metrics with the totals of all. A worker that dies is replaced; its spool is
-    claimed and replayed by its replacement.
+    Every worker serves the same inherited sockets (ingest/listen.py says why not
+    SO_REUSEPORT). Their metrics go to a shared directory (prometheus-client
+    multiprocess mode), so any one of them answers /metrics with the totals of all. A
+    worker that dies is replaced; its spool is claimed and replayed by its replacement.
     """
     metrics_dir = Path(settings.data_dir) / "ingest-metrics"
     shutil.rmtree(metrics_dir, ignore_errors=True)  # counters restart with the processes
@@ -140,35 +167,25 @@ def _run_workers(settings: Settings) -> int:
     env = {
         **os.environ,
         **as_environ(settings),
+        **listen.worker_environ(listeners),
+        SUPERVISOR_PID_VARIABLE: str(os.getpid()),
         "TRACKBUF_WORKERS": "1",
         "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
     }
     cmd = [sys.executable, "-m", "trackbuf", "ingest"]
-    children = [subprocess.Popen(cmd, env=env) for _ in range(settings.workers)]
-    stopping = False
+    fds = [sock.fileno() for sock in listeners]
 
-    def forward(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
+    def spawn() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(cmd, env=env, pass_fds=fds)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    codes: dict[int, int] = {}
-    while len(codes) < len(children):
-        for i, child in enumerate(children):
-            code = child.poll()
-            if code is None or i in codes:
-                continue
-            multiprocess.mark_process_dead(child.pid, str(metrics_dir))  # type: ignore[no-untyped-call]
-            if not stopping:
-                log.error(kv("ingest_worker_died", pid=child.pid, code=code))
-                time.sleep(0.5)  # a worker that dies at once must not spin the CPU
-            if stopping:  # also when SIGTERM arrived during that pause
-                codes[i] = code
-            else:
-                children[i] = subprocess.Popen(cmd, env=env)
-        time.sleep(0.1)
-    return max(codes.values(), key=abs)
+    def reaped(pid: int) -> None:
+        multiprocess.mark_process_dead(pid, str(metrics_dir))  # type: ignore[no-untyped-call]
+
+    supervisor = Supervisor(
+        spawn,
+        settings.workers,
+        stop_timeout=settings.shutdown_timeout + STOP_GRACE_S,
+        reaped=reaped,
+        listeners=listeners,
+    )
+    return supervisor.run()

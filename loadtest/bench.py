@@ -157,7 +157,7 @@ def ingest_under_outage(
 
 
 def bench_workers(work: Path, plan: Plan) -> dict[str, Any]:
-    """``trackbuf ingest --workers 1`` against ``--workers 2`` (SO_REUSEPORT), three
+    """``trackbuf ingest --workers 1`` against ``--workers 2`` (one shared socket), three
     interleaved rounds, and whether the shared /metrics counts every answer.
 
     wrk, beanstalkd and PostgreSQL share the same two cores, so the second worker can

@@ -143,7 +143,7 @@ def tables(results: dict[str, Any]) -> str:
         w = results["workers"]
         rps, cpu = w["requests_per_s"], w["cpu_us_per_request"]
         rounds = len(w["runs_rps"]["1"])
-        lines += ["### Ingest processes (`--workers`, SO_REUSEPORT; wrk -t2 -c64, best of "
+        lines += ["### Ingest processes (`--workers`, one shared socket; wrk -t2 -c64, best of "
                   f"{rounds} interleaved round(s))", "",
                   "| workers | requests/s | server CPU us/request | answered (wrk) | "
                   "counted (/metrics) |", "|---|---|---|---|---|"]  # fmt: skip

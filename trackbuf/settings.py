@@ -27,7 +27,7 @@ class Settings:
     beanstalkd: str = field(default="127.0.0.1:11300", metadata={"help": "beanstalkd host:port"})
     tube: str = field(default="trackbuf-events", metadata={"help": "beanstalkd tube"})
     listen: str = field(default="127.0.0.1:8080", metadata={"help": "ingest host:port"})
-    workers: int = field(default=1, metadata={"help": "ingest processes (SO_REUSEPORT)"})
+    workers: int = field(default=1, metadata={"help": "ingest worker processes (one socket)"})
     public_url: str = field(
         default="http://127.0.0.1:8080", metadata={"help": "base URL printed in links"}
     )

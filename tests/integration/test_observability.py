@@ -185,7 +185,7 @@ def test_several_ingest_workers_report_correct_totals(
 
     async def hit() -> list[int]:
         # A new connection per request: the kernel spreads connections, not requests,
-        # across the two processes (SO_REUSEPORT), and keep-alive would pin a client
+        # across the two processes (whichever is free accepts), and keep-alive would pin a client
         # to one of them.
         connector = aiohttp.TCPConnector(force_close=True, limit=8)
         async with aiohttp.ClientSession(connector=connector) as session:
