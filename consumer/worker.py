@@ -20,7 +20,7 @@ import orjson
 
 from consumer import queue
 from consumer.batch import Batch, halves
-from consumer.database import Database, DatabaseUnavailable, RejectedData
+from consumer.database import Database, DatabaseUnavailable, RejectedData, WriteResult
 from consumer.health import Health
 from consumer.metrics import ConsumerMetrics
 from consumer.sql import query
@@ -201,16 +201,24 @@ class Worker:
                 for half in halves(jobs):
                     self._store(half, pending)
             return
-        self._db_backoff = BACKOFF_START_S  # a commit, not a ping, proves the database
-        self._next_db_check = time.monotonic() + IDLE_DB_CHECK_S
-        self.health.committed()
-        self.metrics.insert_duration.observe(time.perf_counter() - started)
+        # Committed. The jobs are deleted whatever happens to the bookkeeping: an error
+        # in it would otherwise release stored jobs and be logged as a database outage.
+        try:
+            self._db_backoff = BACKOFF_START_S  # a commit, not a ping, proves the database
+            self._next_db_check = time.monotonic() + IDLE_DB_CHECK_S
+            self.health.committed()
+            self.metrics.insert_duration.observe(time.perf_counter() - started)
+            self._count(result)
+            self.metrics.batches.labels("committed").inc()
+            self.metrics.batch_events.observe(events)
+            self._time_end_to_end(jobs)
+        except Exception:
+            log.exception(kv("bookkeeping_failed", worker=self.index, jobs=len(jobs)))
+        self._delete(jobs, pending)
+
+    def _count(self, result: WriteResult) -> None:
         self.metrics.events_written.inc(result.inserted)
         self.metrics.duplicates.inc(result.duplicates)
-        self.metrics.batches.labels("committed").inc()
-        self.metrics.batch_events.observe(events)
-        self._time_end_to_end(jobs)
-        self._delete(jobs, pending)
 
     def _time_end_to_end(self, jobs: list[Job]) -> None:
         """Observe each committed job's age, once per event in it (see
@@ -243,8 +251,10 @@ class Worker:
             except RejectedData as exc:
                 self._dead_letter("rejected_by_database", str(exc), event.event_id, single)
                 continue
-            self.metrics.events_written.inc(result.inserted)
-            self.metrics.duplicates.inc(result.duplicates)
+            try:
+                self._count(result)  # committed: see _store
+            except Exception:
+                log.exception(kv("bookkeeping_failed", worker=self.index, jobs=1))
         self._delete([job], pending)
 
     def _dead_letter(self, label: str, reason: str, event_id: object, body: bytes) -> None:
