@@ -15,7 +15,6 @@ import threading
 import time
 from dataclasses import dataclass
 
-import greenstalk
 import orjson
 
 from consumer import queue
@@ -131,9 +130,9 @@ class Worker:
                 else:
                     idle_wait = 0 if self.settings.burst else IDLE_RESERVE_S
                     jobs = [client.reserve(timeout=idle_wait)]
-            except greenstalk.TimedOutError:
+            except queue.ReserveTimedOut:
                 jobs = []
-            except greenstalk.DeadlineSoonError:
+            except queue.DeadlineSoon:
                 return batch
             except queue.CONNECTION_ERRORS as exc:
                 # The server returns our reserved jobs to ready when the connection drops,
@@ -285,9 +284,9 @@ class Worker:
         for job in jobs:
             try:
                 self._client.release(job)
-            except greenstalk.NotFoundError:
+            except queue.NotFound:
                 pass  # gone (TTR): someone else has it
-            except greenstalk.BuriedError:
+            except queue.Buried:
                 # Kept, but buried by a server out of memory: counted (it pins binlog
                 # files and says beanstalkd is in trouble); the kicker brings it back.
                 self.metrics.buried_jobs.inc()
@@ -353,7 +352,7 @@ class Worker:
             if not buried:
                 return
             kicked = client.kick(KICK_BOUND)
-        except greenstalk.NotFoundError:
+        except queue.NotFound:
             return  # the tube does not exist yet: nothing was ever put
         except queue.CONNECTION_ERRORS as exc:
             log.warning(kv("beanstalkd_lost", worker=self.index, error=repr(exc)))

@@ -18,7 +18,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-import greenstalk
+from consumer import queue
 
 
 def rss_bytes(pid: int) -> int:
@@ -124,22 +124,26 @@ class Beanstalkd:
         assert self.proc is not None
         return rss_bytes(self.proc.pid)
 
-    def client(self, tube: str = "trackbuf-events") -> greenstalk.Client[bytes]:
-        return greenstalk.Client(("127.0.0.1", self.port), encoding=None, use=tube, watch=tube)
+    def client(self, tube: str = "trackbuf-events") -> queue.Client:
+        """The consumer's own client: the one beanstalkd protocol layer trackbuf has."""
+        return queue.connect(("127.0.0.1", self.port), tube)
 
     def stats(self) -> dict[str, int]:
         """The server-wide counters (``stats``): commands run, binlog indexes, limits."""
-        with greenstalk.Client(("127.0.0.1", self.port)) as client:
-            return {k: int(str(v)) for k, v in client.stats().items() if str(v).isdigit()}
+        with queue.connect(("127.0.0.1", self.port), "default", watch=False) as client:
+            return _numbers(client.stats())
 
     def tube_stats(self, tube: str = "trackbuf-events") -> dict[str, int]:
-        with greenstalk.Client(("127.0.0.1", self.port)) as client:
+        with queue.connect(("127.0.0.1", self.port), "default", watch=False) as client:
             try:
-                stats = client.stats_tube(tube)
-            except greenstalk.NotFoundError:
+                return _numbers(client.stats_tube(tube))
+            except queue.NotFound:
                 return {"current-jobs-ready": 0, "current-jobs-reserved": 0,
                         "current-jobs-buried": 0, "current-jobs-delayed": 0}  # fmt: skip
-            return {k: int(str(v)) for k, v in stats.items() if str(v).isdigit()}
+
+
+def _numbers(stats: dict[str, int | str]) -> dict[str, int]:
+    return {k: v for k, v in stats.items() if isinstance(v, int)}
 
 
 def _pg_bindir() -> Path:

@@ -34,6 +34,7 @@ def test_round_trip_through_the_environment() -> None:
         ({"TRACKBUF_IP_MODE": "hash"}, "TRACKBUF_IP_MODE"),
         ({"TRACKBUF_BURST": "maybe"}, "must be a boolean"),
         ({"TRACKBUF_PUBLIC_URL": "t.example.com"}, "must start with http"),
+        ({"TRACKBUF_TUBE": "two words"}, "TRACKBUF_TUBE: bad tube name"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:
