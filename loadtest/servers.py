@@ -15,7 +15,6 @@ import socket
 import subprocess
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 from consumer import queue
@@ -47,20 +46,6 @@ def cpu_seconds(pid: int) -> float:
         if this == pid or int(fields[1]) == pid:  # fields[1] is the parent pid
             total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
     return total
-
-
-def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    """Wait until ``url`` answers; fail at once if ``proc`` exits first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url}: process exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"{url} did not answer")
 
 
 def free_port() -> int:

@@ -18,14 +18,13 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 import warnings
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from trackbuf import links
+from trackbuf import httpwait, links
 from trackbuf.settings import Settings, as_environ, env_name, parse_hostport
 from trackbuf.tokens import Keyring, new_key
 
@@ -215,16 +214,12 @@ def _wait_tcp(host: str, port: int, proc: subprocess.Popen[bytes]) -> None:
 
 
 def _wait_http(url: str, children: list[subprocess.Popen[bytes]]) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if any(child.poll() is not None for child in children):
-            raise UpError("a trackbuf process exited during startup")
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise UpError(f"ingest did not answer {url}")
+    try:
+        httpwait.wait_http(url, children, STARTUP_TIMEOUT_S)
+    except httpwait.ProcessExited:
+        raise UpError("a trackbuf process exited during startup") from None
+    except TimeoutError:
+        raise UpError(f"ingest did not answer {url}") from None
 
 
 def _banner(settings: Settings) -> None:
