@@ -49,7 +49,11 @@ class WriteResult:
 
     @property
     def duplicates(self) -> int:
-        return self.events - self.inserted
+        """Events skipped as already stored. ``events`` is the sum of the job headers'
+        counts, which only size batches: the insert stores every event a job holds,
+        so a header that under-counts gives more rows than ``events``, never fewer
+        than zero duplicates."""
+        return max(self.events - self.inserted, 0)
 
 
 class Database:

@@ -12,7 +12,6 @@ import sys
 from collections.abc import Sequence
 
 import asyncpg
-import greenstalk
 import orjson
 
 from consumer import queue
@@ -64,14 +63,14 @@ async def kick(settings: Settings, ids: Sequence[int], everything: bool) -> int:
         for row in rows:
             try:
                 client.put(as_job(bytes(row["body"])), ttr=settings.job_ttr)
-            except greenstalk.BuriedError:
+            except queue.Buried:
                 # Stored, but buried (beanstalkd is short of memory): the consumer
                 # kicks buried jobs back, so the dead letter has been handed over.
                 print(f"trackbuf dead kick: {row['id']} was buried by beanstalkd; "
                       "the consumer kicks it back", file=sys.stderr)  # fmt: skip
             await conn.execute(query("dead_delete"), [row["id"]])
             kicked += 1
-    except greenstalk.Error as exc:
+    except (queue.BeanstalkError, OSError) as exc:
         print(f"trackbuf dead kick: beanstalkd refused the put: {exc!r}", file=sys.stderr)
         return 1
     finally:

@@ -1,88 +1,205 @@
-"""The consumer's beanstalkd connection: one per worker thread, rebuilt after errors."""
+"""The consumer's beanstalkd connection: one per worker thread, rebuilt after errors.
+
+A small blocking client that owns its socket; commands and replies come from
+``trackbuf.beanstalk``, the protocol layer ingest's asyncio client uses too. It
+pipelines where the consumer needs throughput: ``reserve_ready`` and ``delete_many``
+send k commands in one write and read the k replies back, one round trip instead of
+k (a batch of 40 jobs took 80 round trips, each also a GIL hand-off between worker
+threads). beanstalkd answers one connection's commands in order, so this is safe.
+"""
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Sequence
+from types import TracebackType
 
-import greenstalk
+from trackbuf import beanstalk
+from trackbuf.beanstalk import (
+    BeanstalkError,
+    Buried,
+    DeadlineSoon,
+    Job,
+    NotFound,
+    ReserveTimedOut,
+)
 
-Job = greenstalk.Job[bytes]
-
-
-class Client(greenstalk.Client[bytes]):
-    """greenstalk's client plus pipelined reserve and delete.
-
-    beanstalkd answers one connection's commands in order, so k commands can go out in
-    one write and their k answers be read back: one round trip instead of k. A batch
-    of 40 jobs took 80 round trips, each also a GIL hand-off between worker threads.
-    This relies on greenstalk 2.x keeping the socket in ``_sock`` and a buffered
-    reader in ``_reader``; tests/integration drive it against a real server.
-    """
-
-    def reserve_ready(self, limit: int) -> tuple[list[Job], bool]:
-        """Up to ``limit`` jobs that are ready now, without waiting for more, and
-        whether beanstalkd warned that a job we hold is near its TTR."""
-        self._sock.sendall(b"reserve-with-timeout 0\r\n" * limit)
-        jobs: list[Job] = []
-        deadline_soon = False
-        for _ in range(limit):
-            word, values = self._line()
-            if word == b"RESERVED" and len(values) == 2 and all(v.isdigit() for v in values):
-                size = int(values[1])
-                data = self._reader.read(size + 2)
-                if len(data) != size + 2 or data[-2:] != b"\r\n":
-                    raise ConnectionError("connection closed while reading a job")
-                jobs.append(greenstalk.Job(int(values[0]), data[:-2]))
-            elif word == b"DEADLINE_SOON":
-                deadline_soon = True
-            elif word != b"TIMED_OUT":
-                raise greenstalk.UnknownResponseError(word, values)
-        return jobs, deadline_soon
-
-    def delete_many(self, jobs: list[Job]) -> int:
-        """Delete these jobs; how many were still ours (NOT_FOUND: TTR ran out and
-        another worker has it, whose insert then skips the stored events)."""
-        self._sock.sendall(b"".join(b"delete %d\r\n" % job.id for job in jobs))
-        deleted = 0
-        for _ in jobs:
-            word, values = self._line()
-            if word == b"DELETED":
-                deleted += 1
-            elif word != b"NOT_FOUND":
-                raise greenstalk.UnknownResponseError(word, values)
-        return deleted
-
-    def _line(self) -> tuple[bytes, list[bytes]]:
-        line = self._reader.readline()
-        if not line.endswith(b"\r\n"):
-            raise ConnectionError("connection closed by beanstalkd")
-        parts = line.split()
-        if not parts:
-            raise greenstalk.UnknownResponseError(b"", [])
-        return parts[0], parts[1:]
-
+__all__ = [
+    "CONNECTION_ERRORS",
+    "BeanstalkError",
+    "Buried",
+    "Client",
+    "DeadlineSoon",
+    "Job",
+    "NotFound",
+    "ReserveTimedOut",
+    "connect",
+]
 
 CONNECT_TIMEOUT_S = 2.0
 # Longer than any reserve-with-timeout we send, so only a hung server trips it.
 IO_TIMEOUT_S = 10.0
+# For puts from tools and tests; the consumer's own jobs come from ingest's settings.
+DEFAULT_TTR_S = 60
 
-# After any of these the connection is unusable (greenstalk does not reconnect, and a
-# half-read reply would desynchronise the protocol): drop it and build a new one.
+# After any of these the connection is unusable (a half-read reply would desynchronise
+# the protocol; Refused means the server is draining or out of memory): drop it and
+# build a new one. Closing it hands every job still reserved on it back to beanstalkd.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     EOFError,
-    greenstalk.UnknownResponseError,
-    greenstalk.BadFormatError,
-    greenstalk.ExpectedCrlfError,
-    greenstalk.InternalError,
-    greenstalk.UnknownCommandError,
+    beanstalk.ProtocolError,
+    beanstalk.Refused,
 )
+
+
+class Client:
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._reader = sock.makefile("rb")
+
+    # Connection -----------------------------------------------------------------------
+
+    def set_timeout(self, seconds: float) -> None:
+        """Bound every following command (connect() sets IO_TIMEOUT_S)."""
+        self._sock.settimeout(seconds)
+
+    def close(self) -> None:
+        try:
+            self._reader.close()
+        finally:
+            self._sock.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # Producing ------------------------------------------------------------------------
+
+    def use(self, tube: str) -> None:
+        self._send(beanstalk.use(tube))
+        beanstalk.use_reply(self._line(), tube)
+
+    def put(
+        self, body: bytes, ttr: int = DEFAULT_TTR_S, priority: int = beanstalk.DEFAULT_PRIORITY
+    ) -> int:
+        """The new job's id; raises Buried (kept, but buried), JobTooBig or Refused."""
+        self._send(beanstalk.put(body, ttr, priority))
+        return beanstalk.put_reply(self._line())
+
+    # Consuming ------------------------------------------------------------------------
+
+    def watch(self, tube: str) -> int:
+        self._send(beanstalk.watch(tube))
+        return beanstalk.watch_reply(self._line())
+
+    def ignore(self, tube: str) -> int:
+        self._send(beanstalk.ignore(tube))
+        return beanstalk.watch_reply(self._line())
+
+    def reserve(self, timeout: int) -> Job:
+        """The next ready job within ``timeout`` seconds; raises ReserveTimedOut, or
+        DeadlineSoon when a job we hold is within a second of its TTR."""
+        self._send(beanstalk.reserve(timeout))
+        return self._job(*beanstalk.reserve_reply(self._line()))
+
+    def reserve_ready(self, limit: int) -> tuple[list[Job], bool]:
+        """Up to ``limit`` jobs that are ready now, without waiting for more, and
+        whether beanstalkd warned that a job we hold is near its TTR."""
+        self._send(beanstalk.reserve(0) * limit)
+        jobs: list[Job] = []
+        deadline_soon = False
+        # Every reply is read even after a warning: the stream must stay in step.
+        for _ in range(limit):
+            try:
+                jobs.append(self._job(*beanstalk.reserve_reply(self._line())))
+            except DeadlineSoon:
+                deadline_soon = True
+            except ReserveTimedOut:
+                pass
+        return jobs, deadline_soon
+
+    def delete(self, job: Job | int) -> None:
+        """Raises NotFound if the job is not ours any more."""
+        if self.delete_many([job]) != 1:
+            raise NotFound("delete: NOT_FOUND")
+
+    def delete_many(self, jobs: Sequence[Job | int]) -> int:
+        """Delete these jobs; how many were still ours (NOT_FOUND: TTR ran out and
+        another worker has it, whose insert then skips the stored events)."""
+        self._send(b"".join(beanstalk.delete(_id(job)) for job in jobs))
+        return sum(beanstalk.delete_reply(self._line()) for _ in jobs)
+
+    def release(self, job: Job | int, priority: int = beanstalk.DEFAULT_PRIORITY) -> None:
+        """Raises Buried (no memory to queue it again) or NotFound (not ours)."""
+        self._send(beanstalk.release(_id(job), priority))
+        beanstalk.release_reply(self._line(), _id(job))
+
+    def bury(self, job: Job | int, priority: int = beanstalk.DEFAULT_PRIORITY) -> None:
+        self._send(beanstalk.bury(_id(job), priority))
+        beanstalk.bury_reply(self._line())
+
+    def kick(self, bound: int) -> int:
+        """Kick up to ``bound`` jobs of the used tube (buried ones first, else delayed)."""
+        self._send(beanstalk.kick(bound))
+        return beanstalk.kick_reply(self._line())
+
+    # Observing ------------------------------------------------------------------------
+
+    def peek_ready(self) -> Job:
+        """The next ready job of the used tube, left in place; NotFound if none."""
+        self._send(beanstalk.PEEK_READY)
+        return self._job(*beanstalk.found_reply(self._line()))
+
+    def pause_tube(self, tube: str, seconds: int) -> None:
+        self._send(beanstalk.pause_tube(tube, seconds))
+        beanstalk.pause_reply(self._line())
+
+    def stats(self) -> dict[str, int | str]:
+        return self._stats(beanstalk.STATS)
+
+    def stats_tube(self, tube: str) -> dict[str, int | str]:
+        """NotFound if the tube does not exist (beanstalkd drops unused empty tubes)."""
+        return self._stats(beanstalk.stats_tube(tube))
+
+    def stats_job(self, job: Job | int) -> dict[str, int | str]:
+        return self._stats(beanstalk.stats_job(_id(job)))
+
+    # Wire -----------------------------------------------------------------------------
+
+    def _stats(self, command: bytes) -> dict[str, int | str]:
+        self._send(command)
+        size = beanstalk.ok_reply(self._line())
+        return beanstalk.parse_stats(beanstalk.body(self._reader.read(size + 2), size))
+
+    def _job(self, job_id: int, size: int) -> Job:
+        return Job(job_id, beanstalk.body(self._reader.read(size + 2), size))
+
+    def _send(self, data: bytes) -> None:
+        self._sock.sendall(data)
+
+    def _line(self) -> bytes:
+        line = self._reader.readline()
+        if not line.endswith(b"\r\n"):
+            raise ConnectionError("connection closed by beanstalkd")
+        return line[:-2]
+
+
+def _id(job: Job | int) -> int:
+    return job if isinstance(job, int) else job.id
 
 
 def connect(
     address: tuple[str, int], tube: str, watch: bool = True, timeout: float | None = None
 ) -> Client:
-    """A connection that uses ``tube`` and, for workers, watches it.
+    """A connection that uses ``tube`` and, for workers, watches it (and only it).
 
     Observers pass ``watch=False`` so they are not counted as consumers of the tube,
     and ``timeout`` to bound connecting and every command (a scrape must answer
@@ -90,12 +207,16 @@ def connect(
     """
     connect_s, io_s = (CONNECT_TIMEOUT_S, IO_TIMEOUT_S) if timeout is None else (timeout, timeout)
     sock = socket.create_connection(address, timeout=connect_s)
+    client = Client(sock)
     try:
-        sock.settimeout(io_s)
+        client.set_timeout(io_s)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client.use(tube)
         if watch:
-            return Client(sock, encoding=None, use=tube, watch=tube)
-        return Client(sock, encoding=None, use=tube)
+            client.watch(tube)
+            if tube != "default":
+                client.ignore("default")
+        return client
     except BaseException:
-        sock.close()
+        client.close()
         raise

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import greenstalk
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -58,7 +57,7 @@ class _Deadline:
         return remaining
 
     def arm(self, client: queue.Client) -> queue.Client:
-        client._sock.settimeout(self.left())
+        client.set_timeout(self.left())
         return client
 
 
@@ -74,7 +73,7 @@ def snapshot(
         stats: dict[str, Any]
         try:
             stats = dict(deadline.arm(client).stats_tube(tube))
-        except greenstalk.NotFoundError:
+        except queue.NotFound:
             stats = {}  # beanstalkd drops a tube nobody uses: it is simply empty
         jobs = {state: int(stats.get(f"current-jobs-{state}", 0)) for state in STATES}
         age = 0
@@ -82,7 +81,7 @@ def snapshot(
             try:
                 job = deadline.arm(client).peek_ready()
                 age = int(deadline.arm(client).stats_job(job)["age"])
-            except greenstalk.NotFoundError:
+            except queue.NotFound:
                 age = 0  # taken between the two commands
         span = int(server.get("binlog-current-index", 0)) - int(
             server.get("binlog-oldest-index", 0)

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Generic, TypeVar
 
 import orjson
+from prometheus_client.parser import text_string_to_metric_families
 
 from consumer import queue
 from consumer.queue_metrics import QueueSnapshot, snapshot
@@ -80,24 +81,22 @@ def _queue(settings: Settings) -> QueueSnapshot | None:
 
 
 def scrape(url: str) -> dict[str, float] | None:
-    """Sum of each metric family's samples on a /metrics page (labels folded)."""
+    """The sum of each sample name's values on a /metrics page (labels folded), or
+    None when the page cannot be had or is not Prometheus text."""
     if not url:
         return None
     try:
         with urllib.request.urlopen(f"{url.rstrip('/')}/metrics", timeout=2) as response:
             text = response.read().decode()
-    except OSError:
+    except (OSError, UnicodeDecodeError):
         return None
     totals: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name_part, _, value = line.rpartition(" ")
-        name = name_part.split("{", 1)[0]
-        try:
-            totals[name] = totals.get(name, 0.0) + float(value)
-        except ValueError:
-            continue
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    except ValueError:
+        return None
     return totals
 
 

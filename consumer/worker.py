@@ -15,12 +15,11 @@ import threading
 import time
 from dataclasses import dataclass
 
-import greenstalk
 import orjson
 
 from consumer import queue
 from consumer.batch import Batch, halves
-from consumer.database import Database, DatabaseUnavailable, RejectedData
+from consumer.database import Database, DatabaseUnavailable, RejectedData, WriteResult
 from consumer.health import Health
 from consumer.metrics import ConsumerMetrics
 from consumer.sql import query
@@ -131,9 +130,9 @@ class Worker:
                 else:
                     idle_wait = 0 if self.settings.burst else IDLE_RESERVE_S
                     jobs = [client.reserve(timeout=idle_wait)]
-            except greenstalk.TimedOutError:
+            except queue.ReserveTimedOut:
                 jobs = []
-            except greenstalk.DeadlineSoonError:
+            except queue.DeadlineSoon:
                 return batch
             except queue.CONNECTION_ERRORS as exc:
                 # The server returns our reserved jobs to ready when the connection drops,
@@ -201,16 +200,24 @@ class Worker:
                 for half in halves(jobs):
                     self._store(half, pending)
             return
-        self._db_backoff = BACKOFF_START_S  # a commit, not a ping, proves the database
-        self._next_db_check = time.monotonic() + IDLE_DB_CHECK_S
-        self.health.committed()
-        self.metrics.insert_duration.observe(time.perf_counter() - started)
+        # Committed. The jobs are deleted whatever happens to the bookkeeping: an error
+        # in it would otherwise release stored jobs and be logged as a database outage.
+        try:
+            self._db_backoff = BACKOFF_START_S  # a commit, not a ping, proves the database
+            self._next_db_check = time.monotonic() + IDLE_DB_CHECK_S
+            self.health.committed()
+            self.metrics.insert_duration.observe(time.perf_counter() - started)
+            self._count(result)
+            self.metrics.batches.labels("committed").inc()
+            self.metrics.batch_events.observe(events)
+            self._time_end_to_end(jobs)
+        except Exception:
+            log.exception(kv("bookkeeping_failed", worker=self.index, jobs=len(jobs)))
+        self._delete(jobs, pending)
+
+    def _count(self, result: WriteResult) -> None:
         self.metrics.events_written.inc(result.inserted)
         self.metrics.duplicates.inc(result.duplicates)
-        self.metrics.batches.labels("committed").inc()
-        self.metrics.batch_events.observe(events)
-        self._time_end_to_end(jobs)
-        self._delete(jobs, pending)
 
     def _time_end_to_end(self, jobs: list[Job]) -> None:
         """Observe each committed job's age, once per event in it (see
@@ -243,8 +250,10 @@ class Worker:
             except RejectedData as exc:
                 self._dead_letter("rejected_by_database", str(exc), event.event_id, single)
                 continue
-            self.metrics.events_written.inc(result.inserted)
-            self.metrics.duplicates.inc(result.duplicates)
+            try:
+                self._count(result)  # committed: see _store
+            except Exception:
+                log.exception(kv("bookkeeping_failed", worker=self.index, jobs=1))
         self._delete([job], pending)
 
     def _dead_letter(self, label: str, reason: str, event_id: object, body: bytes) -> None:
@@ -275,9 +284,9 @@ class Worker:
         for job in jobs:
             try:
                 self._client.release(job)
-            except greenstalk.NotFoundError:
+            except queue.NotFound:
                 pass  # gone (TTR): someone else has it
-            except greenstalk.BuriedError:
+            except queue.Buried:
                 # Kept, but buried by a server out of memory: counted (it pins binlog
                 # files and says beanstalkd is in trouble); the kicker brings it back.
                 self.metrics.buried_jobs.inc()
@@ -343,7 +352,7 @@ class Worker:
             if not buried:
                 return
             kicked = client.kick(KICK_BOUND)
-        except greenstalk.NotFoundError:
+        except queue.NotFound:
             return  # the tube does not exist yet: nothing was ever put
         except queue.CONNECTION_ERRORS as exc:
             log.warning(kv("beanstalkd_lost", worker=self.index, error=repr(exc)))

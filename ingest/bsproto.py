@@ -1,5 +1,7 @@
 """A minimal asyncio beanstalkd client: just what ingest needs (use, put, stats), and
-the link that keeps one connection open in the background.
+the link that keeps one connection open in the background. Commands and replies come
+from ``trackbuf.beanstalk``, the protocol layer the consumer's client uses too; this
+module owns only the asyncio stream, its timeouts and reconnecting.
 
 Ingest puts from its event loop instead of a helper thread: a thread needs the GIL
 after every put, and a busy event loop hands it over only at the interpreter's switch
@@ -15,6 +17,7 @@ import logging
 import socket
 from collections.abc import Callable
 
+from trackbuf import beanstalk
 from trackbuf.log import kv
 
 log = logging.getLogger("trackbuf.ingest.beanstalkd")
@@ -24,7 +27,7 @@ CONNECT_TIMEOUT_S = 1.0
 # put counts as failed and the job goes to the spool. It may still have been stored;
 # the consumer drops the duplicate by event_id.
 IO_TIMEOUT_S = 2.0
-DEFAULT_PRIORITY = 1 << 16
+DEFAULT_PRIORITY = beanstalk.DEFAULT_PRIORITY
 SERVER_DEFAULT_MAX_JOB = 65535
 # Reconnecting: first retry after a failure, doubling after each timeout (a hung or
 # blackholed server) up to the cap; a refused connection retries at the first interval.
@@ -32,8 +35,11 @@ RECONNECT_INTERVAL_S = 0.5
 RECONNECT_MAX_S = 5.0
 
 
-class BeanstalkError(Exception):
-    """Base of everything this client raises."""
+# The server's answers, as the protocol layer raises them.
+BeanstalkError = beanstalk.BeanstalkError
+JobTooBig = beanstalk.JobTooBig  # the body exceeds the server's max-job-size
+Refused = beanstalk.Refused  # OUT_OF_MEMORY or DRAINING: up, but takes no jobs now
+Buried = beanstalk.Buried  # stored, but buried (the server could not grow its ready heap)
 
 
 class ConnectionLost(BeanstalkError):
@@ -43,22 +49,6 @@ class ConnectionLost(BeanstalkError):
 class TimedOut(ConnectionLost):
     """No answer in time: the server may be hung (stopped, overloaded, blackholed), so
     whoever reconnects should back off instead of paying the timeout again at once."""
-
-
-class JobTooBig(BeanstalkError):
-    """JOB_TOO_BIG: the body exceeds the server's max-job-size."""
-
-
-class Refused(BeanstalkError):
-    """OUT_OF_MEMORY or DRAINING: the server is up but takes no jobs now."""
-
-
-class Buried(BeanstalkError):
-    """BURIED <id>: stored, but buried (the server could not grow its ready heap)."""
-
-    def __init__(self, job_id: int) -> None:
-        super().__init__(f"BURIED {job_id}")
-        self.job_id = job_id
 
 
 class Connection:
@@ -80,52 +70,43 @@ class Connection:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = cls(reader, writer)
         try:
-            reply = await conn._command(b"use " + tube.encode() + b"\r\n")
-            if reply != b"USING " + tube.encode():
-                raise ConnectionLost(f"unexpected reply to use: {reply!r}")
+            await conn.ping(tube)
         except BaseException:
             conn.close()
             raise
         return conn
 
     async def put(self, body: bytes, ttr: int, priority: int = DEFAULT_PRIORITY) -> int:
-        head = b"put %d 0 %d %d\r\n" % (priority, ttr, len(body))
-        reply = await self._command(head + body + b"\r\n")
-        word, _, rest = reply.partition(b" ")
-        if word in (b"INSERTED", b"BURIED") and rest.isdigit():
-            if word == b"BURIED":
-                raise Buried(int(rest))
-            return int(rest)
-        if word == b"JOB_TOO_BIG":
-            raise JobTooBig(reply.decode())
-        if word in (b"OUT_OF_MEMORY", b"DRAINING"):
-            raise Refused(reply.decode())
-        # EXPECTED_CRLF, BAD_FORMAT, INTERNAL_ERROR, UNKNOWN_COMMAND: the stream is no
-        # longer in step with the server, so the connection goes.
-        raise ConnectionLost(f"put answered {reply!r}")
+        reply = await self._command(beanstalk.put(body, ttr, priority))
+        try:
+            return beanstalk.put_reply(reply)
+        except beanstalk.ProtocolError as exc:
+            # EXPECTED_CRLF, BAD_FORMAT, INTERNAL_ERROR, UNKNOWN_COMMAND: the stream is
+            # no longer in step with the server, so the connection goes.
+            raise ConnectionLost(str(exc)) from None
 
     async def max_job_size(self) -> int:
         """The server's ``-z`` limit, from ``stats``."""
-        reply = await self._command(b"stats\r\n")
-        word, _, size = reply.partition(b" ")
-        if word != b"OK" or not size.isdigit():
-            raise ConnectionLost(f"stats answered {reply!r}")
+        reply = await self._command(beanstalk.STATS)
         try:
+            size = beanstalk.ok_reply(reply)
             async with asyncio.timeout(IO_TIMEOUT_S):
-                data = await self._reader.readexactly(int(size) + 2)
+                data = await self._reader.readexactly(size + 2)
+            stats = beanstalk.parse_stats(beanstalk.body(data, size))
         except TimeoutError:
             raise TimedOut(f"stats: no answer in {IO_TIMEOUT_S} s") from None
-        except (OSError, asyncio.IncompleteReadError) as exc:
+        except (OSError, asyncio.IncompleteReadError, BeanstalkError) as exc:
             raise ConnectionLost(repr(exc)) from None
-        for line in data.decode(errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "max-job-size" and value.strip().isdigit():
-                return int(value)
-        return SERVER_DEFAULT_MAX_JOB
+        limit = stats.get("max-job-size")
+        return limit if isinstance(limit, int) else SERVER_DEFAULT_MAX_JOB
 
     async def ping(self, tube: str) -> None:
-        if await self._command(b"use " + tube.encode() + b"\r\n") != b"USING " + tube.encode():
-            raise ConnectionLost("ping: unexpected reply")
+        """``use`` the tube (again): a cheap command that proves the server answers."""
+        reply = await self._command(beanstalk.use(tube))
+        try:
+            beanstalk.use_reply(reply, tube)
+        except BeanstalkError as exc:
+            raise ConnectionLost(f"use: {exc}") from None
 
     async def _command(self, data: bytes) -> bytes:
         try:

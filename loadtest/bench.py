@@ -20,13 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from ingest.app import TALLY_FLUSH_S
 from loadtest import stack as st
-from loadtest.servers import Beanstalkd, cpu_seconds, free_port, wait_http
+from loadtest.servers import Beanstalkd, cpu_seconds, free_port
 from loadtest.traffic import drive, wrk_paths
 from trackbuf import codec
 from trackbuf.events import new_event
+from trackbuf.httpwait import wait_http
 from trackbuf.tokens import Keyring
 
 EVENTS_PER_JOB = 25  # what ingest's natural batching produced under load here
@@ -330,7 +333,7 @@ def timed_drain(
                           TRACKBUF_METRICS_LISTEN=listen,
                           TRACKBUF_BEANSTALKD=queue.address)  # fmt: skip
     try:
-        wait_http(f"http://{listen}/readyz", proc.proc)  # connected to the database
+        wait_http(f"http://{listen}/readyz", [proc.proc])  # connected to the database
         with queue.client() as client:
             started = time.perf_counter()
             client.pause_tube(st.TUBE, 0)  # beanstalkd hands out jobs at once
@@ -466,14 +469,22 @@ def bench_memory(work: Path, plan: Plan) -> dict[str, Any]:
 
 
 def scrape(listen: str) -> dict[str, float]:
+    """Every sample on a /metrics page, keyed the way the page writes it:
+    ``name{label="value",...}`` with the labels sorted, or just ``name``."""
     with urllib.request.urlopen(f"http://{listen}/metrics", timeout=5) as response:
         text = response.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
+    return {
+        sample_key(sample): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def sample_key(sample: Sample) -> str:
+    if not sample.labels:
+        return sample.name
+    labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+    return f"{sample.name}{{{labels}}}"
 
 
 def histogram_quantile(q: float, before: dict[str, float], after: dict[str, float],

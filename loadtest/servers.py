@@ -15,10 +15,9 @@ import socket
 import subprocess
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-import greenstalk
+from consumer import queue
 
 
 def rss_bytes(pid: int) -> int:
@@ -47,20 +46,6 @@ def cpu_seconds(pid: int) -> float:
         if this == pid or int(fields[1]) == pid:  # fields[1] is the parent pid
             total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
     return total
-
-
-def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    """Wait until ``url`` answers; fail at once if ``proc`` exits first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url}: process exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"{url} did not answer")
 
 
 def free_port() -> int:
@@ -124,22 +109,26 @@ class Beanstalkd:
         assert self.proc is not None
         return rss_bytes(self.proc.pid)
 
-    def client(self, tube: str = "trackbuf-events") -> greenstalk.Client[bytes]:
-        return greenstalk.Client(("127.0.0.1", self.port), encoding=None, use=tube, watch=tube)
+    def client(self, tube: str = "trackbuf-events") -> queue.Client:
+        """The consumer's own client: the one beanstalkd protocol layer trackbuf has."""
+        return queue.connect(("127.0.0.1", self.port), tube)
 
     def stats(self) -> dict[str, int]:
         """The server-wide counters (``stats``): commands run, binlog indexes, limits."""
-        with greenstalk.Client(("127.0.0.1", self.port)) as client:
-            return {k: int(str(v)) for k, v in client.stats().items() if str(v).isdigit()}
+        with queue.connect(("127.0.0.1", self.port), "default", watch=False) as client:
+            return _numbers(client.stats())
 
     def tube_stats(self, tube: str = "trackbuf-events") -> dict[str, int]:
-        with greenstalk.Client(("127.0.0.1", self.port)) as client:
+        with queue.connect(("127.0.0.1", self.port), "default", watch=False) as client:
             try:
-                stats = client.stats_tube(tube)
-            except greenstalk.NotFoundError:
+                return _numbers(client.stats_tube(tube))
+            except queue.NotFound:
                 return {"current-jobs-ready": 0, "current-jobs-reserved": 0,
                         "current-jobs-buried": 0, "current-jobs-delayed": 0}  # fmt: skip
-            return {k: int(str(v)) for k, v in stats.items() if str(v).isdigit()}
+
+
+def _numbers(stats: dict[str, int | str]) -> dict[str, int]:
+    return {k: v for k, v in stats.items() if isinstance(v, int)}
 
 
 def _pg_bindir() -> Path:

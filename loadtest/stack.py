@@ -14,7 +14,8 @@ from pathlib import Path
 
 import asyncpg
 
-from loadtest.servers import Beanstalkd, Postgres, free_port, rss_bytes, wait_http, wait_port
+from loadtest.servers import Beanstalkd, Postgres, free_port, rss_bytes, wait_port
+from trackbuf.httpwait import wait_http
 from trackbuf.settings import Settings
 
 KEYS = "k1:benchmark-signing-key-0123456789"
@@ -106,14 +107,14 @@ class Stack:
 def start_ingest(stack: Stack, name: str = "ingest", *args: str, **env: str) -> tuple[Proc, str]:
     listen = f"127.0.0.1:{free_port()}"
     proc = stack.trackbuf(name, "ingest", *args, TRACKBUF_LISTEN=listen, **env)
-    wait_http(f"http://{listen}/healthz", proc.proc)
+    wait_http(f"http://{listen}/healthz", [proc.proc])
     return proc, listen
 
 
 def start_consumer(stack: Stack, name: str = "consumer", **env: str) -> tuple[Proc, str]:
     listen = f"127.0.0.1:{free_port()}"
     proc = stack.trackbuf(name, "consume", TRACKBUF_METRICS_LISTEN=listen, **env)
-    wait_http(f"http://{listen}/healthz", proc.proc)
+    wait_http(f"http://{listen}/healthz", [proc.proc])
     return proc, listen
 
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from loadtest.servers import wait_http
+from trackbuf.httpwait import wait_http
 from trackbuf.settings import Settings, as_environ
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +60,7 @@ class Process:
                 out.close()  # type: ignore[union-attr]
 
     def wait_http(self, url: str, timeout: float = 20) -> None:
-        wait_http(url, self.proc, timeout)
+        wait_http(url, [self.proc], timeout)
 
     def terminate(self, timeout: float = 30) -> int:
         if self.proc.poll() is None:

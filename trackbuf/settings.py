@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from trackbuf import codec
+from trackbuf import beanstalk, codec
 
 ENV_PREFIX = "TRACKBUF_"
 
@@ -90,6 +90,10 @@ class Settings:
             raise SettingsError(f"{env_name('spool_fsync')} must be always or never")
         for name in ("beanstalkd", "listen", "metrics_listen"):
             parse_hostport(getattr(self, name), env_name(name))
+        try:
+            beanstalk.tube_name(self.tube)
+        except ValueError as exc:
+            raise SettingsError(f"{env_name('tube')}: {exc}") from None
         if not self.public_url.startswith(("http://", "https://")):
             raise SettingsError(f"{env_name('public_url')} must start with http:// or https://")
 

@@ -25,8 +25,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -34,7 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from trackbuf import envfile, links
+from trackbuf import envfile, httpwait, links
 from trackbuf.instance import INSTANCE_ENV, INSTANCE_HEADER
 from trackbuf.lifeline import Watchdog, die_with_parent
 from trackbuf.redact import masked_dsn
@@ -329,28 +327,19 @@ def wait_own_ingest(
     port after up checked it) is not up's ingest, and the banner would send the user
     to it."""
     url = f"http://{listen}/healthz"
-    deadline = time.monotonic() + timeout
-    foreign = False
-    while time.monotonic() < deadline:
-        if any(child.poll() is not None for child in children):
-            raise UpError("a trackbuf process exited during startup; its message is above")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                if response.headers.get(INSTANCE_HEADER) == instance:
-                    return
-                foreign = True
-        except urllib.error.HTTPError as exc:
-            exc.close()
-            foreign = True
-        except OSError:
-            pass
-        time.sleep(0.1)
-    if foreign:
+    try:
+        httpwait.wait_http(
+            url, children, timeout, accept=lambda headers: headers.get(INSTANCE_HEADER) == instance
+        )
+    except httpwait.ProcessExited:
+        raise UpError("a trackbuf process exited during startup; its message is above") from None
+    except httpwait.ForeignServer:
         raise UpError(
             f"{listen} answers, but not as the ingest this up started: another server "
             f"holds that address; move ingest with {flag_name('listen')} or {env_name('listen')}"
-        )
-    raise UpError(f"ingest did not answer {url}")
+        ) from None
+    except TimeoutError:
+        raise UpError(f"ingest did not answer {url}") from None
 
 
 def _banner(settings: Settings) -> None:

@@ -18,10 +18,10 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-import greenstalk
 import pytest
 from prometheus_client import CollectorRegistry
 
+from consumer import queue
 from ingest import bsproto, enqueue
 from ingest.enqueue import Enqueuer, Outcome
 from ingest.metrics import IngestMetrics
@@ -330,7 +330,7 @@ def take_recipients(server: Beanstalkd) -> list[str]:
         while True:
             try:
                 job = client.reserve(timeout=0)
-            except greenstalk.TimedOutError:
+            except queue.ReserveTimedOut:
                 return sorted(found)
             found += [event.recipient for event in codec.decode_job(bytes(job.body))]
             client.delete(job)

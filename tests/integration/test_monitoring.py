@@ -26,6 +26,7 @@ import jsonschema
 import pytest
 import yaml
 
+from loadtest.bench import scrape
 from tests.load import Load
 from tests.procs import Process, start_ingest
 from tests.servers import Beanstalkd, free_port, wait_port
@@ -211,13 +212,8 @@ def live_stack(
 
 
 def scraped_names(settings: Settings) -> set[str]:
-    names = set()
-    for listen in (settings.listen, settings.metrics_listen):
-        with urllib.request.urlopen(f"http://{listen}/metrics", timeout=5) as response:
-            for line in response.read().decode().splitlines():
-                if line and not line.startswith("#"):
-                    names.add(line.split("{", 1)[0].split(" ", 1)[0])
-    return names
+    return {key.split("{", 1)[0] for listen in (settings.listen, settings.metrics_listen)
+            for key in scrape(listen)}  # fmt: skip
 
 
 def test_queries_and_rules_name_only_exported_metrics(live_stack: Settings) -> None:

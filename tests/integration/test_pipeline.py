@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections import Counter
 from dataclasses import replace
@@ -120,6 +121,34 @@ def test_the_same_event_enqueued_twice_gives_one_row(make_settings, beanstalkd: 
         assert registry.get_sample_value("trackbuf_consumer_duplicate_events_total") == 1
         assert registry.get_sample_value("trackbuf_consumer_events_written_total") == written
     assert rows(settings.database_url, "SELECT * FROM dead_letters") == []
+
+
+def test_a_job_whose_header_undercounts_its_events_is_stored_and_deleted(
+    make_settings, beanstalkd: Beanstalkd, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The header's count only sizes batches; the insert stores every event in the job.
+    Three events under a header that says one made the consumer count -2 duplicates
+    after the commit, which raised: the committed job was released and a database
+    outage logged. Nothing after the commit may turn it into a failure."""
+    settings = make_settings()
+    events = [codec.encode_event(new_event("open", "c", f"r{i}")) for i in range(3)]
+    body = codec.encode_job(events).replace(b'"n":3', b'"n":1', 1)
+    assert codec.event_count(body) == 1
+    registry = CollectorRegistry()
+    with beanstalkd.client() as client:
+        client.put(body)
+    caplog.set_level(logging.INFO, logger="trackbuf")
+    assert drain(settings, registry) == 0
+    assert len(rows(settings.database_url)) == 3
+    stats = beanstalkd.stats()
+    assert (stats["cmd-delete"], stats["cmd-release"]) == (1, 0)  # deleted once, never retried
+    assert beanstalkd.tube_stats()["current-jobs-ready"] == 0
+    assert "event=database_down" not in caplog.text
+    assert registry.get_sample_value("trackbuf_consumer_database_up") == 1
+    assert registry.get_sample_value("trackbuf_consumer_events_written_total") == 3
+    assert registry.get_sample_value("trackbuf_consumer_duplicate_events_total") == 0
+    released = registry.get_sample_value("trackbuf_consumer_batches_total", {"outcome": "released"})
+    assert released == 0
 
 
 def test_four_threads_drain_a_prefilled_queue(make_settings, beanstalkd: Beanstalkd) -> None:

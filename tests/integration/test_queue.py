@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+
 import pytest
 
 from consumer import queue
@@ -55,3 +58,65 @@ def test_a_closed_connection_is_a_connection_error(beanstalkd: Beanstalkd) -> No
     finally:
         client.close()
         beanstalkd.start()
+
+
+def test_the_commands_tools_and_the_kicker_use(beanstalkd: Beanstalkd) -> None:
+    with queue.connect(("127.0.0.1", beanstalkd.port), TUBE) as client:
+        first = client.put(b"one")
+        client.put(b"two")
+        assert client.peek_ready().body == b"one"
+        assert client.stats_job(first)["state"] == "ready"
+        job = client.reserve(timeout=0)
+        client.bury(job)
+        assert client.stats_tube(TUBE)["current-jobs-buried"] == 1
+        assert client.kick(10) == 1
+        job = client.reserve(timeout=0)
+        client.release(job)
+        with pytest.raises(queue.NotFound):
+            client.release(job)  # released already: not ours
+        client.pause_tube(TUBE, 0)
+        assert client.stats()["current-jobs-ready"] == 2
+        with pytest.raises(queue.NotFound):
+            client.stats_tube("no-such-tube")
+    with (
+        queue.connect(("127.0.0.1", beanstalkd.port), "empty") as client,
+        pytest.raises(queue.ReserveTimedOut),
+    ):
+        client.reserve(timeout=0)
+
+
+def test_a_peer_that_is_not_beanstalkd_is_a_connection_error(beanstalkd: Beanstalkd) -> None:
+    """Whatever answers, the worker sees an error it drops the connection for."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+
+        def answer_http() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(100)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+        threading.Thread(target=answer_http, daemon=True).start()
+        with pytest.raises(queue.CONNECTION_ERRORS):
+            queue.connect(server.getsockname(), TUBE)
+
+
+def test_our_protocol_layer_agrees_with_an_independent_client(beanstalkd: Beanstalkd) -> None:
+    """What greenstalk (a client that shares no code with trackbuf) puts, ours reserves
+    and deletes in pipelined rounds, and greenstalk then sees exactly that."""
+    import greenstalk
+
+    bodies = [b"job-%d \xff\x00 binary" % i for i in range(4)]
+    with greenstalk.Client(("127.0.0.1", beanstalkd.port), encoding=None, use=TUBE) as theirs:
+        for body in bodies:
+            theirs.put(body, ttr=60)
+        with queue.connect(("127.0.0.1", beanstalkd.port), TUBE) as ours:
+            jobs, _ = ours.reserve_ready(10)
+            assert [job.body for job in jobs] == bodies
+            assert ours.delete_many(jobs[:3]) == 3
+            ours.release(jobs[3])
+        stats = theirs.stats_tube(TUBE)
+        assert stats["current-jobs-ready"] == 1 and stats["cmd-delete"] == 3
+        theirs.watch(TUBE)
+        left = theirs.reserve(timeout=0)
+        assert left.body == bodies[3]
+        theirs.delete(left)

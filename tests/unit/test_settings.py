@@ -41,6 +41,7 @@ def test_round_trip_through_the_environment() -> None:
         ({"TRACKBUF_PUBLIC_URL": "t.example.com"}, "must start with http"),
         # ingest's spool must read back every job it holds: one job may not pass 1 MiB.
         ({"TRACKBUF_MAX_JOB_BYTES": "1048577"}, "TRACKBUF_MAX_JOB_BYTES must be at most 1048576"),
+        ({"TRACKBUF_TUBE": "two words"}, "TRACKBUF_TUBE: bad tube name"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:

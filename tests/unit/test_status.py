@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from consumer.status import gather
+from consumer.status import gather, scrape
 from tests.servers import free_port
 from trackbuf import cli
 from trackbuf.settings import load
@@ -70,3 +70,39 @@ def test_a_useless_interval_is_a_usage_error(
         cli.main(["status", "--interval", interval])
     assert exited.value.code == 2
     assert "--interval" in capsys.readouterr().err
+
+
+def test_scrape_folds_labels_and_refuses_a_page_that_is_not_prometheus_text() -> None:
+    pages = {
+        "/good/metrics": (
+            "# TYPE trackbuf_ingest_events_total counter\n"
+            'trackbuf_ingest_events_total{kind="open",outcome="queued"} 3.0\n'
+            'trackbuf_ingest_events_total{kind="click",outcome="queued"} 4.0\n'
+            "trackbuf_ingest_spool_jobs 1.0\n"
+        ),
+        "/bad/metrics": "<html>not metrics</html>\n",
+    }
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = pages[self.path].encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        totals = scrape(f"{base}/good")
+        assert totals is not None
+        assert totals["trackbuf_ingest_events_total"] == 7
+        assert totals["trackbuf_ingest_spool_jobs"] == 1
+        assert scrape(f"{base}/bad") is None
+    finally:
+        server.shutdown()
+        server.server_close()
