@@ -1,6 +1,6 @@
 """Tracking URLs for senders: an open pixel and click redirects, signed.
 
->>> keys = Keyring.parse("k1:a-long-random-secret")
+>>> keys = Keyring.parse("k1:a-long-random-secret-of-32-bytes-or-more")
 >>> open_url("https://t.example.com", keys, "spring", "user-42")
 'https://t.example.com/o/k1....gif'
 """

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 ENV_PREFIX = "TRACKBUF_"
+# A DSN's password: ``scheme://user:PASSWORD@host``.
+_DSN_PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")
 
 
 class SettingsError(ValueError):
@@ -84,6 +87,18 @@ class Settings:
             parse_hostport(getattr(self, name), env_name(name))
         if not self.public_url.startswith(("http://", "https://")):
             raise SettingsError(f"{env_name('public_url')} must start with http:// or https://")
+
+    def __repr__(self) -> str:
+        # Settings end up in tracebacks and debug output: secrets are shown as set or not.
+        shown = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "signing_keys" and value:
+                value = "(set)"
+            elif f.name == "database_url":
+                value = _DSN_PASSWORD.sub(r"\1***@", value)
+            shown.append(f"{f.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
 
     @property
     def beanstalkd_address(self) -> tuple[str, int]:

@@ -29,7 +29,8 @@ TAG_BYTES = 16
 MAX_TOKEN = 4096
 MAX_FIELD = 256
 MAX_URL = 2048
-MIN_SECRET = 16
+# A secret shorter than the MAC's 32-byte output would be the weakest part of it.
+MIN_SECRET_BYTES = 32
 _KID = re.compile(r"^[A-Za-z0-9_-]{1,16}$")
 _KIND_CODES = {"open": "o", "click": "c"}
 _CODE_KINDS = {code: kind for kind, code in _KIND_CODES.items()}
@@ -88,7 +89,7 @@ class HmacSha256:
 @dataclass(frozen=True)
 class Keyring:
     signing_kid: str
-    keys: dict[str, bytes]
+    keys: dict[str, bytes] = field(repr=False)  # secrets: never in a log line or traceback
     macs: dict[str, HmacSha256] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -97,19 +98,27 @@ class Keyring:
 
     @classmethod
     def parse(cls, spec: str) -> Keyring:
-        """``kid:secret[,kid:secret...]``; the first key signs."""
+        """``kid:secret[,kid:secret...]``; the first key signs.
+
+        Errors name the key by its kid or its position, never by its secret: they end
+        up in terminals and logs.
+        """
         keys: dict[str, bytes] = {}
         first = ""
-        for part in (p.strip() for p in spec.split(",")):
-            if not part:
-                continue
+        for number, part in enumerate((p.strip() for p in spec.split(",") if p.strip()), 1):
             kid, sep, secret = part.partition(":")
-            if not sep or not _KID.match(kid):
+            if not sep:
+                raise KeyringError(f"key #{number}: expected kid:secret, found no ':'")
+            if not _KID.match(kid):
                 raise KeyringError(
-                    f"key {kid!r}: expected kid:secret with a kid of 1-16 letters, digits, - or _"
+                    f"key #{number}: the kid before ':' must be 1-16 letters, digits, - or _"
                 )
-            if len(secret) < MIN_SECRET:
-                raise KeyringError(f"key {kid!r}: secret must be at least {MIN_SECRET} characters")
+            size = len(secret.encode())
+            if size < MIN_SECRET_BYTES:
+                raise KeyringError(
+                    f"key {kid!r}: the secret is {size} bytes, at least {MIN_SECRET_BYTES} are "
+                    "needed (`trackbuf keygen` makes one)"
+                )
             if kid in keys:
                 raise KeyringError(f"key {kid!r} is listed twice")
             keys[kid] = secret.encode()

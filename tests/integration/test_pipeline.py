@@ -141,7 +141,7 @@ def test_forged_click_redirects_nowhere_and_adds_nothing(
     make_settings, beanstalkd: Beanstalkd, tmp_path: Path
 ) -> None:
     settings = make_settings()
-    forger = Keyring.parse("k1:an-attackers-own-secret-key")  # right kid, wrong secret
+    forger = Keyring.parse("k1:an-attackers-own-secret-key-0123456789")  # right kid, wrong secret
     forged = links.click_url(f"http://{settings.listen}", forger, "c", "r", "https://evil.example/")
     genuine = links.open_url(
         f"http://{settings.listen}", Keyring.parse(settings.signing_keys), "c", "r"

@@ -7,7 +7,7 @@ from trackbuf.links import CLICK_PREFIX, OPEN_PREFIX, OPEN_SUFFIX
 from trackbuf.rewrite import rewrite_html
 from trackbuf.tokens import Keyring
 
-KEYS = Keyring.parse("k1:rewrite-test-secret-0001")
+KEYS = Keyring.parse("k1:rewrite-test-secret-0001-0123456789ab")
 BASE = "https://t.example.com"
 
 EMAIL = """<!doctype html>

@@ -50,3 +50,16 @@ def test_settings_are_frozen() -> None:
 def test_missing_database_is_a_clear_error() -> None:
     with pytest.raises(SettingsError, match="TRACKBUF_DATABASE_URL is not set"):
         Settings().require_database()
+
+
+def test_secrets_are_masked_in_the_settings_repr() -> None:
+    settings = load(
+        {},
+        overrides={
+            "signing_keys": "k1:sEcReT-0123456789abcdef0123456789",
+            "database_url": "postgresql://trackbuf:pAsSwOrD@db:5432/trackbuf",
+        },
+    )
+    shown = repr(settings)
+    assert "sEcReT" not in shown and "pAsSwOrD" not in shown
+    assert "signing_keys='(set)'" in shown and "postgresql://trackbuf:***@db:5432" in shown

@@ -8,8 +8,8 @@ import pytest
 from trackbuf import links, tokens
 from trackbuf.tokens import InvalidToken, Keyring, KeyringError, LinkError, LinkPayload
 
-OLD = "old:0123456789abcdef-old-secret"
-NEW = "new:fedcba9876543210-new-secret"
+OLD = "old:0123456789abcdef-old-secret-0123456789"
+NEW = "new:fedcba9876543210-new-secret-9876543210"
 
 
 def click(url: str = "https://example.com/landing?x=1") -> LinkPayload:
@@ -41,9 +41,9 @@ def test_unknown_kid_is_rejected() -> None:
 
 
 def test_same_kid_other_secret_is_a_bad_signature() -> None:
-    token = tokens.sign(Keyring.parse("k1:secret-number-one-xxxx"), click())
+    token = tokens.sign(Keyring.parse("k1:secret-number-one-xxxxxxxxxxxxxxxxxxxx"), click())
     with pytest.raises(InvalidToken) as info:
-        tokens.verify(Keyring.parse("k1:secret-number-two-xxxx"), token, "click")
+        tokens.verify(Keyring.parse("k1:secret-number-two-xxxxxxxxxxxxxxxxxxxx"), token, "click")
     assert info.value.reason == "bad_signature"
 
 
@@ -115,19 +115,47 @@ def test_garbage_is_rejected_not_crashing(junk: str) -> None:
         tokens.verify(Keyring.parse(OLD), junk, "open")
 
 
+LONG = "0123456789abcdef0123456789abcdef"  # 32 bytes: the shortest secret accepted
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
         ("", "no signing keys"),
         ("k1", "expected kid:secret"),
-        ("k1:short", "at least 16"),
-        ("bad kid!:0123456789abcdef", "expected kid:secret"),
-        ("k1:0123456789abcdef,k1:0123456789abcdeg", "listed twice"),
+        (f"k1:{LONG[:31]}", "key 'k1': the secret is 31 bytes, at least 32"),
+        (f"bad kid!:{LONG}", "key #1: the kid before ':' must be"),
+        (f"k1:{LONG},k1:{LONG}x", "listed twice"),
     ],
 )
 def test_keyring_errors_say_what_is_wrong(spec: str, message: str) -> None:
     with pytest.raises(KeyringError, match=message):
         Keyring.parse(spec)
+
+
+def test_a_32_byte_secret_is_enough_and_bytes_are_what_count() -> None:
+    assert Keyring.parse(f"k1:{LONG}").signing_kid == "k1"
+    with pytest.raises(KeyringError, match="18 bytes"):
+        Keyring.parse("k1:" + "é" * 9)  # 9 characters, 18 bytes of UTF-8
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "sEcReT-only-no-kid-0123456789abcdef",  # the kid forgotten: the whole entry is secret
+        "k1:sEcReT-too-short",
+        "k1 sEcReT-typed-with-a-space-0123456789:x",
+    ],
+)
+def test_keyring_errors_never_show_the_secret(spec: str) -> None:
+    with pytest.raises(KeyringError) as info:
+        Keyring.parse(spec)
+    assert "sEcReT" not in str(info.value)
+
+
+def test_a_keyring_shows_its_kids_not_its_secrets() -> None:
+    keys = Keyring.parse(f"{NEW},{OLD}")
+    assert "secret" not in repr(keys) and "new" in repr(keys)
 
 
 def test_links_are_full_urls_under_the_public_base() -> None:
