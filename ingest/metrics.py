@@ -15,7 +15,8 @@ JOB_EVENT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 ROUTES = ("open", "click")
 EVENT_OUTCOMES = ("queued", "spooled", "lost")
 REQUEST_OUTCOMES = (*EVENT_OUTCOMES, "invalid_token", "not_recorded", "error")
-TOKEN_REASONS = ("malformed", "too_long", "unknown_kid", "bad_signature", "wrong_kind")
+TOKEN_REASONS = ("malformed", "too_long", "unknown_kid", "bad_signature", "non_canonical",
+                 "bad_url", "wrong_kind", "expired", "host_not_allowed")  # fmt: skip
 # Status codes counted by trackbuf_ingest_http_errors_total from the start (at 0): 400
 # is aiohttp's answer to a request it cannot parse, 500 to a handler that raised.
 HTTP_ERROR_CODES = (400, 500)

@@ -80,6 +80,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     ingest = Ingest(settings)
+    loop.add_signal_handler(signal.SIGHUP, ingest.reload_keys)  # key rotation, no restart
     errors = ErrorAnswers(ingest.metrics)
     logging.getLogger("aiohttp.server").addFilter(errors)
     try:
@@ -156,6 +157,14 @@ def _run_workers(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+
+    def reload_keys(signum: int, frame: object) -> None:
+        # SIGHUP re-reads the signing keys file in each worker; it stops nothing.
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGHUP, reload_keys)
     codes: dict[int, int] = {}
     while len(codes) < len(children):
         for i, child in enumerate(children):

@@ -22,12 +22,12 @@ from trackbuf.up import UpError
 _FIELDS = {f.name: f for f in fields(Settings)}
 
 QUEUE = ("beanstalkd", "tube")
-INGEST = ("listen", "workers", *QUEUE, "signing_keys", "job_ttr", "max_job_bytes",
-          "ip_mode", "trust_forwarded", "data_dir", "spool_dir", "spool_max_bytes",
-          "spool_fsync", "shutdown_timeout")  # fmt: skip
+INGEST = ("listen", "workers", *QUEUE, "signing_keys", "signing_keys_file", "redirect_hosts",
+          "job_ttr", "max_job_bytes", "ip_mode", "trust_forwarded", "data_dir", "spool_dir",
+          "spool_max_bytes", "spool_fsync", "shutdown_timeout")  # fmt: skip
 CONSUME = ("database_url", *QUEUE, "threads", "batch_size", "linger_ms", "burst",
            "metrics_listen", "shutdown_timeout")  # fmt: skip
-LINKS = ("public_url", "signing_keys")
+LINKS = ("public_url", "signing_keys", "signing_keys_file")
 
 
 def _add_settings(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
@@ -108,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--recipient", required=True, help="recipient or message id")
         if kind == "click":
             p.add_argument("--url", required=True, help="where the click goes (http/https)")
+        p.add_argument(
+            "--expires",
+            metavar="DURATION",
+            help="refuse the link after this long: 90d, 12h, 30m, 45s or 2w (default: never)",
+        )
         _add_settings(p, LINKS)
         p.set_defaults(func=_cmd_link)
 
@@ -175,8 +180,13 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
     from ingest import server
+    from trackbuf.keys import load_keyring
 
-    return server.run(_settings(args))
+    settings = _settings(args)
+    # Checked here, before any worker starts: a bad key is one clear error and exit 2,
+    # not workers dying and being replaced over and over.
+    load_keyring(settings)
+    return server.run(settings)
 
 
 def _cmd_consume(args: argparse.Namespace) -> int:
@@ -194,26 +204,30 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_link(args: argparse.Namespace) -> int:
+    import time
+
     from trackbuf import links
-    from trackbuf.tokens import Keyring
+    from trackbuf.keys import load_keyring
 
     settings = _settings(args)
-    keyring = Keyring.parse(settings.signing_keys)
+    keyring = load_keyring(settings)
+    expires = None
+    if args.expires is not None:
+        expires = int(time.time()) + links.parse_duration(args.expires)
+    base, campaign, recipient = settings.public_url, args.campaign, args.recipient
     if args.link_kind == "open":
-        print(links.open_url(settings.public_url, keyring, args.campaign, args.recipient))
+        print(links.open_url(base, keyring, campaign, recipient, expires=expires))
     else:
-        print(
-            links.click_url(settings.public_url, keyring, args.campaign, args.recipient, args.url)
-        )
+        print(links.click_url(base, keyring, campaign, recipient, args.url, expires=expires))
     return 0
 
 
 def _cmd_rewrite(args: argparse.Namespace) -> int:
+    from trackbuf.keys import load_keyring
     from trackbuf.rewrite import rewrite_html
-    from trackbuf.tokens import Keyring
 
     settings = _settings(args)
-    keyring = Keyring.parse(settings.signing_keys)
+    keyring = load_keyring(settings)
     try:
         if args.input:
             with open(args.input, encoding="utf-8") as source:

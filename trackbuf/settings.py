@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from trackbuf.redirect_hosts import RedirectHosts, RedirectHostsError
+
 ENV_PREFIX = "TRACKBUF_"
 # A DSN's password: ``scheme://user:PASSWORD@host``.
 _DSN_PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")
@@ -35,6 +37,10 @@ class Settings:
     signing_keys: str = field(
         default="", metadata={"help": "kid:secret[,kid:secret...]; the first signs, all verify"}
     )
+    signing_keys_file: str = field(
+        default="",
+        metadata={"help": "file of kid:secret entries instead (ingest re-reads it on SIGHUP)"},
+    )
     data_dir: str = field(default="./trackbuf-data", metadata={"help": "where `up` keeps state"})
     threads: int = field(default=4, metadata={"help": "consumer worker threads"})
     batch_size: int = field(default=1000, metadata={"help": "events per database batch"})
@@ -56,6 +62,10 @@ class Settings:
     trust_forwarded: bool = field(
         default=False,
         metadata={"help": "take the client IP from the last X-Forwarded-For hop"},
+    )
+    redirect_hosts: str = field(
+        default="",
+        metadata={"help": "hosts clicks may go to: host or *.domain, comma-separated (all)"},
     )
     spool_dir: str = field(
         default="", metadata={"help": "ingest spool directory (default: <data dir>/spool)"}
@@ -85,6 +95,10 @@ class Settings:
             raise SettingsError(f"{env_name('spool_fsync')} must be always or never")
         for name in ("beanstalkd", "listen", "metrics_listen"):
             parse_hostport(getattr(self, name), env_name(name))
+        try:
+            RedirectHosts.parse(self.redirect_hosts)
+        except RedirectHostsError as exc:
+            raise SettingsError(f"{env_name('redirect_hosts')}: {exc}") from None
         if not self.public_url.startswith(("http://", "https://")):
             raise SettingsError(f"{env_name('public_url')} must start with http:// or https://")
 
