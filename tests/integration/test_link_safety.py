@@ -13,7 +13,7 @@ import pytest
 
 from loadtest.bench import scrape
 from tests.integration.test_pipeline import drain, rows
-from tests.procs import start_ingest, trackbuf
+from tests.procs import Process, start_ingest, trackbuf
 from tests.servers import Beanstalkd
 from trackbuf import links, tokens
 from trackbuf.settings import Settings
@@ -106,6 +106,13 @@ def wait_for_status(url: str, status: int, times: int, timeout: float = 15) -> N
             time.sleep(0.1)
 
 
+def wait_for_log(process: Process, text: str, times: int, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while process.log().count(text) < times:
+        assert time.monotonic() < deadline, process.log()
+        time.sleep(0.1)
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sighup_rereads_the_keys_file_so_a_new_key_needs_no_restart(
     make_settings, beanstalkd: Beanstalkd, tmp_path: Path, workers: int
@@ -121,6 +128,7 @@ def test_sighup_rereads_the_keys_file_so_a_new_key_needs_no_restart(
     new_link = links.click_url(base, Keyring.parse(K2), "c", "r", "https://x.example/new")
     ingest = start_ingest(settings, tmp_path / "ingest.log")
     try:
+        wait_for_log(ingest, "event=ingest_listening", workers)  # every worker, not just one
         wait_for_status(old_link, 302, times=4)
         assert hit(new_link)[0] == 404  # k2 is not known yet
         keys_file.write_text(f"# rotated\n{K2}\n{K1}\n")
@@ -130,10 +138,7 @@ def test_sighup_rereads_the_keys_file_so_a_new_key_needs_no_restart(
         # A broken file is refused and the keys in use stay: clicks never stop.
         keys_file.write_text("k3:sEcReT-much-too-short\n")
         ingest.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 15
-        while ingest.log().count("event=signing_keys_not_reloaded") < workers:
-            assert time.monotonic() < deadline, ingest.log()
-            time.sleep(0.1)
+        wait_for_log(ingest, "event=signing_keys_not_reloaded", workers)
         for _ in range(4 * workers):
             assert hit(new_link)[0] == 302
         assert ingest.proc.poll() is None

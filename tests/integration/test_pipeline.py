@@ -158,8 +158,10 @@ def test_forged_click_redirects_nowhere_and_adds_nothing(
     assert (cut_status, cut_location) == (404, None)
     assert pixel_status == 200  # the pixel is served even for a bad token
     assert (
-        'trackbuf_ingest_invalid_tokens_total{reason="bad_signature",route="click"} 2.0' in metrics
+        'trackbuf_ingest_invalid_tokens_total{reason="bad_signature",route="click"} 1.0' in metrics
     )
+    # The cut one: a tag of the wrong length is refused before any MAC is computed.
+    assert 'trackbuf_ingest_invalid_tokens_total{reason="malformed",route="click"} 1.0' in metrics
     assert beanstalkd.tube_stats()["current-jobs-ready"] == 0
     assert drain(settings) == 0
     assert rows(settings.database_url) == []
