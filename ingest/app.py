@@ -28,8 +28,10 @@ from ingest.tally import RequestTally
 from trackbuf import codec, tokens
 from trackbuf.events import clean_ip
 from trackbuf.instance import INSTANCE_ENV, INSTANCE_HEADER
+from trackbuf.keys import load_keyring
 from trackbuf.links import CLICK_PREFIX, OPEN_PREFIX, OPEN_SUFFIX
 from trackbuf.log import kv
+from trackbuf.redirect_hosts import RedirectHosts
 from trackbuf.settings import Settings
 
 log = logging.getLogger("trackbuf.ingest")
@@ -42,10 +44,39 @@ INVALID_LINK_PAGE = (
     '<meta name="viewport" content="width=device-width,initial-scale=1">'
     "<title>Link not valid</title>"
     "<h1>This link is not valid</h1>"
-    "<p>The tracking link is damaged or was not issued by this service. "
+    "<p>The tracking link is damaged, has expired or was not issued by this service. "
     "Please use the link from the original email.</p>"
 )
 NO_STORE = {"Cache-Control": "no-store", "X-Robots-Tag": "noindex, nofollow"}
+
+
+def click_target(
+    keyring: tokens.Keyring, hosts: RedirectHosts, token: str, now: float | None = None
+) -> tuple[tokens.LinkPayload, str]:
+    """The payload of a click that may be followed, and where it goes: signed, spelled
+    canonically, not expired, its target a safe http(s) URL on a host the allowlist
+    accepts. Anything else raises InvalidToken: the click route never redirects to a
+    target that was not signed."""
+    payload = tokens.verify(keyring, token, "click", now)
+    url = payload.url
+    if url is None:  # verify() gives every click a URL; a None must not become "None"
+        raise tokens.InvalidToken("bad_url")
+    if not hosts.allows(url):
+        raise tokens.InvalidToken("host_not_allowed")
+    return payload, url
+
+
+def redirect_answer(url: str) -> web.Response:
+    """The 302 for a target click_target() returned."""
+    return web.Response(
+        status=302, headers={"Location": url, "Referrer-Policy": "no-referrer", **NO_STORE}
+    )
+
+
+def invalid_link_answer() -> web.Response:
+    return web.Response(
+        status=404, text=INVALID_LINK_PAGE, content_type="text/html", headers=NO_STORE
+    )
 
 
 class ShutdownClock:
@@ -73,7 +104,8 @@ class Ingest:
 
     def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
         self.settings = settings
-        self.keyring = tokens.Keyring.parse(settings.signing_keys)
+        self.keyring = load_keyring(settings)
+        self.redirect_hosts = RedirectHosts.parse(settings.redirect_hosts)
         # Set by `trackbuf up`, which waits for its own ingest, not any server on the port.
         instance = os.environ.get(INSTANCE_ENV)
         self._health_headers = {INSTANCE_HEADER: instance} if instance else None
@@ -104,6 +136,21 @@ class Ingest:
         if self._flusher is not None:
             self._flusher.cancel()
         self.tally.flush()
+
+    def reload_keys(self) -> None:
+        """On SIGHUP: re-read TRACKBUF_SIGNING_KEYS_FILE. A file that cannot be used is
+        logged and the keys in use stay, so a half-written file never stops clicks."""
+        path = self.settings.signing_keys_file
+        if not path:
+            log.warning(kv("signing_keys_not_reloaded", reason="no signing keys file is set"))
+            return
+        try:
+            keyring = load_keyring(self.settings)
+        except tokens.KeyringError as exc:
+            log.error(kv("signing_keys_not_reloaded", error=str(exc)))
+            return
+        self.keyring = keyring
+        log.info(kv("signing_keys_reloaded", kids=",".join(keyring.keys), file=path))
 
     async def _flush_tally(self) -> None:
         # With several ingest processes, the one answering a scrape reads the others'
@@ -142,21 +189,15 @@ class Ingest:
     async def click_redirect(self, request: web.BaseRequest, token: str) -> web.Response:
         started = time.perf_counter()
         try:
-            payload = tokens.verify(self.keyring, token, "click")
+            payload, target = click_target(self.keyring, self.redirect_hosts, token)
         except tokens.InvalidToken as exc:
             self.metrics.invalid_token_counter("click", exc.reason).inc()
             self._observe("click", "invalid_token", started)
             # Never redirect on a token we cannot trust: that would be an open redirect.
-            return web.Response(
-                status=404, text=INVALID_LINK_PAGE, content_type="text/html", headers=NO_STORE
-            )
+            return invalid_link_answer()
         outcome = await self._record_or_count_loss(request, "click", token, payload)
         self._observe("click", outcome, started)
-        assert payload.url is not None  # verify() guarantees a safe URL on click tokens
-        return web.Response(
-            status=302,
-            headers={"Location": payload.url, "Referrer-Policy": "no-referrer", **NO_STORE},
-        )
+        return redirect_answer(target)
 
     async def _record_or_count_loss(
         self,

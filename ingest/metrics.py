@@ -17,7 +17,8 @@ EVENT_OUTCOMES = ("queued", "spooled", "lost")
 # "unconfirmed": the spool write outlasted its timeout; the request was answered and
 # its events are counted (spooled or lost) once the write ends.
 REQUEST_OUTCOMES = (*EVENT_OUTCOMES, "unconfirmed", "invalid_token", "not_recorded", "error")
-TOKEN_REASONS = ("malformed", "too_long", "unknown_kid", "bad_signature", "wrong_kind")
+TOKEN_REASONS = ("malformed", "too_long", "unknown_kid", "bad_signature", "non_canonical",
+                 "bad_url", "wrong_kind", "expired", "host_not_allowed")  # fmt: skip
 # Status codes counted by trackbuf_ingest_http_errors_total from the start (at 0): 400
 # is aiohttp's answer to a request it cannot parse, 500 to a handler that raised.
 HTTP_ERROR_CODES = (400, 500)

@@ -93,6 +93,7 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     ingest = Ingest(settings)
+    loop.add_signal_handler(signal.SIGHUP, ingest.reload_keys)  # key rotation, no restart
     errors = ErrorAnswers(ingest.metrics)
     logging.getLogger("aiohttp.server").addFilter(errors)
     try:

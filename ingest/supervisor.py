@@ -64,6 +64,7 @@ class Supervisor:
 
     def run(self) -> int:
         previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_reload)
         try:
             for slot in range(len(self._slots)):
                 if self._stop_signal is None:
@@ -84,6 +85,13 @@ class Supervisor:
         for worker in self._slots:
             if worker is not None:
                 worker.send_signal(signum)  # a no-op for a worker already reaped
+
+    def _on_reload(self, signum: int, frame: object) -> None:
+        # SIGHUP re-reads the signing keys file in each worker; it stops nothing. A
+        # worker spawned right now reads the file as it starts, so it needs no signal.
+        for worker in self._slots:
+            if worker is not None:
+                worker.send_signal(signum)
 
     def _start(self, slot: int) -> None:
         worker = self._spawn()

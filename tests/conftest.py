@@ -21,7 +21,7 @@ from trackbuf import settings as tsettings
 from trackbuf.tokens import Keyring
 
 TEMPLATE = "trackbuf_template"
-KEYS = "k2:second-key-for-tests-000000,k1:first-key-for-tests-0000000"
+KEYS = "k2:second-signing-key-for-tests-00000000,k1:first-signing-key-for-tests-000000000"
 _db_names = itertools.count()
 
 

@@ -25,12 +25,12 @@ from trackbuf.up import UpError
 _FIELDS = {f.name: f for f in fields(Settings)}
 
 QUEUE = ("beanstalkd", "tube")
-INGEST = ("listen", "workers", *QUEUE, "signing_keys", "job_ttr", "max_job_bytes",
-          "ip_mode", "trust_forwarded", "data_dir", "spool_dir", "spool_max_bytes",
-          "spool_fsync", "shutdown_timeout")  # fmt: skip
+INGEST = ("listen", "workers", *QUEUE, "signing_keys", "signing_keys_file", "redirect_hosts",
+          "job_ttr", "max_job_bytes", "ip_mode", "trust_forwarded", "data_dir", "spool_dir",
+          "spool_max_bytes", "spool_fsync", "shutdown_timeout")  # fmt: skip
 CONSUME = ("database_url", *QUEUE, "threads", "batch_size", "linger_ms", "burst",
            "metrics_listen", "shutdown_timeout")  # fmt: skip
-LINKS = ("public_url", "signing_keys")
+LINKS = ("public_url", "signing_keys", "signing_keys_file")
 # Commands an operator runs beside `trackbuf up`: they read the env file it writes.
 # ingest, consume and migrate are what production runs: only their own environment
 # counts there, never a file some other process left in a directory.
@@ -77,6 +77,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         environ = {**found.values, **environ}
     settings = load(environ, overrides=overrides)
     for name in REQUIRED.get(args.command, ()):
+        if name == "signing_keys" and settings.signing_keys_file:
+            continue  # the keys come from a file instead
         if not getattr(settings, name):
             raise SettingsError(f"{env_name(name)} is not set: {_where_to_look(found)}")
     return settings
@@ -142,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--recipient", required=True, help="recipient or message id")
         if kind == "click":
             p.add_argument("--url", required=True, help="where the click goes (http/https)")
+        p.add_argument(
+            "--expires",
+            metavar="DURATION",
+            help="refuse the link after this long: 90d, 12h, 30m, 45s or 2w (default: never)",
+        )
         _add_settings(p, LINKS, beside_up)
         p.set_defaults(func=_cmd_link)
 
@@ -209,8 +216,13 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
     from ingest import server
+    from trackbuf.keys import load_keyring
 
-    return server.run(_settings(args))
+    settings = _settings(args)
+    # Checked here, before any worker starts: a bad key is one clear error and exit 2,
+    # not workers dying and being replaced over and over.
+    load_keyring(settings)
+    return server.run(settings)
 
 
 def _cmd_consume(args: argparse.Namespace) -> int:
@@ -237,18 +249,22 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_link(args: argparse.Namespace) -> int:
+    import time
+
     from trackbuf import links
-    from trackbuf.tokens import Keyring
+    from trackbuf.keys import load_keyring
 
     settings = _settings(args)
-    keyring = Keyring.parse(settings.signing_keys)
+    keyring = load_keyring(settings)
+    expires = None
+    if args.expires is not None:
+        expires = int(time.time()) + links.parse_duration(args.expires)
+    base, campaign, recipient = settings.public_url, args.campaign, args.recipient
     try:
         if args.link_kind == "open":
-            url = links.open_url(settings.public_url, keyring, args.campaign, args.recipient)
+            url = links.open_url(base, keyring, campaign, recipient, expires=expires)
         else:
-            url = links.click_url(
-                settings.public_url, keyring, args.campaign, args.recipient, args.url
-            )
+            url = links.click_url(base, keyring, campaign, recipient, args.url, expires=expires)
     except LinkError as exc:
         raise LinkError(_link_refusal(exc.args[0], args)) from None
     print(url)
@@ -267,11 +283,11 @@ def _link_refusal(reason: str, args: argparse.Namespace) -> str:
 
 
 def _cmd_rewrite(args: argparse.Namespace) -> int:
+    from trackbuf.keys import load_keyring
     from trackbuf.rewrite import rewrite_html
-    from trackbuf.tokens import Keyring
 
     settings = _settings(args)
-    keyring = Keyring.parse(settings.signing_keys)
+    keyring = load_keyring(settings)
     # Bytes in, bytes out, from a file or a pipe alike: text mode would turn the CRLF
     # of a MIME part into LF, and every byte but the links and the pixel must stay.
     try:

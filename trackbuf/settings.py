@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from trackbuf import beanstalk, codec
+from trackbuf.redirect_hosts import RedirectHosts, RedirectHostsError
 
 ENV_PREFIX = "TRACKBUF_"
+# A DSN's password: ``scheme://user:PASSWORD@host``.
+_DSN_PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")
 
 
 class SettingsError(ValueError):
@@ -33,6 +37,10 @@ class Settings:
     )
     signing_keys: str = field(
         default="", metadata={"help": "kid:secret[,kid:secret...]; the first signs, all verify"}
+    )
+    signing_keys_file: str = field(
+        default="",
+        metadata={"help": "file of kid:secret entries instead (ingest re-reads it on SIGHUP)"},
     )
     data_dir: str = field(default="./trackbuf-data", metadata={"help": "where `up` keeps state"})
     threads: int = field(default=4, metadata={"help": "consumer worker threads"})
@@ -55,6 +63,10 @@ class Settings:
     trust_forwarded: bool = field(
         default=False,
         metadata={"help": "take the client IP from the last X-Forwarded-For hop"},
+    )
+    redirect_hosts: str = field(
+        default="",
+        metadata={"help": "hosts clicks may go to: host or *.domain, comma-separated (all)"},
     )
     spool_dir: str = field(
         default="", metadata={"help": "ingest spool directory (default: <data dir>/spool)"}
@@ -94,8 +106,24 @@ class Settings:
             beanstalk.tube_name(self.tube)
         except ValueError as exc:
             raise SettingsError(f"{env_name('tube')}: {exc}") from None
+        try:
+            RedirectHosts.parse(self.redirect_hosts)
+        except RedirectHostsError as exc:
+            raise SettingsError(f"{env_name('redirect_hosts')}: {exc}") from None
         if not self.public_url.startswith(("http://", "https://")):
             raise SettingsError(f"{env_name('public_url')} must start with http:// or https://")
+
+    def __repr__(self) -> str:
+        # Settings end up in tracebacks and debug output: secrets are shown as set or not.
+        shown = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "signing_keys" and value:
+                value = "(set)"
+            elif f.name == "database_url":
+                value = _DSN_PASSWORD.sub(r"\1***@", value)
+            shown.append(f"{f.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
 
     @property
     def beanstalkd_address(self) -> tuple[str, int]:

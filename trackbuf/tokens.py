@@ -1,14 +1,17 @@
 """Link tokens: everything ingest needs to record an event, signed so it cannot be forged.
 
-A token is ``<kid>.<payload>.<tag>``:
+A token is ``<kid>.<payload>.<tag>`` (docs/TOKENS.md specifies it byte for byte):
 
 - ``kid`` names the key that signed it, so keys rotate without breaking old emails:
   one key signs, every configured key verifies.
-- ``payload`` is base64url (unpadded) of a JSON list ``[1, kind, campaign, recipient]``
-  or, for clicks, ``[1, "c", campaign, recipient, url]``.
+- ``payload`` is base64url (unpadded) of a compact JSON list ``[1, kind, campaign,
+  recipient]``, for clicks ``[1, "c", campaign, recipient, url]``, either followed by
+  an expiry (Unix seconds) when the link has one.
 - ``tag`` is HMAC-SHA256 over ``kid.payload``, truncated to 16 bytes (128 bits, as
   RFC 2104 allows) to keep URLs short.
 
+Every payload has exactly one spelling: a token is accepted only if re-encoding what it
+decodes to gives back the very characters received, so no two URLs mean the same link.
 No database is needed to verify a token, so clicks keep redirecting during an outage.
 """
 
@@ -19,6 +22,7 @@ import hashlib
 import hmac
 import re
 import secrets
+import time
 from dataclasses import dataclass, field
 from urllib.parse import quote, urlsplit
 
@@ -26,10 +30,14 @@ import orjson
 
 FORMAT = 1
 TAG_BYTES = 16
+TAG_CHARS = 22  # base64url of 16 bytes, unpadded
 MAX_TOKEN = 4096
 MAX_FIELD = 256
 MAX_URL = 2048
-MIN_SECRET = 16
+# A secret shorter than the MAC's 32-byte output would be the weakest part of it.
+MIN_SECRET_BYTES = 32
+# Expiry is an integer that JavaScript numbers hold exactly, so any sender can write it.
+MAX_EXPIRES = 2**53 - 1
 _KID = re.compile(r"^[A-Za-z0-9_-]{1,16}$")
 _KIND_CODES = {"open": "o", "click": "c"}
 _CODE_KINDS = {code: kind for kind, code in _KIND_CODES.items()}
@@ -88,7 +96,7 @@ class HmacSha256:
 @dataclass(frozen=True)
 class Keyring:
     signing_kid: str
-    keys: dict[str, bytes]
+    keys: dict[str, bytes] = field(repr=False)  # secrets: never in a log line or traceback
     macs: dict[str, HmacSha256] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -97,25 +105,36 @@ class Keyring:
 
     @classmethod
     def parse(cls, spec: str) -> Keyring:
-        """``kid:secret[,kid:secret...]``; the first key signs."""
+        """``kid:secret[,kid:secret...]``; the first key signs.
+
+        Errors name the key by its kid or its position, never by its secret: they end
+        up in terminals and logs.
+        """
         keys: dict[str, bytes] = {}
         first = ""
-        for part in (p.strip() for p in spec.split(",")):
-            if not part:
-                continue
+        for number, part in enumerate((p.strip() for p in spec.split(",") if p.strip()), 1):
             kid, sep, secret = part.partition(":")
-            if not sep or not _KID.match(kid):
+            if not sep:
+                raise KeyringError(f"key #{number}: expected kid:secret, found no ':'")
+            if not _KID.match(kid):
                 raise KeyringError(
-                    f"key {kid!r}: expected kid:secret with a kid of 1-16 letters, digits, - or _"
+                    f"key #{number}: the kid before ':' must be 1-16 letters, digits, - or _"
                 )
-            if len(secret) < MIN_SECRET:
-                raise KeyringError(f"key {kid!r}: secret must be at least {MIN_SECRET} characters")
+            size = len(secret.encode())
+            if size < MIN_SECRET_BYTES:
+                raise KeyringError(
+                    f"key {kid!r}: the secret is {size} bytes, at least {MIN_SECRET_BYTES} are "
+                    "needed (`trackbuf keygen` makes one)"
+                )
             if kid in keys:
                 raise KeyringError(f"key {kid!r} is listed twice")
             keys[kid] = secret.encode()
             first = first or kid
         if not keys:
-            raise KeyringError("no signing keys: set TRACKBUF_SIGNING_KEYS=kid:secret")
+            raise KeyringError(
+                "no signing keys: set TRACKBUF_SIGNING_KEYS=kid:secret "
+                "or TRACKBUF_SIGNING_KEYS_FILE"
+            )
         return cls(signing_kid=first, keys=keys)
 
 
@@ -125,16 +144,19 @@ class LinkPayload:
     campaign: str
     recipient: str
     url: str | None = None
+    expires: int | None = None  # Unix seconds; from then on the token is refused
 
 
 def sign(keyring: Keyring, payload: LinkPayload) -> str:
     if payload.url is not None:
         payload = LinkPayload(payload.kind, payload.campaign, payload.recipient,
-                              ascii_url(payload.url))  # fmt: skip
+                              ascii_url(payload.url), payload.expires)  # fmt: skip
     _check_payload(payload, error=LinkError)
     fields: list[object] = [FORMAT, _KIND_CODES[payload.kind], payload.campaign, payload.recipient]
     if payload.kind == "click":
         fields.append(payload.url)
+    if payload.expires is not None:
+        fields.append(payload.expires)
     body = _b64encode(orjson.dumps(fields))
     kid = keyring.signing_kid
     signed = f"{kid}.{body}"
@@ -144,45 +166,72 @@ def sign(keyring: Keyring, payload: LinkPayload) -> str:
     return token
 
 
-def verify(keyring: Keyring, token: str, kind: str) -> LinkPayload:
-    """The payload of a token whose signature, format and kind all check out."""
+def verify(keyring: Keyring, token: str, kind: str, now: float | None = None) -> LinkPayload:
+    """The payload of a token whose signature, spelling, format, kind and expiry all
+    check out; ``now`` (Unix seconds) defaults to the clock."""
     if len(token) > MAX_TOKEN:
         raise InvalidToken("too_long")
+    if not token.isascii():
+        raise InvalidToken("malformed")  # every token character is base64url, '.' or kid
     signed, _, tag = token.rpartition(".")
     kid, dot, body = signed.partition(".")
-    if not dot or "." in body:
-        raise InvalidToken("malformed")  # not exactly three parts
+    if not dot or "." in body or len(tag) != TAG_CHARS:
+        raise InvalidToken("malformed")  # not three parts, or a cut or extended tag
     mac = keyring.macs.get(kid)
     if mac is None:
         raise InvalidToken("unknown_kid")
     # Compare the text, not decoded bytes: base64 has several spellings of the same
     # bytes (the unused low bits of the last character), and every spelling but ours
-    # is a tampered token.
+    # is a tampered token. compare_digest: the time taken says nothing about the tag.
     expected = _b64encode(_tag(mac, signed))
     if not hmac.compare_digest(tag.encode(), expected.encode()):
         raise InvalidToken("bad_signature")
-    # From here on the body is text this service signed, so it needs no syntax check
-    # before decoding; the fields are still checked, as keys outlive code versions.
-    try:
-        fields = orjson.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
-    except (ValueError, orjson.JSONDecodeError):
-        raise InvalidToken("malformed") from None
+    fields = _decode_fields(body)
+    # The MAC covers the text, so only a key holder can make a second spelling (padding,
+    # other trailing bits, '+' for '-', spaces or escapes in the JSON, ...): a sender
+    # whose encoder differs from the spec. Refused, so a link has exactly one URL.
+    if _b64encode(orjson.dumps(fields)) != body:
+        raise InvalidToken("non_canonical")
     payload = _payload_from(fields)
     if payload.kind != kind:
         raise InvalidToken("wrong_kind")
+    if payload.expires is not None and (time.time() if now is None else now) >= payload.expires:
+        raise InvalidToken("expired")
     return payload
 
 
-def _payload_from(fields: object) -> LinkPayload:
-    if not isinstance(fields, list) or len(fields) not in (4, 5) or fields[0] != FORMAT:
+def _decode_fields(body: str) -> list[int | str]:
+    """The payload's JSON list, if it is one of integers and strings only (no bools,
+    floats or nesting: those have spellings the canonical check could not rule out)."""
+    try:
+        fields = orjson.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    except ValueError:  # binascii.Error and orjson.JSONDecodeError are ValueErrors
+        raise InvalidToken("malformed") from None
+    if not isinstance(fields, list) or not all(type(f) in (int, str) for f in fields):
         raise InvalidToken("malformed")
-    kind = _CODE_KINDS.get(fields[1]) if isinstance(fields[1], str) else None
-    if kind is None:
+    return fields
+
+
+def _payload_from(fields: list[int | str]) -> LinkPayload:
+    """``[1, kind, campaign, recipient, url if click, expires if any]``, checked."""
+    if len(fields) < 4 or fields[0] != FORMAT or not isinstance(fields[1], str):
         raise InvalidToken("malformed")
-    url = fields[4] if len(fields) == 5 else None
-    if isinstance(url, str):
-        url = ascii_url(url)  # a target signed as an IRI still redirects
-    payload = LinkPayload(kind=kind, campaign=fields[2], recipient=fields[3], url=url)
+    kind = _CODE_KINDS.get(fields[1])
+    campaign, recipient, rest = fields[2], fields[3], fields[4:]
+    if kind is None or not isinstance(campaign, str) or not isinstance(recipient, str):
+        raise InvalidToken("malformed")
+    url = None
+    if kind == "click":
+        target = rest.pop(0) if rest else None
+        if not isinstance(target, str):
+            raise InvalidToken("malformed")
+        url = ascii_url(target)  # a target signed as an IRI still redirects
+    expires = None
+    if rest:
+        if len(rest) != 1 or not isinstance(rest[0], int):
+            raise InvalidToken("malformed")
+        expires = rest[0]
+    payload = LinkPayload(kind, campaign, recipient, url, expires)
     _check_payload(payload, error=InvalidToken)
     return payload
 
@@ -192,13 +241,25 @@ def _check_payload(payload: LinkPayload, error: type[ValueError]) -> None:
         raise error("bad_kind")
     for name in ("campaign", "recipient"):
         value = getattr(payload, name)
-        if not isinstance(value, str) or not 0 < len(value) <= MAX_FIELD:
+        if not isinstance(value, str) or not 0 < len(value) <= MAX_FIELD or not _is_text(value):
             raise error(f"bad_{name}")
     if payload.kind == "click":
         if not isinstance(payload.url, str) or not is_safe_target(payload.url):
             raise error("bad_url")
     elif payload.url is not None:
         raise error("bad_url")
+    expires = payload.expires
+    if expires is not None and (type(expires) is not int or not 0 < expires <= MAX_EXPIRES):
+        raise error("bad_expires")
+
+
+def _is_text(value: str) -> bool:
+    """Encodable as UTF-8 (a Python str may hold lone surrogates; JSON text may not)."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def ascii_url(url: str) -> str:
@@ -210,12 +271,15 @@ def ascii_url(url: str) -> str:
 
 
 def is_safe_target(url: str) -> bool:
-    """Only absolute http(s) URLs with a host, no control characters or whitespace:
-    anything else could turn the redirect into header injection or a javascript: link."""
+    """Only absolute http(s) URLs with a host, no control characters, whitespace or
+    backslashes: anything else could turn the redirect into header injection or a
+    javascript: link. A backslash is refused because browsers read it as '/' in http(s)
+    URLs and Python does not, so the two would disagree on the host."""
     if (
         len(url) > MAX_URL
         or not url.isascii()
         or any(ord(ch) < 0x21 or ord(ch) == 0x7F for ch in url)
+        or "\\" in url
     ):
         return False
     try:

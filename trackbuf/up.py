@@ -37,6 +37,7 @@ from trackbuf.instance import INSTANCE_ENV, INSTANCE_HEADER
 from trackbuf.lifeline import Watchdog, die_with_parent
 from trackbuf.redact import masked_dsn
 from trackbuf.settings import Settings, as_environ, env_name, flag_name, parse_hostport
+from trackbuf.keys import load_keyring
 from trackbuf.tokens import Keyring, new_key
 
 STARTUP_TIMEOUT_S = 30.0
@@ -71,7 +72,7 @@ def run(settings: Settings, explicit: frozenset[str] = frozenset()) -> int:
 def _run(settings: Settings, explicit: frozenset[str]) -> int:
     data_dir = Path(settings.data_dir)
     stop = _stop_on_signals()
-    if not settings.signing_keys:
+    if not settings.signing_keys and not settings.signing_keys_file:
         settings = replace(settings, signing_keys=_stored_key(data_dir))
     if "public_url" not in explicit:
         settings = replace(settings, public_url=f"http://{settings.listen}")
@@ -193,8 +194,8 @@ def _stored_key(data_dir: Path) -> str:
 
 
 # What other commands (`trackbuf events`, `link`, `status`, ...) need to find this instance.
-SHARED = ("database_url", "beanstalkd", "tube", "signing_keys", "public_url", "listen",
-          "metrics_listen")  # fmt: skip
+SHARED = ("database_url", "beanstalkd", "tube", "signing_keys", "signing_keys_file",
+          "public_url", "listen", "metrics_listen")  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -343,7 +344,7 @@ def wait_own_ingest(
 
 
 def _banner(settings: Settings) -> None:
-    keyring = Keyring.parse(settings.signing_keys)
+    keyring = load_keyring(settings)
     pixel = links.open_url(settings.public_url, keyring, "welcome", "you@example.com")
     click = links.click_url(
         settings.public_url, keyring, "welcome", "you@example.com", "https://example.com/"

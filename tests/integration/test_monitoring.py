@@ -306,7 +306,7 @@ def test_a_real_prometheus_answers_every_panel_and_evaluates_every_rule(
     keyring: Keyring,
 ) -> None:
     base = f"http://{live_stack.listen}"
-    forger = Keyring.parse("k1:someone-elses-secret-key")
+    forger = Keyring.parse("k1:someone-elses-secret-key-0123456789ab")
     Load(base, forger, "bad", count=5, rate=100).start().wait()
     deadline = time.monotonic() + 12
     load = Load(base, keyring, "prom", count=1200, rate=150).start()

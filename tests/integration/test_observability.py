@@ -51,7 +51,7 @@ def test_metrics_count_real_traffic(
     settings: Settings = make_settings(threads=2)
     ingest, consumer = start_both(settings, tmp_path)
     base = f"http://{settings.listen}"
-    forger = Keyring.parse("k1:not-the-real-secret-at-all")
+    forger = Keyring.parse("k1:not-the-real-secret-at-all-0123456789")
     urls = [links.open_url(base, keyring, "m", f"o{i}") for i in range(50)]
     urls += [links.click_url(base, keyring, "m", f"c{i}", "https://x.example/") for i in range(20)]
     urls += [links.click_url(base, forger, "m", f"f{i}", "https://evil.example/") for i in range(5)]
@@ -340,7 +340,7 @@ def test_logs_are_one_key_value_event_per_line_without_tokens_or_ips(
     settings: Settings = make_settings(threads=2)
     ingest, consumer = start_both(settings, tmp_path)
     base = f"http://{settings.listen}"
-    forger = Keyring.parse("k1:not-the-real-secret-at-all")
+    forger = Keyring.parse("k1:not-the-real-secret-at-all-0123456789")
     good = [links.open_url(base, keyring, "logs", f"o{i}") for i in range(10)]
     good += [
         links.click_url(base, keyring, "logs", f"c{i}", "https://x.example/") for i in range(5)

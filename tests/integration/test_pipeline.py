@@ -171,7 +171,7 @@ def test_forged_click_redirects_nowhere_and_adds_nothing(
 ) -> None:
     settings = make_settings()
     base = f"http://{settings.listen}"
-    forger = Keyring.parse("k1:an-attackers-own-secret-key")  # right kid, wrong secret
+    forger = Keyring.parse("k1:an-attackers-own-secret-key-0123456789")  # right kid, wrong secret
     forged = links.click_url(base, forger, "c", "r", "https://evil.example/")
     # The same link signed with the real k1 (the second configured key): it differs from
     # the forgery only in its tag, so the forgery's 404 comes from the signature alone.
@@ -191,8 +191,10 @@ def test_forged_click_redirects_nowhere_and_adds_nothing(
     assert pixel_status == 200  # the pixel is served even for a bad token
     assert genuine_click == (302, "https://evil.example/")
     assert (
-        'trackbuf_ingest_invalid_tokens_total{reason="bad_signature",route="click"} 2.0' in metrics
+        'trackbuf_ingest_invalid_tokens_total{reason="bad_signature",route="click"} 1.0' in metrics
     )
+    # The cut one: a tag of the wrong length is refused before any MAC is computed.
+    assert 'trackbuf_ingest_invalid_tokens_total{reason="malformed",route="click"} 1.0' in metrics
     assert drain(settings) == 0
     stored = rows(settings.database_url)
     # Only the genuine click: the forged click and the forged pixel added nothing.

@@ -66,7 +66,7 @@ def test_wrk_urls_are_signed_paths_of_the_asked_kind() -> None:
     from trackbuf import tokens
     from trackbuf.tokens import Keyring
 
-    keys = "k1:wrk-url-test-secret-0001"
+    keys = "k1:wrk-url-test-secret-0001-0123456789ab"
     done = subprocess.run(
         [sys.executable, "-m", "loadtest", "urls", "--count", "50", "--mix", "mixed"],
         env={**os.environ, "TRACKBUF_SIGNING_KEYS": keys}, capture_output=True, text=True,

@@ -11,7 +11,7 @@ from trackbuf.links import CLICK_PREFIX, OPEN_PREFIX, OPEN_SUFFIX
 from trackbuf.rewrite import rewrite_html
 from trackbuf.tokens import Keyring
 
-KEYS_TEXT = "k1:rewrite-test-secret-0001"
+KEYS_TEXT = "k1:rewrite-test-secret-0001-0123456789ab"
 KEYS = Keyring.parse(KEYS_TEXT)
 ROOT = Path(__file__).resolve().parent.parent.parent
 BASE = "https://t.example.com"

@@ -69,3 +69,16 @@ def test_an_unusable_setting_stops_ingest_with_the_reason_and_no_traceback() -> 
     assert done.returncode == 2
     assert "TRACKBUF_MAX_JOB_BYTES must be at most 1048576" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_secrets_are_masked_in_the_settings_repr() -> None:
+    settings = load(
+        {},
+        overrides={
+            "signing_keys": "k1:sEcReT-0123456789abcdef0123456789",
+            "database_url": "postgresql://trackbuf:pAsSwOrD@db:5432/trackbuf",
+        },
+    )
+    shown = repr(settings)
+    assert "sEcReT" not in shown and "pAsSwOrD" not in shown
+    assert "signing_keys='(set)'" in shown and "postgresql://trackbuf:***@db:5432" in shown

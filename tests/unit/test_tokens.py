@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import base64
 import hmac
 
 import orjson
@@ -8,8 +9,8 @@ import pytest
 from trackbuf import links, tokens
 from trackbuf.tokens import InvalidToken, Keyring, KeyringError, LinkError, LinkPayload
 
-OLD = "old:0123456789abcdef-old-secret"
-NEW = "new:fedcba9876543210-new-secret"
+OLD = "old:0123456789abcdef-old-secret-0123456789"
+NEW = "new:fedcba9876543210-new-secret-9876543210"
 
 
 def click(url: str = "https://example.com/landing?x=1") -> LinkPayload:
@@ -41,9 +42,9 @@ def test_unknown_kid_is_rejected() -> None:
 
 
 def test_same_kid_other_secret_is_a_bad_signature() -> None:
-    token = tokens.sign(Keyring.parse("k1:secret-number-one-xxxx"), click())
+    token = tokens.sign(Keyring.parse("k1:secret-number-one-xxxxxxxxxxxxxxxxxxxx"), click())
     with pytest.raises(InvalidToken) as info:
-        tokens.verify(Keyring.parse("k1:secret-number-two-xxxx"), token, "click")
+        tokens.verify(Keyring.parse("k1:secret-number-two-xxxxxxxxxxxxxxxxxxxx"), token, "click")
     assert info.value.reason == "bad_signature"
 
 
@@ -115,19 +116,47 @@ def test_garbage_is_rejected_not_crashing(junk: str) -> None:
         tokens.verify(Keyring.parse(OLD), junk, "open")
 
 
+LONG = "0123456789abcdef0123456789abcdef"  # 32 bytes: the shortest secret accepted
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
         ("", "no signing keys"),
         ("k1", "expected kid:secret"),
-        ("k1:short", "at least 16"),
-        ("bad kid!:0123456789abcdef", "expected kid:secret"),
-        ("k1:0123456789abcdef,k1:0123456789abcdeg", "listed twice"),
+        (f"k1:{LONG[:31]}", "key 'k1': the secret is 31 bytes, at least 32"),
+        (f"bad kid!:{LONG}", "key #1: the kid before ':' must be"),
+        (f"k1:{LONG},k1:{LONG}x", "listed twice"),
     ],
 )
 def test_keyring_errors_say_what_is_wrong(spec: str, message: str) -> None:
     with pytest.raises(KeyringError, match=message):
         Keyring.parse(spec)
+
+
+def test_a_32_byte_secret_is_enough_and_bytes_are_what_count() -> None:
+    assert Keyring.parse(f"k1:{LONG}").signing_kid == "k1"
+    with pytest.raises(KeyringError, match="18 bytes"):
+        Keyring.parse("k1:" + "é" * 9)  # 9 characters, 18 bytes of UTF-8
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "sEcReT-only-no-kid-0123456789abcdef",  # the kid forgotten: the whole entry is secret
+        "k1:sEcReT-too-short",
+        "k1 sEcReT-typed-with-a-space-0123456789:x",
+    ],
+)
+def test_keyring_errors_never_show_the_secret(spec: str) -> None:
+    with pytest.raises(KeyringError) as info:
+        Keyring.parse(spec)
+    assert "sEcReT" not in str(info.value)
+
+
+def test_a_keyring_shows_its_kids_not_its_secrets() -> None:
+    keys = Keyring.parse(f"{NEW},{OLD}")
+    assert "secret" not in repr(keys) and "new" in repr(keys)
 
 
 def test_links_are_full_urls_under_the_public_base() -> None:
@@ -166,3 +195,148 @@ def test_hmac_matches_the_standard_library(key_length: int) -> None:
     mac = tokens.HmacSha256(key)
     for message in (b"", b"k1.payload", b"x" * 1000):
         assert mac.digest(message) == hmac.digest(key, message, "sha256")
+
+
+def test_tokens_signed_before_expiry_existed_still_verify() -> None:
+    # Made by the previous release: links in emails already sent must keep working.
+    keys = Keyring.parse(OLD)
+    made_before = {
+        "click": "old.WzEsImMiLCJjYW1wIiwicmNwdC0xIiwiaHR0cHM6Ly9leGFtcGxlLmNvbS9sYW5kaW5n"
+        "P3g9MSJd.w84g2KBCwC5vSJUhABEYyw",
+        "open": "old.WzEsIm8iLCJjYW1wIiwicmNwdC0xIl0.B1ynFYV24VZ_ia6wmEy2Ng",
+    }
+    assert tokens.verify(keys, made_before["click"], "click") == click()
+    assert tokens.verify(keys, made_before["open"], "open") == LinkPayload("open", "camp", "rcpt-1")
+
+
+def mac_by_hand(keys: Keyring, body: str) -> str:
+    """A token whose MAC is right for any payload text: what a sender's own encoder
+    would make if it spelled the payload differently from the spec."""
+    signed = f"{keys.signing_kid}.{body}"
+    return f"{signed}.{tokens._b64encode(tokens._tag(keys.macs[keys.signing_kid], signed))}"
+
+
+def b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode()
+
+
+CANONICAL_JSON = b'[1,"o","camp","r/A"]'
+CANONICAL = b64(CANONICAL_JSON).rstrip("=")
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (CANONICAL, None),  # the one spelling that verifies
+        (b64(CANONICAL_JSON), "non_canonical"),  # with '=' padding
+        (CANONICAL[:-1] + chr(ord(CANONICAL[-1]) + 1), "non_canonical"),  # other spare bits
+        (b64(b'[1,"o","camp","r/A"]>>?').rstrip("="), "malformed"),  # trailing garbage
+        (b64(b'[1, "o", "camp", "r/A"]').rstrip("="), "non_canonical"),  # spaces
+        (b64(b'[1,"o","camp","r\\/A"]').rstrip("="), "non_canonical"),  # escaped '/'
+        (b64(b'[1,"o","camp","r/\\u0041"]').rstrip("="), "non_canonical"),  # escaped 'A'
+        (b64(b'[1,"\\u006f","camp","r/A"]').rstrip("="), "non_canonical"),
+        (b64(b'[1.0,"o","camp","r/A"]').rstrip("="), "malformed"),  # not an integer
+        (b64(b'[true,"o","camp","r/A"]').rstrip("="), "malformed"),  # == 1 in Python
+        (b64(b'[1,"o","camp","r/A",null]').rstrip("="), "malformed"),
+        (b64(b'[1,"o","camp","r/A","https://x.example/"]').rstrip("="), "malformed"),
+    ],
+)
+def test_only_the_canonical_spelling_of_a_payload_verifies(body: str, reason: str | None) -> None:
+    keys = Keyring.parse(OLD)
+    token = mac_by_hand(keys, body)
+    if reason is None:
+        assert token == tokens.sign(keys, LinkPayload("open", "camp", "r/A"))
+        assert tokens.verify(keys, token, "open") == LinkPayload("open", "camp", "r/A")
+        return
+    with pytest.raises(InvalidToken) as info:
+        tokens.verify(keys, token, "open")
+    assert info.value.reason == reason
+
+
+def test_the_standard_base64_alphabet_is_another_spelling() -> None:
+    keys = Keyring.parse(OLD)
+    token = tokens.sign(keys, LinkPayload("open", "camp", "??>>??>>"))  # '-' and '_' inside
+    body = token.split(".")[1]
+    assert "-" in body or "_" in body
+    standard = body.replace("-", "+").replace("_", "/")
+    with pytest.raises(InvalidToken) as info:
+        tokens.verify(keys, mac_by_hand(keys, standard), "open")
+    assert info.value.reason == "non_canonical"
+
+
+@pytest.mark.parametrize("suffix", ["A", "AA", "=", "==", ".x"])
+def test_a_cut_or_extended_tag_is_malformed(suffix: str) -> None:
+    keys = Keyring.parse(OLD)
+    token = tokens.sign(keys, click())
+    for bad in (token + suffix, token[: -len(suffix)]):
+        with pytest.raises(InvalidToken) as info:
+            tokens.verify(keys, bad, "click")
+        assert info.value.reason == "malformed"
+
+
+@pytest.mark.parametrize("junk", ["old.é.x", "old.\ud800.x", "\x00.a.b", "k\u2028.a.bbbbbb"])
+def test_non_ascii_and_unencodable_tokens_are_malformed(junk: str) -> None:
+    with pytest.raises(InvalidToken) as info:
+        tokens.verify(Keyring.parse(OLD), junk, "open")
+    assert info.value.reason == "malformed"
+
+
+def test_an_expiring_link_verifies_until_its_expiry_then_is_expired() -> None:
+    keys = Keyring.parse(OLD)
+    payload = LinkPayload("click", "camp", "r", "https://x.example/", expires=1_800_000_000)
+    token = tokens.sign(keys, payload)
+    assert tokens.verify(keys, token, "click", now=1_799_999_999.9) == payload
+    for now in (1_800_000_000, 1_900_000_000):
+        with pytest.raises(InvalidToken) as info:
+            tokens.verify(keys, token, "click", now=now)
+        assert info.value.reason == "expired"
+    opened = tokens.sign(keys, LinkPayload("open", "camp", "r", expires=1_800_000_000))
+    with pytest.raises(InvalidToken, match="expired"):
+        tokens.verify(keys, opened, "open", now=1_800_000_000)
+    assert tokens.verify(keys, opened, "open", now=0).expires == 1_800_000_000
+
+
+def test_the_expiry_is_signed() -> None:
+    keys = Keyring.parse(OLD)
+    short = tokens.sign(keys, LinkPayload("open", "c", "r", expires=1_800_000_000))
+    longer = tokens.sign(keys, LinkPayload("open", "c", "r", expires=1_900_000_000))
+    spliced = ".".join([*longer.split(".")[:2], short.split(".")[2]])
+    with pytest.raises(InvalidToken, match="bad_signature"):
+        tokens.verify(keys, spliced, "open", now=1_850_000_000)
+
+
+@pytest.mark.parametrize("expires", [0, -5, 2**53, True, 1.5])
+def test_an_expiry_must_be_a_positive_whole_second(expires: object) -> None:
+    with pytest.raises(LinkError, match="bad_expires"):
+        tokens.sign(Keyring.parse(OLD), LinkPayload("open", "c", "r", expires=expires))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("text", ["", "\ud800", "a" * 257])
+def test_campaigns_that_json_cannot_carry_are_not_signed(text: str) -> None:
+    with pytest.raises(LinkError, match="bad_campaign"):
+        tokens.sign(Keyring.parse(OLD), LinkPayload("open", text, "r"))
+
+
+def test_a_backslash_in_a_target_is_refused() -> None:
+    # Browsers read https://evil.example\@shop.example/ as a path on evil.example.
+    url = "https://evil.example\\@shop.example/"
+    assert not tokens.is_safe_target(url)
+    with pytest.raises(LinkError):
+        tokens.sign(Keyring.parse(OLD), click(url))
+    token = signed_by_hand(Keyring.parse(OLD), [tokens.FORMAT, "c", "camp", "r", url])
+    with pytest.raises(InvalidToken, match="bad_url"):
+        tokens.verify(Keyring.parse(OLD), token, "click")
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90d", 90 * 86400), ("12h", 43200), ("30m", 1800), ("45s", 45), ("2w", 1209600)],
+)
+def test_durations(text: str, seconds: int) -> None:
+    assert links.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "0d", "-1d", "90", "d", "1.5h", "90 days", "1y"])
+def test_bad_durations_say_what_a_duration_is(text: str) -> None:
+    with pytest.raises(LinkError, match="positive number and a unit"):
+        links.parse_duration(text)
