@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from trackbuf import beanstalk, codec
+from trackbuf.redact import masked
 from trackbuf.redirect_hosts import RedirectHosts, RedirectHostsError
 
 ENV_PREFIX = "TRACKBUF_"
-# A DSN's password: ``scheme://user:PASSWORD@host``.
-_DSN_PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")
 
 
 class SettingsError(ValueError):
@@ -117,11 +115,7 @@ class Settings:
         # Settings end up in tracebacks and debug output: secrets are shown as set or not.
         shown = []
         for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name == "signing_keys" and value:
-                value = "(set)"
-            elif f.name == "database_url":
-                value = _DSN_PASSWORD.sub(r"\1***@", value)
+            value = masked(f.name, getattr(self, f.name))
             shown.append(f"{f.name}={value!r}")
         return f"Settings({', '.join(shown)})"
 

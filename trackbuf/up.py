@@ -34,10 +34,10 @@ from typing import Any
 
 from trackbuf import envfile, httpwait, links
 from trackbuf.instance import INSTANCE_ENV, INSTANCE_HEADER
+from trackbuf.keys import load_keyring
 from trackbuf.lifeline import Watchdog, die_with_parent
 from trackbuf.redact import masked_dsn
 from trackbuf.settings import Settings, as_environ, env_name, flag_name, parse_hostport
-from trackbuf.keys import load_keyring
 from trackbuf.tokens import Keyring, new_key
 
 STARTUP_TIMEOUT_S = 30.0

@@ -81,4 +81,4 @@ def test_secrets_are_masked_in_the_settings_repr() -> None:
     )
     shown = repr(settings)
     assert "sEcReT" not in shown and "pAsSwOrD" not in shown
-    assert "signing_keys='(set)'" in shown and "postgresql://trackbuf:***@db:5432" in shown
+    assert "signing_keys='k1:***'" in shown and "postgresql://trackbuf:***@db:5432" in shown
