@@ -47,7 +47,11 @@ INVALID_LINK_PAGE = (
     "<p>The tracking link is damaged, has expired or was not issued by this service. "
     "Please use the link from the original email.</p>"
 )
-NO_STORE = {"Cache-Control": "no-store", "X-Robots-Tag": "noindex, nofollow"}
+# Every public answer carries this: a tracking host has nothing a search engine should
+# index or follow (robots.txt says the same to crawlers that read it).
+NO_INDEX = {"X-Robots-Tag": "noindex, nofollow"}
+NO_STORE = {"Cache-Control": "no-store", **NO_INDEX}
+ROBOTS_TXT = "User-agent: *\nDisallow: /\n"
 
 
 def click_target(
@@ -108,7 +112,7 @@ class Ingest:
         self.redirect_hosts = RedirectHosts.parse(settings.redirect_hosts)
         # Set by `trackbuf up`, which waits for its own ingest, not any server on the port.
         instance = os.environ.get(INSTANCE_ENV)
-        self._health_headers = {INSTANCE_HEADER: instance} if instance else None
+        self._health_headers = {INSTANCE_HEADER: instance, **NO_INDEX} if instance else NO_INDEX
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = IngestMetrics.create(self.registry)
         self.tally = RequestTally(self.metrics)
@@ -160,10 +164,12 @@ class Ingest:
             self.tally.flush()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """The public listener: /o/, /c/, /healthz, /readyz and /robots.txt, nothing
+        else (/metrics is on the admin listener, ``handle_admin``)."""
         path = request.path
         if request.method not in READ_METHODS:
             return web.Response(
-                status=405, text="method not allowed\n", headers={"Allow": "GET, HEAD"}
+                status=405, text="method not allowed\n", headers={"Allow": "GET, HEAD", **NO_INDEX}
             )
         if path.startswith(OPEN_PREFIX):
             # Whatever follows /o/ gets the pixel: a mangled path is an invalid token
@@ -176,8 +182,16 @@ class Ingest:
             return web.Response(text="ok\n", headers=self._health_headers)
         if path == "/readyz":
             return self.readyz()
-        if path == "/metrics":
+        if path == "/robots.txt":
+            return web.Response(text=ROBOTS_TXT, headers=NO_INDEX)
+        return web.Response(status=404, text="not found\n", headers=NO_INDEX)
+
+    async def handle_admin(self, request: web.BaseRequest) -> web.StreamResponse:
+        """The private admin listener (``TRACKBUF_ADMIN_LISTEN``): /metrics, /healthz."""
+        if request.path == "/metrics":
             return self.metrics_page()
+        if request.path == "/healthz":
+            return web.Response(text="ok\n")
         return web.Response(status=404, text="not found\n")
 
     async def open_pixel(self, request: web.BaseRequest, token: str) -> web.Response:
@@ -272,8 +286,10 @@ class Ingest:
 
     def readyz(self) -> web.Response:
         if self.enqueuer.ready():
-            return web.Response(text="ready\n")
-        return web.Response(status=503, text="not ready: beanstalkd unreachable and spool full\n")
+            return web.Response(text="ready\n", headers=NO_INDEX)
+        return web.Response(
+            status=503, text="not ready: beanstalkd unreachable and spool full\n", headers=NO_INDEX
+        )
 
     def metrics_page(self) -> web.Response:
         self.tally.flush()

@@ -25,6 +25,7 @@ from trackbuf.settings import SettingsError, env_name, flag_name, parse_hostport
 # Set by the supervisor for its workers only: the inherited descriptors, comma-separated.
 # Not a setting (nobody sets it by hand), hence the leading underscore.
 FDS_VARIABLE = "_TRACKBUF_INGEST_LISTEN_FDS"
+ADMIN_FDS_VARIABLE = "_TRACKBUF_INGEST_ADMIN_FDS"
 BACKLOG = 1024
 
 
@@ -32,16 +33,19 @@ class ListenError(SettingsError):
     """The listen address cannot be bound; the CLI prints it and exits 2."""
 
 
-def bind(listen: str) -> list[socket.socket]:
+def bind(listen: str, setting: str = "listen") -> list[socket.socket]:
     """Listening sockets for ``host:port``: one per address the host resolves to
-    (``localhost`` may be both 127.0.0.1 and ::1), as asyncio's own server does."""
-    host, port = parse_hostport(listen, env_name("listen"))
+    (``localhost`` may be both 127.0.0.1 and ::1), as asyncio's own server does.
+    ``setting`` names the setting that moves the address, for the error message."""
+    host, port = parse_hostport(listen, env_name(setting))
     try:
         infos = socket.getaddrinfo(
             host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
     except socket.gaierror as exc:
-        raise ListenError(f"cannot listen on {listen}: {exc.strerror}{_move_hint()}") from None
+        raise ListenError(
+            f"cannot listen on {listen}: {exc.strerror}{_move_hint(setting)}"
+        ) from None
     sockets: list[socket.socket] = []
     seen: set[tuple[int, object]] = set()
     try:
@@ -61,30 +65,39 @@ def bind(listen: str) -> list[socket.socket]:
     except OSError as exc:
         for sock in sockets:
             sock.close()
-        raise ListenError(_bind_failure(listen, exc)) from None
+        raise ListenError(_bind_failure(listen, exc, setting)) from None
     return sockets
 
 
-def _bind_failure(listen: str, exc: OSError) -> str:
+def _bind_failure(listen: str, exc: OSError, setting: str) -> str:
     if exc.errno == errno.EADDRINUSE:
         why = "the address is already in use (another process, perhaps another ingest)"
     else:
         why = exc.strerror or str(exc)
-    return f"cannot listen on {listen}: {why}{_move_hint()}"
+    return f"cannot listen on {listen}: {why}{_move_hint(setting)}"
 
 
-def _move_hint() -> str:
-    return f"; choose another address with {flag_name('listen')} or {env_name('listen')}"
+def _move_hint(setting: str) -> str:
+    return f"; choose another address with {flag_name(setting)} or {env_name(setting)}"
 
 
-def worker_environ(sockets: Sequence[socket.socket]) -> dict[str, str]:
-    """What tells a worker process which inherited descriptors to serve."""
-    return {FDS_VARIABLE: ",".join(str(sock.fileno()) for sock in sockets)}
+def worker_environ(
+    sockets: Sequence[socket.socket], admin: Sequence[socket.socket] = ()
+) -> dict[str, str]:
+    """What tells a worker process which inherited descriptors to serve: the public
+    sockets, and the private admin ones (/metrics)."""
+    environ = {FDS_VARIABLE: ",".join(str(sock.fileno()) for sock in sockets)}
+    if admin:
+        environ[ADMIN_FDS_VARIABLE] = ",".join(str(sock.fileno()) for sock in admin)
+    return environ
 
 
-def inherited(environ: Mapping[str, str] | None = None) -> list[socket.socket] | None:
-    """The sockets a supervisor handed to this worker, or None when run on its own."""
-    raw = (os.environ if environ is None else environ).get(FDS_VARIABLE)
+def inherited(
+    environ: Mapping[str, str] | None = None, variable: str = FDS_VARIABLE
+) -> list[socket.socket] | None:
+    """The sockets a supervisor handed to this worker (the public ones, or with
+    ``ADMIN_FDS_VARIABLE`` the admin ones), or None when run on its own."""
+    raw = (os.environ if environ is None else environ).get(variable)
     if not raw:
         return None
     return [socket.socket(fileno=int(fd)) for fd in raw.split(",")]

@@ -38,12 +38,14 @@ def run(settings: Settings) -> int:
     ``serve`` and ingest/supervisor.py); a listen address that cannot be bound raises
     ``ListenError`` before anything starts (the CLI exits 2)."""
     listeners = listen.inherited()  # a worker of a supervisor: its sockets
+    admin = listen.inherited(variable=listen.ADMIN_FDS_VARIABLE) or []
     if listeners is None:
         listeners = listen.bind(settings.listen)
+        admin = listen.bind(settings.admin_listen, "admin_listen")
         if settings.workers > 1:
-            return _run_workers(settings, listeners)
+            return _run_workers(settings, listeners, admin)
     _use_uvloop()
-    return asyncio.run(serve(settings, listeners))
+    return asyncio.run(serve(settings, listeners, admin))
 
 
 class ErrorAnswers(logging.Filter):
@@ -81,9 +83,13 @@ class ErrorAnswers(logging.Filter):
 
 
 async def serve(
-    settings: Settings, listeners: list[socket.socket], stop: asyncio.Event | None = None
+    settings: Settings,
+    listeners: list[socket.socket],
+    admin: list[socket.socket],
+    stop: asyncio.Event | None = None,
 ) -> int:
-    """Serve until SIGTERM/SIGINT (or ``stop``), then shut down gracefully.
+    """Serve the public sockets (pixels, redirects, health) and the private admin ones
+    (/metrics) until SIGTERM/SIGINT (or ``stop``), then shut down gracefully.
 
     Graceful: stop accepting, let in-flight requests finish, flush the enqueue task;
     all bounded by ``shutdown_timeout``.
@@ -97,13 +103,17 @@ async def serve(
     errors = ErrorAnswers(ingest.metrics)
     logging.getLogger("aiohttp.server").addFilter(errors)
     try:
-        return await _serve(settings, listeners, stop, ingest)
+        return await _serve(settings, listeners, admin, stop, ingest)
     finally:
         logging.getLogger("aiohttp.server").removeFilter(errors)
 
 
 async def _serve(
-    settings: Settings, listeners: list[socket.socket], stop: asyncio.Event, ingest: Ingest
+    settings: Settings,
+    listeners: list[socket.socket],
+    admin: list[socket.socket],
+    stop: asyncio.Event,
+    ingest: Ingest,
 ) -> int:
     await ingest.start()
     runner = web.ServerRunner(
@@ -113,7 +123,14 @@ async def _serve(
     await runner.setup()
     for sock in listeners:
         await web.SockSite(runner, sock, backlog=listen.BACKLOG).start()
-    log.info(kv("ingest_listening", listen=settings.listen, pid=os.getpid()))
+    # /metrics on its own private address: it tells the world about traffic and
+    # outages, and scrapes must not compete with pixels for the public listener.
+    admin_runner = web.ServerRunner(web.Server(ingest.handle_admin, access_log=None))
+    await admin_runner.setup()
+    for sock in admin:
+        await web.SockSite(admin_runner, sock, backlog=listen.BACKLOG).start()
+    log.info(kv("ingest_listening", listen=settings.listen, admin=settings.admin_listen,
+                pid=os.getpid()))  # fmt: skip
     supervisor = os.environ.get(SUPERVISOR_PID_VARIABLE)
     watch = asyncio.create_task(_watch_supervisor(int(supervisor), stop)) if supervisor else None
     await stop.wait()
@@ -129,6 +146,7 @@ async def _serve(
         async with asyncio.timeout(settings.shutdown_timeout + STOP_GRACE_S):
             await runner.cleanup()
             await ingest.close()  # after the last request: flush what they handed over
+            await admin_runner.cleanup()
     except TimeoutError:
         # Only unanswered requests are left behind: nothing acknowledged is lost.
         log.error(kv("ingest_stop_timeout", timeout_s=settings.shutdown_timeout))
@@ -153,7 +171,9 @@ def _use_uvloop() -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def _run_workers(settings: Settings, listeners: list[socket.socket]) -> int:
+def _run_workers(
+    settings: Settings, listeners: list[socket.socket], admin: list[socket.socket]
+) -> int:
     """Start ``workers`` single-process servers on the supervisor's sockets and
     supervise them (ingest/supervisor.py).
 
@@ -168,13 +188,13 @@ def _run_workers(settings: Settings, listeners: list[socket.socket]) -> int:
     env = {
         **os.environ,
         **as_environ(settings),
-        **listen.worker_environ(listeners),
+        **listen.worker_environ(listeners, admin),
         SUPERVISOR_PID_VARIABLE: str(os.getpid()),
         "TRACKBUF_WORKERS": "1",
         "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
     }
     cmd = [sys.executable, "-m", "trackbuf", "ingest"]
-    fds = [sock.fileno() for sock in listeners]
+    fds = [sock.fileno() for sock in (*listeners, *admin)]
 
     def spawn() -> subprocess.Popen[bytes]:
         return subprocess.Popen(cmd, env=env, pass_fds=fds)
@@ -187,6 +207,6 @@ def _run_workers(settings: Settings, listeners: list[socket.socket]) -> int:
         settings.workers,
         stop_timeout=settings.shutdown_timeout + STOP_GRACE_S,
         reaped=reaped,
-        listeners=listeners,
+        listeners=[*listeners, *admin],
     )
     return supervisor.run()

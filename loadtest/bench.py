@@ -189,8 +189,8 @@ def bench_workers(work: Path, plan: Plan) -> dict[str, Any]:
         # the few answers still in flight when it stops, so allow one per connection.
         # Each process adds its tally to the shared files every TALLY_FLUSH_S: wait.
         time.sleep(TALLY_FLUSH_S + 0.5)
-        counted = {n: scrape_total(at, "trackbuf_ingest_requests_total") for n, (_, at) in
-                   procs.items()}  # fmt: skip
+        counted = {n: scrape_total(proc.admin, "trackbuf_ingest_requests_total")
+                   for n, (proc, _) in procs.items()}  # fmt: skip
         for proc, _ in procs.values():
             proc.stop()
         best = {n: max(r.requests_per_s for r in rs) for n, rs in runs.items()}
@@ -230,8 +230,8 @@ def bench_fsync(work: Path, plan: Plan) -> dict[str, Any]:
             for mode, (_, at) in ingests.items():
                 runs[mode].append(st.wrk(at, urls, plan.wrk_s))
         out: dict[str, Any] = {}
-        for mode, (proc, at) in ingests.items():
-            samples = scrape(at)
+        for mode, (proc, _) in ingests.items():
+            samples = scrape(proc.admin)
             jobs = samples.get("trackbuf_ingest_job_events_count", 0.0)
             best = max(runs[mode], key=lambda r: r.requests_per_s)
             out[mode] = {**asdict(best), "runs_rps": [r.requests_per_s for r in runs[mode]],

@@ -28,6 +28,7 @@ class Proc:
 
     def __init__(self, cmd: list[str], log: Path, env: dict[str, str] | None = None) -> None:
         self.log = log
+        self.admin = ""  # an ingest's private /metrics address, once known
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
                 cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO
@@ -105,8 +106,10 @@ class Stack:
 
 
 def start_ingest(stack: Stack, name: str = "ingest", *args: str, **env: str) -> tuple[Proc, str]:
-    listen = f"127.0.0.1:{free_port()}"
-    proc = stack.trackbuf(name, "ingest", *args, TRACKBUF_LISTEN=listen, **env)
+    listen, admin = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    proc = stack.trackbuf(name, "ingest", *args, TRACKBUF_LISTEN=listen,
+                          TRACKBUF_ADMIN_LISTEN=admin, **env)  # fmt: skip
+    proc.admin = admin  # /metrics is there, not on the public listener
     wait_http(f"http://{listen}/healthz", [proc.proc])
     return proc, listen
 

@@ -113,6 +113,7 @@ def make_settings(beanstalkd: Beanstalkd, database_url: str, tmp_path: Path):  #
             "beanstalkd": beanstalkd.address,
             "signing_keys": KEYS,
             "listen": f"127.0.0.1:{free_port()}",
+            "admin_listen": f"127.0.0.1:{free_port()}",
             "metrics_listen": f"127.0.0.1:{free_port()}",
             "linger_ms": 50,
             "spool_dir": str(tmp_path / "spool"),

@@ -25,9 +25,10 @@ from trackbuf.up import UpError
 _FIELDS = {f.name: f for f in fields(Settings)}
 
 QUEUE = ("beanstalkd", "tube")
-INGEST = ("listen", "workers", *QUEUE, "signing_keys", "signing_keys_file", "redirect_hosts",
-          "job_ttr", "max_job_bytes", "ip_mode", "trust_forwarded", "data_dir", "spool_dir",
-          "spool_max_bytes", "spool_fsync", "shutdown_timeout")  # fmt: skip
+INGEST = ("listen", "admin_listen", "workers", *QUEUE, "signing_keys", "signing_keys_file",
+          "redirect_hosts", "job_ttr", "max_job_bytes", "ip_mode", "trust_forwarded",
+          "data_dir", "spool_dir", "spool_max_bytes", "spool_fsync",
+          "shutdown_timeout")  # fmt: skip
 CONSUME = ("database_url", *QUEUE, "threads", "batch_size", "linger_ms", "burst",
            "metrics_listen", "shutdown_timeout")  # fmt: skip
 LINKS = ("public_url", "signing_keys", "signing_keys_file")
@@ -120,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     beside_up = {**_env_file().values, **plain}  # what OPERATOR commands will use
 
     up = sub.add_parser("up", help="run everything on this machine (embedded servers if unset)")
-    _add_settings(up, ("data_dir", "database_url", "listen", "public_url", "signing_keys",
-                       *QUEUE, "threads", "metrics_listen"), plain)  # fmt: skip
+    _add_settings(up, ("data_dir", "database_url", "listen", "admin_listen", "public_url",
+                       "signing_keys", *QUEUE, "threads", "metrics_listen"), plain)  # fmt: skip
     up.set_defaults(func=_cmd_up)
 
     ingest = sub.add_parser("ingest", help="serve pixels and click redirects")
@@ -189,9 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--max-age", type=int, default=60, help="oldest ready job age (s) that counts as a problem"
     )
-    status.add_argument("--ingest-url", help="ingest base URL for /metrics ('' to skip)")
+    status.add_argument("--ingest-url", help="ingest admin base URL for /metrics ('' to skip)")
     status.add_argument("--consumer-url", help="consumer base URL for /metrics ('' to skip)")
-    _add_settings(status, (*QUEUE, "listen", "metrics_listen"), beside_up)
+    _add_settings(status, (*QUEUE, "admin_listen", "metrics_listen"), beside_up)
     status.set_defaults(func=_cmd_status)
 
     stats = sub.add_parser("stats", help="a campaign's totals and uniques, human vs machine")
@@ -347,7 +348,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from consumer import status
 
     settings = _settings(args)
-    ingest = f"http://{settings.listen}" if args.ingest_url is None else args.ingest_url
+    # Ingest's /metrics is on its private admin address, never on the public one.
+    ingest = f"http://{settings.admin_listen}" if args.ingest_url is None else args.ingest_url
     consumer = (
         f"http://{settings.metrics_listen}" if args.consumer_url is None else args.consumer_url
     )

@@ -45,6 +45,10 @@ class Settings:
     batch_size: int = field(default=1000, metadata={"help": "events per database batch"})
     linger_ms: int = field(default=200, metadata={"help": "max wait to fill a batch"})
     burst: bool = field(default=False, metadata={"help": "drain what is queued, then exit"})
+    admin_listen: str = field(
+        default="127.0.0.1:9107",
+        metadata={"help": "ingest's private host:port for /metrics (never the public one)"},
+    )
     metrics_listen: str = field(
         default="127.0.0.1:9108", metadata={"help": "consumer /metrics, /healthz, /readyz"}
     )
@@ -98,7 +102,7 @@ class Settings:
             raise SettingsError(f"{env_name('ip_mode')} must be full, anonymize or drop")
         if self.spool_fsync not in ("always", "never"):
             raise SettingsError(f"{env_name('spool_fsync')} must be always or never")
-        for name in ("beanstalkd", "listen", "metrics_listen"):
+        for name in ("beanstalkd", "listen", "admin_listen", "metrics_listen"):
             parse_hostport(getattr(self, name), env_name(name))
         try:
             beanstalk.tube_name(self.tube)

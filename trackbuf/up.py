@@ -45,7 +45,8 @@ LOCK_FILE = "up.lock"
 # up gives its ingest a random instance id, which /healthz repeats in this header: the
 # banner waits for *its* ingest, not for whatever else answers on that port.
 # The addresses up's children listen on, with what a clash message calls them.
-LISTENERS = (("listen", "ingest"), ("metrics_listen", "consumer metrics"))
+LISTENERS = (("listen", "ingest"), ("admin_listen", "ingest metrics"),
+             ("metrics_listen", "consumer metrics"))  # fmt: skip
 
 
 class UpError(RuntimeError):
@@ -195,7 +196,7 @@ def _stored_key(data_dir: Path) -> str:
 
 # What other commands (`trackbuf events`, `link`, `status`, ...) need to find this instance.
 SHARED = ("database_url", "beanstalkd", "tube", "signing_keys", "signing_keys_file",
-          "public_url", "listen", "metrics_listen")  # fmt: skip
+          "public_url", "listen", "admin_listen", "metrics_listen")  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -351,7 +352,8 @@ def _banner(settings: Settings) -> None:
     )
     print(
         "\ntrackbuf is up\n"
-        f"  ingest:     http://{settings.listen}  (/healthz /readyz /metrics)\n"
+        f"  ingest:     http://{settings.listen}  (/o/ /c/ /healthz /readyz /robots.txt)\n"
+        f"  metrics:    http://{settings.admin_listen}/metrics  (ingest, private)\n"
         f"  consumer:   http://{settings.metrics_listen}/metrics\n"
         f"  beanstalkd: {settings.beanstalkd}\n"
         f"  data dir:   {settings.data_dir}\n"

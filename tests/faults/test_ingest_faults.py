@@ -109,11 +109,11 @@ def test_a_hung_beanstalkd_does_not_slow_ingest_down(
                 concurrency=concurrency).start()  # fmt: skip
     time.sleep(2.0)
     assert beanstalkd.proc is not None
-    before = scrape(settings.listen)
+    before = scrape(settings.admin_listen)
     beanstalkd.proc.send_signal(signal.SIGSTOP)
     try:
         time.sleep(4.0)
-        during = scrape(settings.listen)
+        during = scrape(settings.admin_listen)
     finally:
         beanstalkd.proc.send_signal(signal.SIGCONT)
     result = load.wait()

@@ -47,7 +47,7 @@ def status(url: str) -> int:
 
 def metric(settings: Settings, line_prefix: str, consumer: bool = False) -> float:
     """Sum of the samples whose line starts with ``line_prefix``."""
-    samples = scrape(settings.metrics_listen if consumer else settings.listen)
+    samples = scrape(settings.metrics_listen if consumer else settings.admin_listen)
     return sum(value for name, value in samples.items() if name.startswith(line_prefix))
 
 

@@ -29,8 +29,10 @@ TUBE = "trackbuf-events"
 
 
 def take_recipients(server: Beanstalkd) -> list[str]:
+    """Every event in the tube, read with an independent client (greenstalk)."""
     found: list[str] = []
-    with server.client() as client:
+    address = ("127.0.0.1", server.port)
+    with greenstalk.Client(address, encoding=None, watch=TUBE) as client:
         while True:
             try:
                 job = client.reserve(timeout=0)

@@ -26,6 +26,7 @@ def ingest_settings(beanstalkd: Beanstalkd, tmp_path: Path, workers: int) -> Set
             "beanstalkd": beanstalkd.address,
             "signing_keys": KEYS,
             "listen": f"127.0.0.1:{free_port()}",
+            "admin_listen": f"127.0.0.1:{free_port()}",
             "workers": workers,
             "data_dir": str(tmp_path / "data"),
             "spool_dir": str(tmp_path / "spool"),

@@ -212,7 +212,7 @@ def live_stack(
 
 
 def scraped_names(settings: Settings) -> set[str]:
-    return {key.split("{", 1)[0] for listen in (settings.listen, settings.metrics_listen)
+    return {key.split("{", 1)[0] for listen in (settings.admin_listen, settings.metrics_listen)
             for key in scrape(listen)}  # fmt: skip
 
 
@@ -263,7 +263,8 @@ def prometheus(live_stack: Settings, alertmanager: str | None, tmp_path: Path) -
     config = yaml.safe_load((ROOT / "prometheus" / "prometheus.yml").read_text())
     config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
     config["rule_files"] = [str(RULES)]
-    targets = {"trackbuf-ingest": live_stack.listen, "trackbuf-consumer": live_stack.metrics_listen}
+    targets = {"trackbuf-ingest": live_stack.admin_listen,
+               "trackbuf-consumer": live_stack.metrics_listen}  # fmt: skip
     for job in config["scrape_configs"]:
         job["static_configs"] = [{"targets": [targets[job["job_name"]]]}]
     am_targets = [alertmanager.removeprefix("http://")] if alertmanager else []
@@ -523,6 +524,10 @@ def test_compose_ports_and_environment_match_the_settings(compose: dict[str, Any
     ingest_port = commands["ingest"].listen.rsplit(":", 1)[1]
     assert commands["ingest"].listen.startswith("0.0.0.0:"), "reachable from other containers"
     assert f"{ingest_port}:{ingest_port}" in services["ingest"]["ports"]
+    # /metrics on the admin address: reachable by Prometheus, never published.
+    assert commands["ingest"].admin_listen.startswith("0.0.0.0:")
+    admin_port = commands["ingest"].admin_listen.rsplit(":", 1)[1]
+    assert not any(admin_port in str(port) for port in services["ingest"]["ports"])
     assert commands["consumer"].metrics_listen.startswith("0.0.0.0:")
     consumer_port = commands["consumer"].metrics_listen.rsplit(":", 1)[1]
     env = services["consumer"]["environment"]
@@ -535,7 +540,7 @@ def test_compose_ports_and_environment_match_the_settings(compose: dict[str, Any
         job["job_name"]: job["static_configs"][0]["targets"][0] for job in prom["scrape_configs"]
     }
     assert targets == {
-        "trackbuf-ingest": f"ingest:{ingest_port}",
+        "trackbuf-ingest": f"ingest:{admin_port}",
         "trackbuf-consumer": f"consumer:{consumer_port}",
     }
     datasource = yaml.safe_load(

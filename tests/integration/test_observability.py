@@ -70,7 +70,7 @@ def test_metrics_count_real_traffic(
     while scrape(settings.metrics_listen).get("trackbuf_consumer_events_written_total", 0) < 70:
         assert time.monotonic() < deadline, "consumer did not store the events"
         time.sleep(0.1)
-    ing, con = scrape(settings.listen), scrape(settings.metrics_listen)
+    ing, con = scrape(settings.admin_listen), scrape(settings.metrics_listen)
     assert consumer.terminate() == 0 and ingest.terminate() == 0
 
     assert ing['trackbuf_ingest_requests_total{outcome="queued",route="open"}'] == 50
@@ -205,7 +205,7 @@ def test_several_ingest_workers_report_correct_totals(
         time.sleep(TALLY_FLUSH_S + 0.3)
         totals = set()
         for _ in range(6):  # each scrape may land on either process
-            ing = scrape(settings.listen)
+            ing = scrape(settings.admin_listen)
             totals.add(
                 sum(v for k, v in ing.items() if k.startswith("trackbuf_ingest_requests_total"))
             )
@@ -227,7 +227,9 @@ def test_a_hung_beanstalkd_does_not_hang_the_consumer_metrics(
 ) -> None:
     settings: Settings = make_settings(threads=1)
     consumer = Process(settings, "consume", log_path=tmp_path / "consumer.log")
-    consumer.wait_http(f"http://{settings.metrics_listen}/healthz")
+    # Ready: the worker has seen the database up (on a loaded machine /healthz can
+    # answer before that, and a worker then stuck on the hung beanstalkd never looks).
+    consumer.wait_http(f"http://{settings.metrics_listen}/readyz")
     assert scrape(settings.metrics_listen)["trackbuf_queue_up"] == 1
     assert beanstalkd.proc is not None
     # Stopped, not dead: the kernel still accepts connections, nothing ever answers.
@@ -318,7 +320,7 @@ def test_a_real_ingest_counts_the_requests_it_could_not_parse(
 
     try:
         raws = [asyncio.run(malformed()) for _ in range(3)]
-        samples = scrape(settings.listen)
+        samples = scrape(settings.admin_listen)
     finally:
         assert ingest.terminate() == 0
     assert [raw.split(b" ", 2)[1] for raw in raws] == [b"400"] * 3
