@@ -156,21 +156,20 @@ def _count(status: str) -> int:
 def expire_loop(database_url: str, stop: threading.Event) -> None:
     """Delete expired tombstones now and every EXPIRE_INTERVAL_S until ``stop``: a
     tombstone names a person, so it is not kept past its purpose even if ``forget`` is
-    never run again. Runs in a thread of its own, off the insert path."""
-    db = Database(database_url)
-    try:
-        while True:  # at least once, even in a burst run that ends at once
-            try:
-                expired = _count(db.execute(query("forget_expire")))
-            except DatabaseUnavailable:
-                expired = 0  # the workers report outages; try again next round
-            except Exception as exc:  # never worth stopping the consumer for
-                log.warning(kv("tombstone_expiry_failed", error=repr(exc)[:200]))
-                db.reset()
-                expired = 0
-            if expired:
-                log.info(kv("tombstones_expired", count=expired))
-            if stop.wait(EXPIRE_INTERVAL_S):
-                return
-    finally:
-        db.close()
+    never run again. Runs in a thread of its own, off the insert path, and holds no
+    connection between rounds."""
+    while True:  # at least once, even in a burst run that ends at once
+        expired = 0
+        db = Database(database_url)
+        try:
+            expired = _count(db.execute(query("forget_expire")))
+        except DatabaseUnavailable:
+            pass  # the workers report outages; try again next round
+        except Exception as exc:  # never worth stopping the consumer for
+            log.warning(kv("tombstone_expiry_failed", error=repr(exc)[:200]))
+        finally:
+            db.close()
+        if expired:
+            log.info(kv("tombstones_expired", count=expired))
+        if stop.wait(EXPIRE_INTERVAL_S):
+            return
