@@ -6,11 +6,22 @@
 -- decoding in Python and COPYing). Duplicates (at-least-once delivery) are skipped; the
 -- command tag (INSERT 0 n) says how many rows were new. Nothing is RETURNed: computing
 -- the latency histogram here (RETURNING into a CTE) cost ~30% of the drain rate.
+--
+-- Events of a person erased by `trackbuf forget` are skipped while their tombstone lives,
+-- in this same statement, so a tombstone committed before it started is always seen.
+-- PostgreSQL makes this a hash anti join: the live tombstones are hashed once per
+-- statement and, with none (the usual case), each event costs one empty-bucket probe;
+-- measured here, no difference in the drain rate with no tombstone and ~10% less with
+-- 5,000 live ones. Keep the estimated cost low: a correlated subplan (`... OR NOT
+-- EXISTS`) was costed past jit_above_cost, and JIT compiling halved the drain rate.
 INSERT INTO events (event_id, kind, occurred_at, campaign, recipient, url, user_agent, ip)
 SELECT e.id, e.k, e.t, e.c, e.r, e.u, e.ua, e.ip
 FROM jsonb_array_elements($1::jsonb) AS job,
      jsonb_to_recordset(job -> 'e') AS e(
          id uuid, k text, t timestamptz, c text, r text, u text, ua text, ip inet)
+WHERE NOT EXISTS (SELECT 1 FROM forgotten f
+                  WHERE f.recipient = e.r AND (f.campaign IS NULL OR f.campaign = e.c)
+                    AND f.keep_until > now())
 ON CONFLICT (event_id) DO NOTHING;
 
 -- name: recent_events
@@ -46,8 +57,13 @@ GROUP BY kind
 ORDER BY kind;
 
 -- name: insert_dead_letter
+-- A body that holds an event of an erased person (a live tombstone) is not kept: the
+-- command tag then says 0 rows, as for a body set aside already.
 INSERT INTO dead_letters (reason, event_id, body, fingerprint)
-VALUES ($1, $2, $3, sha256($3))
+SELECT $1::text, $2::uuid, $3::bytea, sha256($3::bytea)
+WHERE NOT EXISTS (SELECT 1 FROM forgotten f
+                  WHERE f.keep_until > now()
+                    AND trackbuf_body_mentions($3::bytea, f.recipient, f.campaign))
 ON CONFLICT (fingerprint) DO NOTHING;
 
 -- name: dead_list
@@ -67,3 +83,14 @@ DELETE FROM dead_letters WHERE id = ANY($1::bigint[]);
 
 -- name: dead_count
 SELECT count(*)::bigint FROM dead_letters;
+
+-- name: forget_tombstone
+-- One tombstone per (recipient, campaign or all); forgetting again renews it.
+INSERT INTO forgotten (recipient, campaign, keep_until)
+VALUES ($1::text, $2::text, now() + make_interval(days => $3::int))
+ON CONFLICT (recipient, (coalesce(campaign, '')))
+DO UPDATE SET forgotten_at = now(), keep_until = EXCLUDED.keep_until
+RETURNING keep_until;
+
+-- name: forget_expire
+DELETE FROM forgotten WHERE keep_until <= now();

@@ -9,6 +9,7 @@ import time
 
 from prometheus_client import CollectorRegistry
 
+from consumer.forget import expire_loop
 from consumer.health import Health, serve
 from consumer.metrics import ConsumerMetrics
 from consumer.queue_metrics import QueueCollector
@@ -46,6 +47,13 @@ def run(
     ]
     for thread in threads:
         thread.start()
+    # Off the insert path: deletes `trackbuf forget` tombstones past their keep date.
+    expiry_stop = threading.Event()
+    expiry = threading.Thread(
+        target=expire_loop, args=(settings.database_url, expiry_stop), name="tombstone-expiry",
+        daemon=True,
+    )  # fmt: skip
+    expiry.start()
     log.info(kv("consumer_started", threads=settings.threads, burst=settings.burst))
     crashed = False
     while any(t.is_alive() for t in threads) and not stop.is_set():
@@ -58,6 +66,8 @@ def run(
     deadline = time.monotonic() + settings.shutdown_timeout
     for thread in threads:
         thread.join(max(deadline - time.monotonic(), 0))
+    expiry_stop.set()
+    expiry.join(max(deadline - time.monotonic(), 0))
     server.shutdown()
     server.server_close()
     stuck = [t.name for t in threads if t.is_alive()]

@@ -111,6 +111,14 @@ def _positive_seconds(text: str) -> float:
     return seconds
 
 
+def _field(text: str) -> str:
+    # Links never carry an empty campaign or recipient, so an empty one is a mistake
+    # (an unset shell variable, say), not a request to match nothing or everything.
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trackbuf", description="Email open and click tracking through a beanstalkd buffer."
@@ -200,6 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="one JSON object, for scripts")
     _add_settings(stats, ("database_url",), beside_up)
     stats.set_defaults(func=_cmd_stats)
+
+    forget = sub.add_parser(
+        "forget", help="erase a person's events everywhere and drop those still on their way"
+    )
+    forget.add_argument("--recipient", required=True, type=_field, help="recipient to erase")
+    forget.add_argument(
+        "--campaign", type=_field, help="erase only this campaign's events (default: all)"
+    )
+    _add_settings(forget, ("database_url", "forget_keep_days"))
+    forget.set_defaults(func=_cmd_forget)
 
     events = sub.add_parser("events", help="show recently stored events")
     events.add_argument("--limit", type=int, default=20)
@@ -363,6 +381,12 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     return asyncio.run(stats.campaign(settings.require_database(), args.campaign, args.json))
+
+
+def _cmd_forget(args: argparse.Namespace) -> int:
+    from consumer import forget
+
+    return forget.run(_settings(args), args.recipient, args.campaign)
 
 
 def _cmd_events(args: argparse.Namespace) -> int:

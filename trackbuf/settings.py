@@ -17,6 +17,9 @@ from trackbuf.redact import masked
 from trackbuf.redirect_hosts import RedirectHosts, RedirectHostsError
 
 ENV_PREFIX = "TRACKBUF_"
+# A tombstone kept longer than a century is a mistake, and far past it the date would
+# no longer fit PostgreSQL's timestamp range.
+MAX_FORGET_KEEP_DAYS = 36_500
 
 
 class SettingsError(ValueError):
@@ -82,10 +85,15 @@ class Settings:
     shutdown_timeout: float = field(
         default=10.0, metadata={"help": "seconds allowed for a graceful stop"}
     )
+    forget_keep_days: int = field(
+        default=30,
+        metadata={"help": "days `forget` keeps dropping a person's queued and spooled events"},
+    )
 
     def __post_init__(self) -> None:
         positive = (
             "workers", "threads", "batch_size", "job_ttr", "max_job_bytes", "spool_max_bytes",
+            "forget_keep_days",
         )  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:
@@ -95,6 +103,11 @@ class Settings:
             raise SettingsError(
                 f"{env_name('max_job_bytes')} must be at most {codec.MAX_JOB_BYTES} "
                 f"(1 MiB), got {self.max_job_bytes}"
+            )
+        if self.forget_keep_days > MAX_FORGET_KEEP_DAYS:
+            raise SettingsError(
+                f"{env_name('forget_keep_days')} must be at most {MAX_FORGET_KEEP_DAYS}, "
+                f"got {self.forget_keep_days}"
             )
         if self.linger_ms < 0:
             raise SettingsError(f"{env_name('linger_ms')} must not be negative")

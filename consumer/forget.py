@@ -1,0 +1,175 @@
+"""``trackbuf forget --recipient R [--campaign C]``: erase a person's rows for good.
+
+The order is the guarantee that nothing of R is stored afterwards:
+
+1. A tombstone for R (and C, or every campaign) is committed. From then on every
+   consumer insert skips R's events and R's dead letters in the same statement
+   (``insert_jobs``, ``insert_dead_letter`` in queries.sql), so events still queued in
+   beanstalkd, or spooled by an ingest and replayed later, are dropped.
+2. A ``SHARE`` lock on the tables the consumer writes waits for every insert already
+   running when the tombstone was committed (it may have missed the tombstone) to
+   commit, then is let go at once: the consumer is held up only for that wait.
+3. R's rows are deleted from every table in ``TARGETS``, in one transaction.
+
+Every step is idempotent: run again, the tombstone is renewed and 0 rows are deleted.
+Tombstones expire after ``TRACKBUF_FORGET_KEEP_DAYS``; expired ones are deleted by this
+command and by the consumer (``expire_loop``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import threading
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from consumer.database import Database, DatabaseUnavailable
+from consumer.sql import query
+from trackbuf.log import kv
+from trackbuf.settings import Settings
+
+log = logging.getLogger("trackbuf.consumer.forget")
+
+
+@dataclass(frozen=True)
+class Target:
+    table: str
+    # A condition on that table's rows: $1 is the recipient, $2 the campaign (NULL for
+    # every campaign).
+    where: str
+
+
+# Every table that holds a person's events and how to find their rows in it. A table
+# derived from events (a rollup keyed by recipient, say) that a later migration adds
+# goes here as one more line; a table missing from the database is skipped, so a
+# target may name a table that only some deployments have.
+TARGETS = (
+    Target("events", "recipient = $1 AND ($2::text IS NULL OR campaign = $2::text)"),
+    # Dead letters keep the bytes received: match R inside them (see 0004_forget.sql).
+    Target("dead_letters", "trackbuf_body_mentions(body, $1::text, $2::text)"),
+)
+
+# How long step 2 may wait for inserts in flight. New inserts queue behind the lock
+# request, so a long wait (an operator's transaction left open on events) would stall
+# the consumer: better give up and ask for a second run, which is harmless.
+LOCK_TIMEOUT = "10s"
+# How often a running consumer deletes expired tombstones.
+EXPIRE_INTERVAL_S = 3600.0
+
+
+class ForgetError(Exception):
+    """The erasure could not finish; the message says what is in place and what to do."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    recipient: str
+    campaign: str | None
+    deleted: tuple[tuple[str, int], ...]  # (table, rows) for each table present
+    keep_until: datetime
+    expired_tombstones: int
+
+    @property
+    def total(self) -> int:
+        return sum(rows for _, rows in self.deleted)
+
+
+def render(outcome: Outcome) -> str:
+    """What ``forget`` prints: rows removed per table, and how long the tombstone lasts."""
+    scope = "all campaigns" if outcome.campaign is None else f"campaign {outcome.campaign!r}"
+    lines = [f"forget recipient {outcome.recipient!r}, {scope}:"]
+    width = max((len(table) for table, _ in outcome.deleted), default=0)
+    for table, rows in outcome.deleted:
+        lines.append(f"  {table:<{width}}  {rows} row(s) deleted")
+    if outcome.total:
+        lines.append(f"{outcome.total} row(s) deleted in all")
+    else:
+        lines.append(
+            "nothing to delete: no stored row matches (already forgotten, or never stored)"
+        )
+    until = outcome.keep_until.strftime("%Y-%m-%d %H:%M UTC")
+    lines.append(
+        f"tombstone kept until {until}: until then every event for this recipient"
+        f"{'' if outcome.campaign is None else ' in this campaign'} is dropped, whether it"
+        " is still queued, spooled, or new"
+    )
+    if outcome.expired_tombstones:
+        lines.append(f"{outcome.expired_tombstones} expired tombstone(s) removed")
+    return "\n".join(lines)
+
+
+def run(settings: Settings, recipient: str, campaign: str | None) -> int:
+    """The command: erase, print what was removed; exit 1 if it could not finish."""
+    database_url = settings.require_database()
+    try:
+        outcome = asyncio.run(forget(database_url, recipient, campaign, settings.forget_keep_days))
+    except ForgetError as exc:
+        print(f"trackbuf forget: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        # Nothing or only the tombstone is in place; a second run finishes the job.
+        print(f"trackbuf forget: database error, run it again: {exc}", file=sys.stderr)
+        return 1
+    print(render(outcome))
+    return 0
+
+
+async def forget(
+    database_url: str, recipient: str, campaign: str | None, keep_days: int
+) -> Outcome:
+    conn = await asyncpg.connect(database_url)
+    try:
+        expired = _count(await conn.execute(query("forget_expire")))
+        keep_until = await conn.fetchval(query("forget_tombstone"), recipient, campaign, keep_days)
+        present = [t for t in TARGETS if await conn.fetchval("SELECT to_regclass($1)", t.table)]
+        tables = ", ".join(t.table for t in present)
+        try:
+            async with conn.transaction():
+                await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+                await conn.execute(f"LOCK TABLE {tables} IN SHARE MODE")
+        except asyncpg.LockNotAvailableError:
+            raise ForgetError(
+                f"the tombstone is in place, but writes to {tables} did not finish within "
+                f"{LOCK_TIMEOUT} (a transaction left open?); nothing was deleted yet: "
+                "run the same command again"
+            ) from None
+        deleted = []
+        async with conn.transaction():
+            for target in present:
+                status = await conn.execute(
+                    f"DELETE FROM {target.table} WHERE {target.where}", recipient, campaign
+                )
+                deleted.append((target.table, _count(status)))
+    finally:
+        await conn.close()
+    return Outcome(recipient, campaign, tuple(deleted), keep_until, expired)
+
+
+def _count(status: str) -> int:
+    return int(status.rsplit(" ", 1)[1])  # "DELETE <rows>"
+
+
+def expire_loop(database_url: str, stop: threading.Event) -> None:
+    """Delete expired tombstones now and every EXPIRE_INTERVAL_S until ``stop``: a
+    tombstone names a person, so it is not kept past its purpose even if ``forget`` is
+    never run again. Runs in a thread of its own, off the insert path, and holds no
+    connection between rounds."""
+    while True:  # at least once, even in a burst run that ends at once
+        expired = 0
+        db = Database(database_url)
+        try:
+            expired = _count(db.execute(query("forget_expire")))
+        except DatabaseUnavailable:
+            pass  # the workers report outages; try again next round
+        except Exception as exc:  # never worth stopping the consumer for
+            log.warning(kv("tombstone_expiry_failed", error=repr(exc)[:200]))
+        finally:
+            db.close()
+        if expired:
+            log.info(kv("tombstones_expired", count=expired))
+        if stop.wait(EXPIRE_INTERVAL_S):
+            return
