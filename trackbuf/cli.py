@@ -35,9 +35,10 @@ LINKS = ("public_url", "signing_keys", "signing_keys_file")
 # Commands an operator runs beside `trackbuf up`: they read the env file it writes.
 # ingest, consume and migrate are what production runs: only their own environment
 # counts there, never a file some other process left in a directory.
-OPERATOR = ("status", "link", "stats", "events", "dead", "rewrite")
+OPERATOR = ("status", "link", "stats", "events", "dead", "rewrite", "forget")
 # What each command cannot run without, checked before it starts.
 REQUIRED = {"events": ("database_url",), "stats": ("database_url",), "dead": ("database_url",),
+            "forget": ("database_url",),
             "link": ("signing_keys",), "rewrite": ("signing_keys",)}  # fmt: skip
 
 
@@ -216,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     forget.add_argument(
         "--campaign", type=_field, help="erase only this campaign's events (default: all)"
     )
-    _add_settings(forget, ("database_url", "forget_keep_days"))
+    _add_settings(forget, ("database_url", "forget_keep_days"), beside_up)
     forget.set_defaults(func=_cmd_forget)
 
     events = sub.add_parser("events", help="show recently stored events")
