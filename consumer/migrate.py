@@ -39,8 +39,9 @@ def available() -> list[Migration]:
     return found
 
 
-async def migrate(conn: asyncpg.Connection) -> list[int]:
-    """Apply what is missing; returns the versions applied by this call."""
+async def migrate(conn: asyncpg.Connection, up_to: int | None = None) -> list[int]:
+    """Apply what is missing (up to version ``up_to``, when given: tests use it to
+    build a database as an older release left it); returns the versions applied."""
     applied_now: list[int] = []
     await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
     try:
@@ -54,7 +55,7 @@ async def migrate(conn: asyncpg.Connection) -> list[int]:
             row["version"] for row in await conn.fetch("SELECT version FROM trackbuf_migrations")
         }
         for migration in available():
-            if migration.version in done:
+            if migration.version in done or (up_to is not None and migration.version > up_to):
                 continue
             async with conn.transaction():
                 await conn.execute(migration.sql)
@@ -65,6 +66,10 @@ async def migrate(conn: asyncpg.Connection) -> list[int]:
                 )
             log.info(kv("migration_applied", version=migration.version, name=migration.name))
             applied_now.append(migration.version)
+        # Every deploy also makes the coming months' partitions of events (consumers do
+        # it hourly too; see consumer/partitions.py).
+        if await conn.fetchval("SELECT to_regproc('trackbuf_ensure_event_partitions')"):
+            await conn.execute("SELECT trackbuf_ensure_event_partitions(2)")
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
     return applied_now

@@ -14,6 +14,10 @@
 -- measured here, no difference in the drain rate with no tombstone and ~10% less with
 -- 5,000 live ones. Keep the estimated cost low: a correlated subplan (`... OR NOT
 -- EXISTS`) was costed past jit_above_cost, and JIT compiling halved the drain rate.
+--
+-- events is partitioned by occurred_at, so its key is (event_id, occurred_at); a
+-- redelivered event carries the same occurred_at (stamped once, at ingest) and still
+-- conflicts.
 INSERT INTO events (event_id, kind, occurred_at, campaign, recipient, url, user_agent, ip)
 SELECT e.id, e.k, e.t, e.c, e.r, e.u, e.ua, e.ip
 FROM jsonb_array_elements($1::jsonb) AS job,
@@ -22,7 +26,7 @@ FROM jsonb_array_elements($1::jsonb) AS job,
 WHERE NOT EXISTS (SELECT 1 FROM forgotten f
                   WHERE f.recipient = e.r AND (f.campaign IS NULL OR f.campaign = e.c)
                     AND f.keep_until > now())
-ON CONFLICT (event_id) DO NOTHING;
+ON CONFLICT (event_id, occurred_at) DO NOTHING;
 
 -- name: recent_events
 SELECT event_id, kind, occurred_at, stored_at, campaign, recipient, url, user_agent, ip
@@ -94,3 +98,16 @@ RETURNING keep_until;
 
 -- name: forget_expire
 DELETE FROM forgotten WHERE keep_until <= now();
+
+-- name: ensure_event_partitions
+SELECT trackbuf_ensure_event_partitions(2);
+
+-- name: event_partitions
+-- Month partitions of events with their upper bound (the DEFAULT partition has none);
+-- only tables attached to events, so nothing else is ever listed.
+SELECT c.relname AS name,
+       (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'TO \(''([^'']+)''\)'))[1]::timestamptz
+           AS upper_bound
+FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+WHERE i.inhparent = 'events'::regclass
+ORDER BY c.relname;

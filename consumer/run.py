@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from consumer.forget import expire_loop
 from consumer.health import Health, serve
 from consumer.metrics import ConsumerMetrics
+from consumer.partitions import ensure_loop
 from consumer.queue_metrics import QueueCollector
 from consumer.worker import Worker
 from trackbuf.log import kv
@@ -54,6 +55,13 @@ def run(
         daemon=True,
     )  # fmt: skip
     expiry.start()
+    # Also off the insert path: the coming months' partitions of events, at start and
+    # hourly (an event no partition covers still lands in the DEFAULT one).
+    partitions = threading.Thread(
+        target=ensure_loop, args=(settings.database_url, expiry_stop), name="event-partitions",
+        daemon=True,
+    )  # fmt: skip
+    partitions.start()
     log.info(kv("consumer_started", threads=settings.threads, burst=settings.burst))
     crashed = False
     while any(t.is_alive() for t in threads) and not stop.is_set():
@@ -68,6 +76,7 @@ def run(
         thread.join(max(deadline - time.monotonic(), 0))
     expiry_stop.set()
     expiry.join(max(deadline - time.monotonic(), 0))
+    partitions.join(max(deadline - time.monotonic(), 0))
     server.shutdown()
     server.server_close()
     stuck = [t.name for t in threads if t.is_alive()]

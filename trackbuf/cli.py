@@ -35,10 +35,10 @@ LINKS = ("public_url", "signing_keys", "signing_keys_file")
 # Commands an operator runs beside `trackbuf up`: they read the env file it writes.
 # ingest, consume and migrate are what production runs: only their own environment
 # counts there, never a file some other process left in a directory.
-OPERATOR = ("status", "link", "stats", "events", "dead", "rewrite", "forget")
+OPERATOR = ("status", "link", "stats", "events", "dead", "rewrite", "forget", "prune")
 # What each command cannot run without, checked before it starts.
 REQUIRED = {"events": ("database_url",), "stats": ("database_url",), "dead": ("database_url",),
-            "forget": ("database_url",),
+            "forget": ("database_url",), "prune": ("database_url",),
             "link": ("signing_keys",), "rewrite": ("signing_keys",)}  # fmt: skip
 
 
@@ -118,6 +118,15 @@ def _field(text: str) -> str:
     if not text:
         raise argparse.ArgumentTypeError("must not be empty")
     return text
+
+
+def _duration(text: str) -> int:
+    from trackbuf.links import parse_duration
+
+    try:
+        return parse_duration(text)
+    except LinkError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,6 +228,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_settings(forget, ("database_url", "forget_keep_days"), beside_up)
     forget.set_defaults(func=_cmd_forget)
+
+    prune = sub.add_parser(
+        "prune", help="drop the monthly partitions of events older than a duration"
+    )
+    prune.add_argument(
+        "--older-than",
+        required=True,
+        type=_duration,
+        metavar="DURATION",
+        help="drop partitions wholly older than this: 180d, 26w, 12h... (keeps the rest)",
+    )
+    _add_settings(prune, ("database_url",), beside_up)
+    prune.set_defaults(func=_cmd_prune)
 
     events = sub.add_parser("events", help="show recently stored events")
     events.add_argument("--limit", type=int, default=20)
@@ -388,6 +410,12 @@ def _cmd_forget(args: argparse.Namespace) -> int:
     from consumer import forget
 
     return forget.run(_settings(args), args.recipient, args.campaign)
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from consumer import partitions
+
+    return partitions.run(_settings(args), args.older_than)
 
 
 def _cmd_events(args: argparse.Namespace) -> int:

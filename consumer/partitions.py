@@ -1,0 +1,138 @@
+"""Monthly partitions of ``events``: made ahead of time, dropped whole when old.
+
+``events`` is partitioned by month of ``occurred_at`` (migration 0009). The SQL function
+``trackbuf_ensure_event_partitions`` makes the current month's partition, the next two
+and a DEFAULT one (which takes any event no month covers, so no insert is refused); a
+consumer calls it at start and hourly (``ensure_loop``), ``trackbuf migrate`` at every
+run. ``trackbuf prune`` drops month partitions that lie wholly before its cutoff: a
+``DROP TABLE`` of a partition is instant, where a DELETE of the same rows would scan,
+write WAL and leave bloat. It lists partitions through ``pg_inherits`` of ``events``,
+so no other table (rollups, dead letters...) is ever touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import asyncpg
+
+from consumer.database import Database, DatabaseUnavailable
+from consumer.sql import query
+from trackbuf.log import kv
+from trackbuf.settings import Settings
+
+log = logging.getLogger("trackbuf.consumer.partitions")
+
+# Two months are made ahead, so an hourly round that fails for weeks loses nothing.
+ENSURE_INTERVAL_S = 3600.0
+# A DROP waits for the lock on events, and inserts queue behind it: better give up
+# (and say so) than stall the consumer behind a transaction left open.
+LOCK_TIMEOUT = "10s"
+DEFAULT_PARTITION = "events_default"
+
+
+def ensure_loop(database_url: str, stop: threading.Event) -> None:
+    """Make the coming months' partitions now and every ENSURE_INTERVAL_S until ``stop``.
+    Off the insert path, holding no connection between rounds."""
+    while True:
+        db = Database(database_url)
+        try:
+            made = db.execute(query("ensure_event_partitions"))
+            log.debug(kv("event_partitions_checked", status=made))
+        except DatabaseUnavailable:
+            pass  # the workers report outages; try again next round
+        except Exception as exc:  # never worth stopping the consumer for
+            log.warning(kv("event_partitions_failed", error=repr(exc)[:200]))
+        finally:
+            db.close()
+        if stop.wait(ENSURE_INTERVAL_S):
+            return
+
+
+class PruneError(Exception):
+    """Prune could not finish; the message says what was dropped and what to do."""
+
+
+@dataclass(frozen=True)
+class Pruned:
+    cutoff: datetime
+    dropped: tuple[str, ...]
+    default_rows: int  # rows older than the cutoff deleted from the DEFAULT partition
+    kept: int  # month partitions left
+
+
+def render(result: Pruned) -> str:
+    cutoff = result.cutoff.strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"prune events older than {cutoff}:"]
+    lines += [f"  dropped {name}" for name in result.dropped]
+    if result.default_rows:
+        lines.append(f"  deleted {result.default_rows} row(s) from {DEFAULT_PARTITION}")
+    if not result.dropped and not result.default_rows:
+        lines.append("  nothing to drop: no partition lies wholly before the cutoff")
+    lines.append(f"{result.kept} month partition(s) kept")
+    return "\n".join(lines)
+
+
+def run(settings: Settings, older_than_s: int) -> int:
+    database_url = settings.require_database()
+    try:
+        result = asyncio.run(prune(database_url, timedelta(seconds=older_than_s)))
+    except PruneError as exc:
+        print(f"trackbuf prune: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        print(f"trackbuf prune: database error, run it again: {exc}", file=sys.stderr)
+        return 1
+    print(render(result))
+    return 0
+
+
+async def prune(database_url: str, older_than: timedelta) -> Pruned:
+    """Drop every month partition whose upper bound is at or before now - older_than."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        now: datetime = await conn.fetchval("SELECT now()")
+        cutoff = now - older_than
+        if not await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM pg_partitioned_table"
+            " WHERE partrelid = to_regclass('events'))"
+        ):
+            raise PruneError("events is not partitioned: run `trackbuf migrate` first")
+        partitions = await conn.fetch(query("event_partitions"))
+        dropped: list[str] = []
+        kept = 0
+        for row in partitions:
+            upper = row["upper_bound"]
+            if upper is None:
+                continue  # the DEFAULT partition, handled below
+            if upper > cutoff:
+                kept += 1
+                continue
+            try:
+                async with conn.transaction():
+                    await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+                    await conn.execute(f'DROP TABLE "{row["name"]}"')
+            except asyncpg.LockNotAvailableError:
+                done = ", ".join(dropped) or "nothing"
+                raise PruneError(
+                    f"{row['name']} stayed locked for {LOCK_TIMEOUT} (a transaction left "
+                    f"open on events?); dropped so far: {done}; run the same command again"
+                ) from None
+            log.info(kv("event_partition_dropped", partition=row["name"]))
+            dropped.append(row["name"])
+        # The DEFAULT partition holds only events no month covered (a wrong clock, say):
+        # few rows, so a DELETE of its old ones is cheap, and retention covers them too.
+        default_rows = 0
+        if any(r["name"] == DEFAULT_PARTITION for r in partitions):
+            status = await conn.execute(
+                f"DELETE FROM {DEFAULT_PARTITION} WHERE occurred_at < $1", cutoff
+            )
+            default_rows = int(status.rsplit(" ", 1)[1])
+    finally:
+        await conn.close()
+    return Pruned(cutoff, tuple(dropped), default_rows, kept)
