@@ -62,7 +62,7 @@ def hit(settings: Settings, keyring: Keyring, people: list[tuple[str, str]]) -> 
 
 
 def spool_jobs(settings: Settings) -> float:
-    with urllib.request.urlopen(f"http://{settings.listen}/metrics", timeout=2) as response:
+    with urllib.request.urlopen(f"http://{settings.admin_listen}/metrics", timeout=2) as response:
         text = response.read().decode()
     return sum(
         float(line.split()[-1]) for line in text.splitlines()

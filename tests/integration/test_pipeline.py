@@ -182,7 +182,7 @@ def test_forged_click_redirects_nowhere_and_adds_nothing(
     ingest = start_ingest(settings, tmp_path / "ingest.log")
     try:
         answers = asyncio.run(hit_all([forged, forged[:-3], pixel_forged, genuine], concurrency=1))
-        metrics = asyncio.run(hit_text(f"{base}/metrics"))
+        metrics = asyncio.run(hit_text(f"http://{settings.admin_listen}/metrics"))
     finally:
         ingest.terminate()
     forged_click, cut_click, (pixel_status, _), genuine_click = answers
