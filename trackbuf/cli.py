@@ -23,8 +23,8 @@ _FIELDS = {f.name: f for f in fields(Settings)}
 
 QUEUE = ("beanstalkd", "tube")
 INGEST = ("listen", "workers", *QUEUE, "signing_keys", "job_ttr", "max_job_bytes",
-          "ip_mode", "trust_forwarded", "data_dir", "spool_dir", "spool_max_bytes",
-          "spool_fsync", "shutdown_timeout")  # fmt: skip
+          "ip_mode", "user_agent_mode", "trust_forwarded", "data_dir", "spool_dir",
+          "spool_max_bytes", "spool_fsync", "shutdown_timeout")  # fmt: skip
 CONSUME = ("database_url", *QUEUE, "threads", "batch_size", "linger_ms", "burst",
            "metrics_listen", "shutdown_timeout")  # fmt: skip
 LINKS = ("public_url", "signing_keys")
