@@ -68,7 +68,7 @@ async def stored_rows(
 
 
 # (TRACKBUF_IP_MODE, TRACKBUF_USER_AGENT_MODE) -> what the row holds for each client.
-CASES = {
+CASES: dict[tuple[str, str], dict[str, str | None]] = {
     ("full", "full"): {
         "socket-v4": CLIENT_V4,
         "socket-v6": "::1",
