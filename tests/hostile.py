@@ -161,7 +161,7 @@ class Generator:
         return self.rng.choice([b for b in bodies if b != body])
 
     def _forged_with_wrong_key(self) -> str:
-        forger = Keyring.parse("k2:an-attacker-guessed-this-key")
+        forger = Keyring.parse("k2:an-attacker-guessed-this-key-0123")
         return links.click_url("http://t", forger, CAMPAIGN, self._recipient(), EVIL).rsplit(
             "/", 1
         )[1]

@@ -191,7 +191,7 @@ def test_a_flood_of_invalid_tokens_never_reaches_beanstalkd(
     settings: Settings = make_settings()
     ingest = start_ingest(settings, tmp_path / "ingest.log")
     base = f"http://{settings.listen}"
-    forger = Keyring.parse("k2:an-attacker-guessed-this-key")
+    forger = Keyring.parse("k2:an-attacker-guessed-this-key-0123")
     rng = random.Random(SEED)
     valid_open = links.open_url(base, keyring, "flood", "real")
     invalid = []

@@ -136,7 +136,7 @@ def test_each_mode_stores_what_docs_security_says(
     assert rows == expected
 
 
-FORGER = Keyring.parse("k1:not-the-real-secret-at-all")
+FORGER = Keyring.parse("k1:not-the-real-secret-at-all-0123456")
 
 
 def test_no_ip_token_or_key_in_any_log_through_outages(
@@ -210,7 +210,7 @@ def test_no_ip_token_or_key_in_any_log_through_outages(
         ingest.terminate()
 
     secrets = [entry.split(":", 1)[1] for entry in KEYS.split(",")]
-    secrets.append("not-the-real-secret-at-all")
+    secrets.append("not-the-real-secret-at-all-0123456")
     all_urls = before + forged + wrong_kind + garbled + during_queue_outage + during_db_outage
     tokens = {url.rsplit("/", 1)[1].removesuffix(".gif") for url in all_urls}
     events: list[str] = []
