@@ -118,6 +118,7 @@ class Ingest:
         self.tally = RequestTally(self.metrics)
         self._flusher: asyncio.Task[None] | None = None
         self.shutdown = ShutdownClock()
+        self._keep_user_agent = settings.user_agent_mode == "full"  # else stored as NULL
         self.enqueuer = Enqueuer(
             settings.beanstalkd_address,
             settings.tube,
@@ -256,7 +257,7 @@ class Ingest:
             payload.campaign,
             payload.recipient,
             url=payload.url,
-            user_agent=request.headers.get("User-Agent"),
+            user_agent=request.headers.get("User-Agent") if self._keep_user_agent else None,
             ip=self._client_ip(request),
         )
         # No timeout here: the enqueue task settles every future (its own I/O has

@@ -4,14 +4,16 @@
     python -m loadtest bench --quick    # seconds, tiny counts: checks the machinery
 
 Sections: ingest (nginx empty_gif, bare aiohttp, naive INSERT-per-request tracker,
-trackbuf), ingest under a database outage, drain (raw COPY and COPY+staging+ON CONFLICT
-ceilings, the consumer at 1/2/4/8 threads), an 800,000-event backlog, end-to-end
-latency at a steady rate, and the spike demonstration.
+trackbuf), ingest under a database outage, a flood of invalid tokens against valid
+ones, drain (raw COPY and COPY+staging+ON CONFLICT ceilings, the consumer at 1/2/4/8
+threads), an 800,000-event backlog, end-to-end latency at a steady rate, and the spike
+demonstration.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 import time
 import urllib.request
@@ -157,6 +159,77 @@ def ingest_under_outage(
         fault.join()
         out[name] = asdict(result)
     return out
+
+
+# A forged token carries the stack's kid, so ingest does the whole HMAC before it
+# refuses it: the most expensive invalid token there is.
+FORGED_KEYS = "k1:an-attacker-guessed-this-key-0123"
+FLOOD_KINDS = ("valid_open", "forged_open", "forged_click", "garbage")
+
+
+def flood_urls(work: Path, count: int) -> dict[str, Path]:
+    """One wrk URL file per kind of request, the same count and shape for each."""
+    forged = Keyring.parse(FORGED_KEYS)
+    rng = random.Random(count)
+    paths = {
+        "valid_open": list(wrk_paths(keyring(), count, "open", "flood")),
+        "forged_open": list(wrk_paths(forged, count, "open", "flood")),
+        "forged_click": list(wrk_paths(forged, count, "click", "flood")),
+        # No token shape at all: refused before any HMAC.
+        "garbage": [
+            "/o/" + "".join(rng.choices("ABCDabcd0123-_", k=80)) + ".gif" for _ in range(count)
+        ],
+    }
+    files = {}
+    for kind, lines in paths.items():
+        files[kind] = work / f"flood-{kind}.txt"
+        files[kind].write_text("".join(line + "\n" for line in lines))
+    return files
+
+
+def bench_flood(work: Path, plan: Plan) -> dict[str, Any]:
+    """Requests/s for invalid tokens against valid ones, wrk against the same ingest in
+    interleaved rounds, with beanstalkd's ``cmd-put`` read around each run: a flood of
+    invalid tokens must cost less than real traffic and never reach the queue."""
+    stack = st.Stack.start(work, "flood")
+    files = flood_urls(work, 20_000)
+    try:
+        ingest, at = st.start_ingest(stack)
+        pid = ingest.proc.pid
+        runs: dict[str, list[st.WrkResult]] = {kind: [] for kind in FLOOD_KINDS}
+        cpu_us: dict[str, list[float]] = {kind: [] for kind in FLOOD_KINDS}
+        puts: dict[str, int] = {kind: 0 for kind in FLOOD_KINDS}
+        for _ in range(plan.ingest_rounds):
+            for kind in FLOOD_KINDS:
+                put_before, cpu_before = stack.bs.stats()["cmd-put"], cpu_seconds(pid)
+                run = st.wrk(at, files[kind], plan.wrk_s)
+                puts[kind] += stack.bs.stats()["cmd-put"] - put_before
+                cpu_us[kind].append(
+                    round((cpu_seconds(pid) - cpu_before) / max(run.requests, 1) * 1e6, 1)
+                )
+                runs[kind].append(run)
+        ingest.stop()
+        results: dict[str, Any] = {}
+        for kind, kind_runs in runs.items():
+            best = max(kind_runs, key=lambda r: r.requests_per_s)
+            results[kind] = {**asdict(best), "runs_rps": [r.requests_per_s for r in kind_runs],
+                             "cpu_us_per_request": min(cpu_us[kind]),
+                             "beanstalkd_puts": puts[kind]}  # fmt: skip
+        valid = results["valid_open"]
+        results["vs_valid"] = {
+            kind: {
+                "requests_per_s": round(
+                    results[kind]["requests_per_s"] / valid["requests_per_s"], 3
+                ),
+                "cpu_us_per_request": round(
+                    results[kind]["cpu_us_per_request"] / valid["cpu_us_per_request"], 3
+                ),
+            }
+            for kind in FLOOD_KINDS[1:]
+        }
+        return results
+    finally:
+        stack.close()
 
 
 def bench_workers(work: Path, plan: Plan) -> dict[str, Any]:
@@ -306,7 +379,7 @@ async def copy_ceilings(dsn: str, count: int) -> dict[str, float]:
                 await conn.copy_records_to_table("staging", records=rows[i : i + 1000],
                                                  columns=COLUMNS)  # fmt: skip
                 await conn.execute(
-                    "INSERT INTO events SELECT * FROM staging ON CONFLICT (event_id) DO NOTHING"
+                    "INSERT INTO events SELECT * FROM staging ON CONFLICT (event_id, occurred_at) DO NOTHING"
                 )
                 await conn.execute("TRUNCATE staging")
         out["copy_staging_on_conflict"] = count / (time.perf_counter() - started)
@@ -628,6 +701,7 @@ async def _recipients(dsn: str, prefix: str) -> list[str]:
 SECTIONS = {
     "ingest": bench_ingest,
     "workers": bench_workers,
+    "flood": bench_flood,
     "fsync": bench_fsync,
     "drain": bench_drain,
     "backlog": bench_backlog,

@@ -97,6 +97,34 @@ def _cpu_lines(ing: dict[str, Any]) -> list[str]:
             f"per request on top of trackbuf's own.", ""]  # fmt: skip
 
 
+FLOOD_LABELS = {
+    "valid_open": "valid opens (stored)",
+    "forged_open": "forged opens (bad signature; pixel served)",
+    "forged_click": "forged clicks (bad signature; 404 page)",
+    "garbage": "garbage tokens (no token shape; pixel served)",
+}
+
+
+def _flood_lines(flood: dict[str, Any]) -> list[str]:
+    rounds = len(flood["valid_open"]["runs_rps"])
+    lines = [f"### Invalid-token flood (wrk -t2 -c64 against one ingest, best of {rounds} "
+             "interleaved round(s))", "",
+             "| requests | requests/s | p99 ms | ingest CPU us/request | beanstalkd puts |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for kind, label in FLOOD_LABELS.items():
+        r = flood[kind]
+        lines.append(f"| {label} | {r['requests_per_s']:,.0f} | {r['p99_ms']:.2f} | "
+                     f"{r['cpu_us_per_request']:.1f} | {r['beanstalkd_puts']:,} |")  # fmt: skip
+    forged = flood["vs_valid"]["forged_open"]
+    invalid_puts = sum(
+        flood[kind]["beanstalkd_puts"] for kind in FLOOD_LABELS if kind != "valid_open"
+    )
+    lines += ["", f"Forged opens / valid opens: **{forged['requests_per_s']}x** the requests/s "
+              f"at {forged['cpu_us_per_request']}x the CPU per request; puts into beanstalkd "
+              f"during the invalid floods: **{invalid_puts}**.", ""]  # fmt: skip
+    return lines
+
+
 def tables(results: dict[str, Any]) -> str:
     lines: list[str] = []
     if "ingest" in results:
@@ -153,6 +181,8 @@ def tables(results: dict[str, Any]) -> str:
         lines += ["", f"2 workers / 1 worker = **{w['two_vs_one']}** on two cores shared with "
                   f"wrk, beanstalkd and PostgreSQL; /metrics counts every answer across "
                   f"processes: **{'yes' if w['metrics_match'] else 'NO'}**.", ""]  # fmt: skip
+    if "flood" in results:
+        lines += _flood_lines(results["flood"])
     if "fsync" in results:
         f = results["fsync"]
         lines += ["### beanstalkd fsync setting (binlog on)", "",

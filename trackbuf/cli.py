@@ -26,8 +26,8 @@ _FIELDS = {f.name: f for f in fields(Settings)}
 
 QUEUE = ("beanstalkd", "tube")
 INGEST = ("listen", "admin_listen", "workers", *QUEUE, "signing_keys", "signing_keys_file",
-          "redirect_hosts", "job_ttr", "max_job_bytes", "ip_mode", "trust_forwarded",
-          "data_dir", "spool_dir", "spool_max_bytes", "spool_fsync",
+          "redirect_hosts", "job_ttr", "max_job_bytes", "ip_mode", "user_agent_mode",
+          "trust_forwarded", "data_dir", "spool_dir", "spool_max_bytes", "spool_fsync",
           "shutdown_timeout")  # fmt: skip
 CONSUME = ("database_url", *QUEUE, "threads", "batch_size", "linger_ms", "burst",
            "metrics_listen", "shutdown_timeout")  # fmt: skip

@@ -65,6 +65,9 @@ class Settings:
     ip_mode: str = field(
         default="full", metadata={"help": "client IP storage: full, anonymize or drop"}
     )
+    user_agent_mode: str = field(
+        default="full", metadata={"help": "client user agent storage: full or drop"}
+    )
     trust_forwarded: bool = field(
         default=False,
         metadata={"help": "take the client IP from the last X-Forwarded-For hop"},
@@ -113,6 +116,8 @@ class Settings:
             raise SettingsError(f"{env_name('linger_ms')} must not be negative")
         if self.ip_mode not in ("full", "anonymize", "drop"):
             raise SettingsError(f"{env_name('ip_mode')} must be full, anonymize or drop")
+        if self.user_agent_mode not in ("full", "drop"):
+            raise SettingsError(f"{env_name('user_agent_mode')} must be full or drop")
         if self.spool_fsync not in ("always", "never"):
             raise SettingsError(f"{env_name('spool_fsync')} must be always or never")
         for name in ("beanstalkd", "listen", "admin_listen", "metrics_listen"):

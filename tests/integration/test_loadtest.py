@@ -67,7 +67,7 @@ def test_benchmark_runner_writes_json_charts_and_tables(tmp_path: Path) -> None:
     )
     done = subprocess.run(
         [sys.executable, "-m", "loadtest", "bench", "--quick", "--only",
-         "ingest,workers,fsync,drain,memory,spike",
+         "ingest,workers,flood,fsync,drain,memory,spike",
          "--out", str(tmp_path), "--markdown", str(markdown)],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
     )  # fmt: skip
@@ -80,6 +80,13 @@ def test_benchmark_runner_writes_json_charts_and_tables(tmp_path: Path) -> None:
     assert ingest["database_outage"]["trackbuf_ingest"]["errors"] == 0
     assert results["workers"]["metrics_match"] is True
     assert results["workers"]["requests_per_s"]["2"] > 0
+    flood = results["flood"]
+    assert all(flood[kind]["requests_per_s"] > 0 for kind in ("valid_open", "forged_open",
+               "forged_click", "garbage"))  # fmt: skip
+    assert flood["valid_open"]["beanstalkd_puts"] > 0  # the measure is live...
+    assert flood["forged_open"]["beanstalkd_puts"] == 0  # ...and invalid tokens put nothing
+    assert flood["forged_click"]["beanstalkd_puts"] == flood["garbage"]["beanstalkd_puts"] == 0
+    assert flood["forged_click"]["non_2xx_3xx"] > 0  # 404 pages, not redirects
     assert all(r["requests_per_s"] > 0 and r["events_per_job"] >= 1
                and r["drain_one_event_jobs_per_s"] > 0
                for r in results["fsync"].values())  # fmt: skip
@@ -96,3 +103,4 @@ def test_benchmark_runner_writes_json_charts_and_tables(tmp_path: Path) -> None:
     assert "### Drain" in text and "**lost 0**" in text
     assert "### Ingest (" in text and "### Ingest processes" in text
     assert "### beanstalkd fsync setting" in text and "### Consumer memory" in text
+    assert "### Invalid-token flood" in text

@@ -37,6 +37,7 @@ def test_round_trip_through_the_environment() -> None:
         ({"TRACKBUF_THREADS": "0"}, "TRACKBUF_THREADS must be at least 1"),
         ({"TRACKBUF_BEANSTALKD": "localhost"}, "TRACKBUF_BEANSTALKD must be host:port"),
         ({"TRACKBUF_IP_MODE": "hash"}, "TRACKBUF_IP_MODE"),
+        ({"TRACKBUF_USER_AGENT_MODE": "hash"}, "TRACKBUF_USER_AGENT_MODE must be full or drop"),
         ({"TRACKBUF_BURST": "maybe"}, "must be a boolean"),
         ({"TRACKBUF_PUBLIC_URL": "t.example.com"}, "must start with http"),
         # ingest's spool must read back every job it holds: one job may not pass 1 MiB.
