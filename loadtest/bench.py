@@ -379,7 +379,8 @@ async def copy_ceilings(dsn: str, count: int) -> dict[str, float]:
                 await conn.copy_records_to_table("staging", records=rows[i : i + 1000],
                                                  columns=COLUMNS)  # fmt: skip
                 await conn.execute(
-                    "INSERT INTO events SELECT * FROM staging ON CONFLICT (event_id, occurred_at) DO NOTHING"
+                    "INSERT INTO events SELECT * FROM staging"
+                    " ON CONFLICT (event_id, occurred_at) DO NOTHING"
                 )
                 await conn.execute("TRUNCATE staging")
         out["copy_staging_on_conflict"] = count / (time.perf_counter() - started)
