@@ -4,9 +4,8 @@ link through ingest to its target, and the consumer stores one open and one clic
 from __future__ import annotations
 
 import subprocess
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import ClassVar
 
@@ -15,7 +14,7 @@ import pytest
 from tests.integration.test_pipeline import drain, rows
 from tests.integration.test_rewrite_browser import BROWSER, needs_browser
 from tests.procs import start_ingest
-from tests.servers import free_port
+from tests.servers import free_port, local_site
 from trackbuf.rewrite import rewrite_html
 from trackbuf.tokens import Keyring
 
@@ -58,15 +57,9 @@ class Site(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def site() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Site)
     Site.seen = []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with local_site(Site) as url:
+        yield url
 
 
 @needs_browser

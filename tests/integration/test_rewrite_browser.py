@@ -8,14 +8,14 @@ import json
 import re
 import shutil
 import subprocess
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import ClassVar
 
 import pytest
 
+from tests.servers import local_site
 from tests.unit.test_rewrite import HREFS, KEYS, href_target
 from trackbuf.rewrite import rewrite_html
 
@@ -104,15 +104,9 @@ class PixelServer(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def pixel_server() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), PixelServer)
     PixelServer.seen = []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with local_site(PixelServer) as url:
+        yield url
 
 
 DARK_FOOTER = """<!doctype html><html><head><meta charset="utf-8"></head>
