@@ -1,17 +1,139 @@
 -- Every query the consumer runs, under a `-- name: <name>` header.
 
 -- name: insert_jobs
--- $1 is a JSON array of job bodies exactly as they came out of beanstalkd; PostgreSQL
--- unpacks them itself, so no Python row is ever built (measured ~1.8x faster than
--- decoding in Python and COPYing). Duplicates (at-least-once delivery) are skipped; the
--- command tag (INSERT 0 n) says how many rows were new. Nothing is RETURNed: computing
--- the latency histogram here (RETURNING into a CTE) cost ~30% of the drain rate.
-INSERT INTO events (event_id, kind, occurred_at, campaign, recipient, url, user_agent, ip)
-SELECT e.id, e.k, e.t, e.c, e.r, e.u, e.ua, e.ip
-FROM jsonb_array_elements($1::jsonb) AS job,
-     jsonb_to_recordset(job -> 'e') AS e(
-         id uuid, k text, t timestamptz, c text, r text, u text, ua text, ip inet)
-ON CONFLICT (event_id) DO NOTHING;
+-- One statement per batch: store the events, then count the ones it added into the
+-- rollups, in the same transaction. Parameters:
+--   $1  a JSON array of events in the wire format (trackbuf/codec.py), each with the
+--       consumer's verdict added: "m" the machine reason (absent for a person) and "cl"
+--       the client family (trackbuf/classify.py);
+--   $2  the burst window in seconds, $3 the fewest distinct links that make a burst
+--       (trackbuf/data/machine_rules.json, "timing").
+-- Returns the number of events added. Only added rows reach the rollups (RETURNING),
+-- so a duplicate or replayed event never changes a count. Each step is one CTE:
+--   incoming    the batch as rows (PostgreSQL unpacks the JSON itself);
+--   bursts      clicks that are part of a burst (see below);
+--   classified  incoming with its final verdict;
+--   added       the INSERT into events, RETURNING what it actually added;
+--   claims      the "first event" keys each added event claims (campaign, link);
+--   firsts      the upsert into first_events, RETURNING the claims that were firsts;
+--   deltas      total/unique/human counts per (campaign, kind, url, hour);
+--   rolled, broken_down   the rollup upserts.
+-- Upserts take their rows in key order so two batches never lock rows in opposite
+-- orders; each key appears once per statement (GROUP BY / DISTINCT ON), as ON
+-- CONFLICT DO UPDATE requires.
+WITH incoming AS MATERIALIZED (
+    SELECT e.*
+    FROM jsonb_to_recordset($1::jsonb) AS e(
+        id uuid, k text, t timestamptz, c text, r text, u text, ua text, ip inet,
+        m text, cl text)
+),
+-- A burst: one recipient clicking at least $3 distinct links of a campaign within $2
+-- seconds of this click, counting this batch and the first clicks already stored
+-- (link scanners follow every link of a message at once). Only people's clicks are
+-- looked at; the rest already have a reason.
+recent_clicks AS (
+    SELECT c, r, u, t FROM incoming WHERE k = 'click' AND u IS NOT NULL
+    UNION ALL
+    SELECT f.campaign, f.recipient, f.url, f.first_at
+    FROM first_events AS f
+    JOIN (SELECT DISTINCT c, r FROM incoming WHERE k = 'click' AND m IS NULL) AS who
+      ON f.campaign = who.c AND f.recipient = who.r AND f.kind = 'click' AND f.url <> ''
+),
+bursts AS (
+    SELECT i.id
+    FROM incoming AS i
+    JOIN recent_clicks AS n
+      ON n.c = i.c AND n.r = i.r
+     AND n.t BETWEEN i.t - make_interval(secs => $2) AND i.t + make_interval(secs => $2)
+    WHERE i.k = 'click' AND i.u IS NOT NULL AND i.m IS NULL
+    GROUP BY i.id
+    HAVING count(DISTINCT n.u) >= $3
+),
+classified AS (
+    SELECT i.id, i.k, i.t, i.c, i.r, i.u, i.ua, i.ip, i.cl,
+           CASE WHEN b.id IS NOT NULL THEN 'burst_clicks' ELSE i.m END AS reason
+    FROM incoming AS i
+    LEFT JOIN bursts AS b ON b.id = i.id
+),
+added AS (
+    INSERT INTO events (event_id, kind, occurred_at, campaign, recipient, url, user_agent, ip,
+                        machine, machine_reason, client)
+    SELECT id, k, t, c, r, u, ua, ip, reason IS NOT NULL, reason, cl
+    FROM classified
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING kind, occurred_at, campaign, recipient, url, machine, machine_reason, client
+),
+claims AS (
+    SELECT a.campaign, a.recipient, a.kind, scope.url,
+           min(a.occurred_at) AS first_at,
+           min(a.occurred_at) FILTER (WHERE NOT a.machine) AS first_human_at
+    FROM added AS a
+    CROSS JOIN LATERAL (VALUES (''), (CASE WHEN a.kind = 'click' THEN a.url END)) AS scope(url)
+    WHERE scope.url IS NOT NULL
+    GROUP BY a.campaign, a.recipient, a.kind, scope.url
+),
+firsts AS (
+    INSERT INTO first_events AS f (campaign, recipient, kind, url, first_at, first_human_at)
+    SELECT c.campaign, c.recipient, c.kind, c.url, c.first_at, c.first_human_at
+    FROM claims AS c
+    -- A recipient seen before, whose claim adds nothing, is skipped without touching
+    -- the row (ON CONFLICT DO UPDATE would lock it even when its WHERE is false).
+    WHERE NOT EXISTS (
+        SELECT 1 FROM first_events AS s
+        WHERE (s.campaign, s.recipient, s.kind, s.url) = (c.campaign, c.recipient, c.kind, c.url)
+          AND (s.first_human_at IS NOT NULL OR c.first_human_at IS NULL))
+    ORDER BY c.campaign, c.recipient, c.kind, c.url
+    ON CONFLICT (campaign, recipient, kind, url) DO UPDATE
+        SET first_human_at = EXCLUDED.first_human_at, human_later = true
+        WHERE f.first_human_at IS NULL AND EXCLUDED.first_human_at IS NOT NULL
+    RETURNING f.campaign, f.kind, f.url, f.first_at, f.first_human_at, f.human_later
+),
+deltas AS (
+    SELECT campaign, kind, url, hour,
+           sum(total)::bigint AS total, sum(uniq)::bigint AS uniq,
+           sum(human_total)::bigint AS human_total, sum(human_uniq)::bigint AS human_uniq
+    FROM (
+        SELECT a.campaign, a.kind, scope.url, date_trunc('hour', a.occurred_at, 'UTC') AS hour,
+               1 AS total, 0 AS uniq, (NOT a.machine)::int AS human_total, 0 AS human_uniq
+        FROM added AS a
+        CROSS JOIN LATERAL (VALUES (''), (CASE WHEN a.kind = 'click' THEN a.url END)) AS scope(url)
+        WHERE scope.url IS NOT NULL
+        UNION ALL
+        -- A first_events row inserted now: a new unique (and a new human unique if
+        -- its first event was a person's, possibly in a later hour).
+        SELECT campaign, kind, url, date_trunc('hour', first_at, 'UTC'), 0, 1, 0, 0
+        FROM firsts WHERE NOT human_later
+        UNION ALL
+        SELECT campaign, kind, url, date_trunc('hour', first_human_at, 'UTC'), 0, 0, 0, 1
+        FROM firsts WHERE first_human_at IS NOT NULL
+    ) AS d
+    GROUP BY campaign, kind, url, hour
+),
+rolled AS (
+    INSERT INTO rollups AS r (campaign, kind, url, hour, total, uniq, human_total, human_uniq)
+    SELECT campaign, kind, url, hour, total, uniq, human_total, human_uniq
+    FROM deltas
+    ORDER BY campaign, kind, url, hour
+    ON CONFLICT (campaign, kind, url, hour) DO UPDATE
+        SET total = r.total + EXCLUDED.total, uniq = r.uniq + EXCLUDED.uniq,
+            human_total = r.human_total + EXCLUDED.human_total,
+            human_uniq = r.human_uniq + EXCLUDED.human_uniq
+),
+broken_down AS (
+    INSERT INTO rollup_breakdown AS b (campaign, kind, dimension, value, hour, total)
+    SELECT campaign, kind, dimension, value, hour, count(*)
+    FROM (
+        SELECT campaign, kind, CASE WHEN machine THEN 'reason' ELSE 'client' END AS dimension,
+               coalesce(CASE WHEN machine THEN machine_reason ELSE client END, 'Other') AS value,
+               date_trunc('hour', occurred_at, 'UTC') AS hour
+        FROM added
+    ) AS x
+    GROUP BY campaign, kind, dimension, value, hour
+    ORDER BY campaign, kind, dimension, value, hour
+    ON CONFLICT (campaign, kind, dimension, value, hour) DO UPDATE
+        SET total = b.total + EXCLUDED.total
+)
+SELECT count(*) FROM added;
 
 -- name: recent_events
 SELECT event_id, kind, occurred_at, stored_at, campaign, recipient, url, user_agent, ip
