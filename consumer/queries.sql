@@ -148,24 +148,46 @@ WHERE stored_at > $1
 ORDER BY stored_at, event_id
 LIMIT $2;
 
--- name: campaign_stats
--- Derived from events, not maintained alongside the insert (which stays lean); the
--- (campaign, occurred_at) index keeps this to one campaign's rows. "machine" marks
--- fetches by image proxies, prefetchers and link scanners, known by user agent
--- (Apple Mail Privacy Protection sends a browser user agent and counts as human).
+-- Reports (`trackbuf stats`) read the rollups, never the raw events. $1 campaign,
+-- $2/$3 the half-open range [from, to) of UTC hours (NULL: unbounded).
+
+-- name: report_totals
 SELECT kind,
-       count(*)::bigint AS total,
-       count(DISTINCT recipient)::bigint AS unique_recipients,
-       count(*) FILTER (WHERE machine)::bigint AS machine_total,
-       count(DISTINCT recipient) FILTER (WHERE NOT machine)::bigint AS human_unique_recipients
-FROM (
-    SELECT kind, recipient,
-           coalesce(user_agent ~* $2, false) AS machine
-    FROM events
-    WHERE campaign = $1
-) AS e
-GROUP BY kind
-ORDER BY kind;
+       sum(total)::bigint AS total, sum(uniq)::bigint AS uniq,
+       sum(human_total)::bigint AS human_total, sum(human_uniq)::bigint AS human_uniq
+FROM rollups
+WHERE campaign = $1 AND url = ''
+  AND ($2::timestamptz IS NULL OR hour >= $2) AND ($3::timestamptz IS NULL OR hour < $3)
+GROUP BY kind;
+
+-- name: report_breakdown
+SELECT kind, dimension, value, sum(total)::bigint AS total
+FROM rollup_breakdown
+WHERE campaign = $1
+  AND ($2::timestamptz IS NULL OR hour >= $2) AND ($3::timestamptz IS NULL OR hour < $3)
+GROUP BY kind, dimension, value
+ORDER BY kind, dimension, sum(total) DESC, value;
+
+-- name: report_links
+SELECT url,
+       sum(total)::bigint AS total, sum(uniq)::bigint AS uniq,
+       sum(human_total)::bigint AS human_total, sum(human_uniq)::bigint AS human_uniq
+FROM rollups
+WHERE campaign = $1 AND kind = 'click' AND url <> ''
+  AND ($2::timestamptz IS NULL OR hour >= $2) AND ($3::timestamptz IS NULL OR hour < $3)
+GROUP BY url
+ORDER BY sum(human_uniq) DESC, sum(total) DESC, url;
+
+-- name: report_days
+-- $4 the time zone whose calendar days group the UTC hours.
+SELECT (hour AT TIME ZONE $4)::date AS day, kind,
+       sum(total)::bigint AS total, sum(uniq)::bigint AS uniq,
+       sum(human_total)::bigint AS human_total, sum(human_uniq)::bigint AS human_uniq
+FROM rollups
+WHERE campaign = $1 AND url = ''
+  AND ($2::timestamptz IS NULL OR hour >= $2) AND ($3::timestamptz IS NULL OR hour < $3)
+GROUP BY 1, kind
+ORDER BY 1, kind;
 
 -- name: insert_dead_letter
 INSERT INTO dead_letters (reason, event_id, body, fingerprint)

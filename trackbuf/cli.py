@@ -156,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     stats = sub.add_parser("stats", help="a campaign's totals and uniques, human vs machine")
     stats.add_argument("--campaign", required=True)
     stats.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    stats.add_argument("--by", choices=("link", "day"), help="every link, or one line per day")
+    stats.add_argument("--since", metavar="YYYY-MM-DD", help="first day counted (in --tz)")
+    stats.add_argument("--until", metavar="YYYY-MM-DD", help="last day counted (in --tz)")
+    stats.add_argument(
+        "--tz", default="UTC", help="time zone of the days (--by day, --since, --until)"
+    )
     _add_settings(stats, ("database_url",))
     stats.set_defaults(func=_cmd_stats)
 
@@ -286,7 +292,10 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     from consumer import stats
 
     settings = _settings(args)
-    return asyncio.run(stats.campaign(settings.require_database(), args.campaign, args.json))
+    return asyncio.run(
+        stats.campaign(settings.require_database(), args.campaign, args.json, by=args.by,
+                       since=args.since, until=args.until, tz=args.tz)
+    )  # fmt: skip
 
 
 def _cmd_events(args: argparse.Namespace) -> int:
