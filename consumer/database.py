@@ -14,9 +14,9 @@ from typing import Any, TypeVar
 
 import asyncpg
 
+from consumer.classify import classifier
 from consumer.sql import query
 from consumer.verdicts import Unreadable, annotate
-from trackbuf.classify import classifier
 
 log = logging.getLogger("trackbuf.consumer.database")
 
@@ -71,7 +71,15 @@ class Database:
                     self._dsn,
                     timeout=CONNECT_TIMEOUT_S,
                     command_timeout=STATEMENT_TIMEOUT_S,
-                    server_settings={"application_name": "trackbuf-consumer"},
+                    server_settings={
+                        "application_name": "trackbuf-consumer",
+                        # The insert is planned for each batch. PostgreSQL guesses 100
+                        # rows for any jsonb_to_recordset, so a generic plan made early,
+                        # against an empty first_events, is kept as it grows: measured
+                        # falling from 26,000 to 11,000 events/s over 200,000 events.
+                        # Planning takes ~1 ms of a 1,000-event batch.
+                        "plan_cache_mode": "force_custom_plan",
+                    },
                 )
             )
         return self._conn

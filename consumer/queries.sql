@@ -5,16 +5,17 @@
 -- rollups, in the same transaction. Parameters:
 --   $1  a JSON array of events in the wire format (trackbuf/codec.py), each with the
 --       consumer's verdict added: "m" the machine reason (absent for a person) and "cl"
---       the client family (trackbuf/classify.py);
+--       the client family (consumer/classify.py);
 --   $2  the burst window in seconds, $3 the fewest distinct links that make a burst
---       (trackbuf/data/machine_rules.json, "timing").
+--       (consumer/data/machine_rules.json, "timing").
 -- Returns the number of events added. Only added rows reach the rollups (RETURNING),
 -- so a duplicate or replayed event never changes a count. Each step is one CTE:
 --   incoming    the batch as rows (PostgreSQL unpacks the JSON itself);
 --   bursts      clicks that are part of a burst (see below);
 --   classified  incoming with its final verdict;
 --   added       the INSERT into events, RETURNING what it actually added;
---   claims      the "first event" keys each added event claims (campaign, link);
+--   scoped      each added event once for its campaign and, a click, for its link;
+--   claims      the "first event" keys they claim, earliest first, once per key;
 --   firsts      the upsert into first_events, RETURNING the claims that were firsts;
 --   deltas      total/unique/human counts per (campaign, kind, url, hour);
 --   rolled, broken_down   the rollup upserts.
@@ -23,9 +24,10 @@
 -- CONFLICT DO UPDATE requires.
 WITH incoming AS MATERIALIZED (
     SELECT e.*
+    -- Keys in byte order, as the rollup tables keep them (see migration 0005).
     FROM jsonb_to_recordset($1::jsonb) AS e(
-        id uuid, k text, t timestamptz, c text, r text, u text, ua text, ip inet,
-        m text, cl text)
+        id uuid, k text COLLATE "C", t timestamptz, c text COLLATE "C", r text COLLATE "C",
+        u text COLLATE "C", ua text, ip inet, m text, cl text)
 ),
 -- A burst: one recipient clicking at least $3 distinct links of a campaign within $2
 -- seconds of this click, counting this batch and the first clicks already stored
@@ -61,16 +63,24 @@ added AS (
     SELECT id, k, t, c, r, u, ua, ip, reason IS NOT NULL, reason, cl
     FROM classified
     ON CONFLICT (event_id) DO NOTHING
-    RETURNING kind, occurred_at, campaign, recipient, url, machine, machine_reason, client
+    RETURNING kind COLLATE "C" AS kind, occurred_at, campaign COLLATE "C" AS campaign,
+              recipient COLLATE "C" AS recipient, url COLLATE "C" AS url,
+              machine, machine_reason, client,
+              date_trunc('hour', occurred_at, 'UTC') AS hour
+),
+-- Each added event counts for its campaign (url '') and, a click, for its link.
+scoped AS (
+    SELECT campaign, recipient, kind, '' AS url, occurred_at, machine, hour FROM added
+    UNION ALL
+    SELECT campaign, recipient, kind, url, occurred_at, machine, hour
+    FROM added WHERE kind = 'click' AND url IS NOT NULL
 ),
 claims AS (
-    SELECT a.campaign, a.recipient, a.kind, scope.url,
-           min(a.occurred_at) AS first_at,
-           min(a.occurred_at) FILTER (WHERE NOT a.machine) AS first_human_at
-    FROM added AS a
-    CROSS JOIN LATERAL (VALUES (''), (CASE WHEN a.kind = 'click' THEN a.url END)) AS scope(url)
-    WHERE scope.url IS NOT NULL
-    GROUP BY a.campaign, a.recipient, a.kind, scope.url
+    SELECT campaign, recipient, kind, url,
+           min(occurred_at) AS first_at,
+           min(occurred_at) FILTER (WHERE NOT machine) AS first_human_at
+    FROM scoped
+    GROUP BY campaign, recipient, kind, url
 ),
 firsts AS (
     INSERT INTO first_events AS f (campaign, recipient, kind, url, first_at, first_human_at)
@@ -93,11 +103,9 @@ deltas AS (
            sum(total)::bigint AS total, sum(uniq)::bigint AS uniq,
            sum(human_total)::bigint AS human_total, sum(human_uniq)::bigint AS human_uniq
     FROM (
-        SELECT a.campaign, a.kind, scope.url, date_trunc('hour', a.occurred_at, 'UTC') AS hour,
-               1 AS total, 0 AS uniq, (NOT a.machine)::int AS human_total, 0 AS human_uniq
-        FROM added AS a
-        CROSS JOIN LATERAL (VALUES (''), (CASE WHEN a.kind = 'click' THEN a.url END)) AS scope(url)
-        WHERE scope.url IS NOT NULL
+        SELECT campaign, kind, url, hour,
+               1 AS total, 0 AS uniq, (NOT machine)::int AS human_total, 0 AS human_uniq
+        FROM scoped
         UNION ALL
         -- A first_events row inserted now: a new unique (and a new human unique if
         -- its first event was a person's, possibly in a later hour).
@@ -125,7 +133,7 @@ broken_down AS (
     FROM (
         SELECT campaign, kind, CASE WHEN machine THEN 'reason' ELSE 'client' END AS dimension,
                coalesce(CASE WHEN machine THEN machine_reason ELSE client END, 'Other') AS value,
-               date_trunc('hour', occurred_at, 'UTC') AS hour
+               hour
         FROM added
     ) AS x
     GROUP BY campaign, kind, dimension, value, hour
@@ -211,3 +219,83 @@ DELETE FROM dead_letters WHERE id = ANY($1::bigint[]);
 
 -- name: dead_count
 SELECT count(*)::bigint FROM dead_letters;
+
+-- `trackbuf rollups rebuild`: one campaign at a time, in one transaction, holding the
+-- rollup tables so no insert counts into them meanwhile (consumers wait, their jobs
+-- stay queued). $1 is the campaign.
+
+-- name: rebuild_campaigns
+SELECT DISTINCT campaign FROM events ORDER BY campaign;
+
+-- name: rebuild_lock
+LOCK TABLE first_events, rollups, rollup_breakdown IN EXCLUSIVE MODE;
+
+-- name: rebuild_to_classify
+-- $2: every event (after a rules update), or only those stored before classification.
+SELECT event_id, user_agent, host(ip) AS ip
+FROM events
+WHERE campaign = $1 AND ($2 OR machine IS NULL);
+
+-- name: rebuild_set_verdicts
+UPDATE events AS e
+SET machine = v.reason IS NOT NULL, machine_reason = v.reason, client = v.client
+FROM unnest($1::uuid[], $2::text[], $3::text[]) AS v(id, reason, client)
+WHERE e.event_id = v.id;
+
+-- name: rebuild_bursts
+-- The burst rule over all of a campaign's clicks ($2 window seconds, $3 fewest links).
+-- The insert sees only what is stored when it runs, so a burst split across batches
+-- that committed at the same moment can leave its first clicks counted as a person's.
+UPDATE events AS e
+SET machine = true, machine_reason = 'burst_clicks'
+WHERE e.campaign = $1 AND e.kind = 'click' AND e.url IS NOT NULL AND NOT e.machine
+  AND (SELECT count(DISTINCT n.url)
+       FROM events AS n
+       WHERE n.campaign = e.campaign AND n.recipient = e.recipient AND n.kind = 'click'
+         AND n.occurred_at BETWEEN e.occurred_at - make_interval(secs => $2)
+                               AND e.occurred_at + make_interval(secs => $2)) >= $3;
+
+-- name: rebuild_clear_firsts
+DELETE FROM first_events WHERE campaign = $1;
+
+-- name: rebuild_clear_rollups
+DELETE FROM rollups WHERE campaign = $1;
+
+-- name: rebuild_clear_breakdown
+DELETE FROM rollup_breakdown WHERE campaign = $1;
+
+-- name: rebuild_firsts
+INSERT INTO first_events (campaign, recipient, kind, url, first_at, first_human_at)
+SELECT e.campaign, e.recipient, e.kind, scope.url, min(e.occurred_at),
+       min(e.occurred_at) FILTER (WHERE NOT e.machine)
+FROM events AS e
+CROSS JOIN LATERAL (VALUES (''), (CASE WHEN e.kind = 'click' THEN e.url END)) AS scope(url)
+WHERE e.campaign = $1 AND scope.url IS NOT NULL
+GROUP BY e.campaign, e.recipient, e.kind, scope.url;
+
+-- name: rebuild_rollups
+INSERT INTO rollups (campaign, kind, url, hour, total, uniq, human_total, human_uniq)
+SELECT campaign, kind, url, hour, sum(total), sum(uniq), sum(human_total), sum(human_uniq)
+FROM (
+    SELECT e.campaign, e.kind, scope.url, date_trunc('hour', e.occurred_at, 'UTC') AS hour,
+           1 AS total, 0 AS uniq, (NOT e.machine)::int AS human_total, 0 AS human_uniq
+    FROM events AS e
+    CROSS JOIN LATERAL (VALUES (''), (CASE WHEN e.kind = 'click' THEN e.url END)) AS scope(url)
+    WHERE e.campaign = $1 AND scope.url IS NOT NULL
+    UNION ALL
+    SELECT campaign, kind, url, date_trunc('hour', first_at, 'UTC'), 0, 1, 0, 0
+    FROM first_events WHERE campaign = $1
+    UNION ALL
+    SELECT campaign, kind, url, date_trunc('hour', first_human_at, 'UTC'), 0, 0, 0, 1
+    FROM first_events WHERE campaign = $1 AND first_human_at IS NOT NULL
+) AS d
+GROUP BY campaign, kind, url, hour;
+
+-- name: rebuild_breakdown
+INSERT INTO rollup_breakdown (campaign, kind, dimension, value, hour, total)
+SELECT campaign, kind, CASE WHEN machine THEN 'reason' ELSE 'client' END,
+       coalesce(CASE WHEN machine THEN machine_reason ELSE client END, 'Other'),
+       date_trunc('hour', occurred_at, 'UTC'), count(*)
+FROM events
+WHERE campaign = $1
+GROUP BY 1, 2, 3, 4, 5;

@@ -1,4 +1,4 @@
-"""Classify a batch's events before they are stored (see trackbuf/classify.py).
+"""Classify a batch's events before they are stored (see consumer/classify.py).
 
 The job bodies are decoded here, each event gets the consumer's verdict under two
 more short keys (``m`` machine reason, absent for a person; ``cl`` client family),
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import orjson
 
-from trackbuf.classify import Classifier
+from consumer.classify import Classifier
 
 
 class Unreadable(ValueError):
@@ -27,6 +27,7 @@ def annotate(bodies: Sequence[bytes], classifier: Classifier) -> str:
     say) is refused there, as before, and the batch is split to find it.
     """
     events: list[object] = []
+    verdict = classifier.pair
     for body in bodies:
         try:
             doc = orjson.loads(body)
@@ -38,11 +39,12 @@ def annotate(bodies: Sequence[bytes], classifier: Classifier) -> str:
         for item in items:
             if isinstance(item, dict):
                 agent, ip = item.get("ua"), item.get("ip")
-                verdict = classifier.classify(
-                    agent if isinstance(agent, str) else None, ip if isinstance(ip, str) else None
-                )
-                if verdict.reason is not None:
-                    item["m"] = verdict.reason
-                item["cl"] = verdict.client
+                if not isinstance(agent, str):
+                    agent = None
+                if not isinstance(ip, str):
+                    ip = None
+                reason, item["cl"] = verdict(agent, ip)
+                if reason is not None:
+                    item["m"] = reason
             events.append(item)
     return orjson.dumps(events).decode()

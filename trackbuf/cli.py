@@ -165,6 +165,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings(stats, ("database_url",))
     stats.set_defaults(func=_cmd_stats)
 
+    rollups = sub.add_parser("rollups", help="recount the rollups that `stats` reads")
+    rollups_sub = rollups.add_subparsers(dest="rollups_action", required=True, metavar="ACTION")
+    rebuild = rollups_sub.add_parser(
+        "rebuild", help="classify unclassified events and recount from the raw events"
+    )
+    rebuild.add_argument("--campaign", help="only this campaign (default: every campaign)")
+    rebuild.add_argument(
+        "--reclassify",
+        action="store_true",
+        help="classify every event again (after a rules update)",
+    )
+    _add_settings(rebuild, ("database_url",))
+    rollups.set_defaults(func=_cmd_rollups)
+
     events = sub.add_parser("events", help="show recently stored events")
     events.add_argument("--limit", type=int, default=20)
     events.add_argument("--tail", action="store_true", help="keep printing new events")
@@ -296,6 +310,13 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         stats.campaign(settings.require_database(), args.campaign, args.json, by=args.by,
                        since=args.since, until=args.until, tz=args.tz)
     )  # fmt: skip
+
+
+def _cmd_rollups(args: argparse.Namespace) -> int:
+    from consumer import rebuild
+
+    settings = _settings(args)
+    return asyncio.run(rebuild.run(settings.require_database(), args.campaign, args.reclassify))
 
 
 def _cmd_events(args: argparse.Namespace) -> int:

@@ -13,11 +13,14 @@ ALTER TABLE events
 -- click URL), for any event and for people's events. An insert that adds a row here
 -- is a "unique"; one that conflicts is a repeat. The recipient comes before kind and
 -- url so the burst rule finds one recipient's recent clicks with one index range.
+-- Keys are COLLATE "C" (byte order) here and in the rollups: nothing needs them in
+-- linguistic order, and under a locale's collation every B-tree comparison calls
+-- strcoll; measured ~15% of the insert's cost.
 CREATE TABLE first_events (
-    campaign       text        NOT NULL,
-    recipient      text        NOT NULL,
-    kind           text        NOT NULL,
-    url            text        NOT NULL,
+    campaign       text COLLATE "C" NOT NULL,
+    recipient      text COLLATE "C" NOT NULL,
+    kind           text COLLATE "C" NOT NULL,
+    url            text COLLATE "C" NOT NULL,
     first_at       timestamptz NOT NULL,
     -- NULL until this recipient's first event here that is not a machine's.
     first_human_at timestamptz,
@@ -32,9 +35,9 @@ CREATE TABLE first_events (
 -- offsets. "uniq" counts recipients whose first event fell in that hour: summing
 -- hours gives the campaign's unique recipients.
 CREATE TABLE rollups (
-    campaign    text        NOT NULL,
-    kind        text        NOT NULL,
-    url         text        NOT NULL,
+    campaign    text COLLATE "C" NOT NULL,
+    kind        text COLLATE "C" NOT NULL,
+    url         text COLLATE "C" NOT NULL,
     hour        timestamptz NOT NULL,
     total       bigint      NOT NULL,
     uniq        bigint      NOT NULL,
@@ -45,10 +48,10 @@ CREATE TABLE rollups (
 
 -- Machine events by reason, and people's events by mail client or browser.
 CREATE TABLE rollup_breakdown (
-    campaign  text        NOT NULL,
-    kind      text        NOT NULL,
-    dimension text        NOT NULL CHECK (dimension IN ('reason', 'client')),
-    value     text        NOT NULL,
+    campaign  text COLLATE "C" NOT NULL,
+    kind      text COLLATE "C" NOT NULL,
+    dimension text COLLATE "C" NOT NULL CHECK (dimension IN ('reason', 'client')),
+    value     text COLLATE "C" NOT NULL,
     hour      timestamptz NOT NULL,
     total     bigint      NOT NULL,
     PRIMARY KEY (campaign, kind, dimension, value, hour)

@@ -228,3 +228,62 @@ def test_a_burst_of_clicks_is_a_machine_and_a_persons_clicks_are_not(
     }
     assert [verdicts[(e.recipient, e.url, e.occurred_at)] for e in scanner] == ["burst_clicks"] * 4
     assert [verdicts[(e.recipient, e.url, e.occurred_at)] for e in person] == [None] * 4
+
+
+def test_rebuild_classifies_old_rows_and_recounts_from_raw_events(
+    make_settings, beanstalkd: Beanstalkd
+) -> None:
+    from tests.procs import trackbuf
+
+    rng = random.Random(5)
+    events = sorted(campaign_traffic(rng, "old", 40), key=lambda e: e.occurred_at)
+    settings = make_settings(threads=1)
+    put(beanstalkd, jobs_of(events, rng))
+    assert drain(settings) == 0
+    dsn = settings.database_url
+    classified = {
+        r["event_id"]: (r["machine"], r["machine_reason"], r["client"]) for r in rows(dsn)
+    }
+    # As if stored before classification existed: no verdicts, no rollups.
+    rows(dsn, "UPDATE events SET machine = NULL, machine_reason = NULL, client = NULL")
+    for table in ("rollups", "first_events", "rollup_breakdown"):
+        rows(dsn, f"DELETE FROM {table}")
+    done = trackbuf(settings, "rollups", "rebuild")
+    assert done.returncode == 0, done.stderr
+    assert (
+        done.stdout.strip() == f"campaign old: rollups rebuilt, {len(events)} event(s) classified"
+    )
+    stored = rows(dsn)
+    assert {r["event_id"]: (r["machine"], r["machine_reason"], r["client"]) for r in stored} == (
+        classified
+    )
+    assert stored_rollups(dsn) == expected_rollups(stored)
+    assert stored_breakdown(dsn) == expected_breakdown(stored)
+    # And the consumer goes on counting on top of the rebuilt rollups.
+    later = [
+        at(90_000 + i, "open", "old", f"old-r{i}", user_agent=IPHONE, ip=HOME) for i in range(5)
+    ]
+    put(beanstalkd, jobs_of(later, rng))
+    assert drain(settings) == 0
+    stored = rows(dsn)
+    assert stored_rollups(dsn) == expected_rollups(stored)
+
+
+def test_rebuild_finds_a_burst_the_insert_saw_only_half_of(
+    make_settings, beanstalkd: Beanstalkd
+) -> None:
+    from tests.procs import trackbuf
+
+    clicks = [at(i * 0.3, "click", "x", "scanned", url=link, user_agent=CHROME, ip=HOME)
+              for i, link in enumerate(LINKS)]  # fmt: skip
+    # Two halves written by two threads at once: each insert may see only its own two
+    # links (neither has committed when the other looks), so neither finds a burst.
+    put(beanstalkd, [codec.encode_job([codec.encode_event(e) for e in half])
+                     for half in (clicks[:2], clicks[2:])])  # fmt: skip
+    settings = make_settings(threads=2, batch_size=2)
+    assert drain(settings) == 0
+    done = trackbuf(settings, "rollups", "rebuild", "--campaign", "x")
+    assert done.returncode == 0, done.stderr
+    stored = rows(settings.database_url)
+    assert [r["machine_reason"] for r in stored] == ["burst_clicks"] * 4
+    assert stored_rollups(settings.database_url) == expected_rollups(stored)

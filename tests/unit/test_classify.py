@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trackbuf.classify import REASONS, Classifier, Rules, classifier, rules
+from consumer.classify import REASONS, Classifier, Rules, classifier, rules
 
 IPHONE_MAIL = (
     "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 "
@@ -128,11 +128,11 @@ def test_the_shipped_rules_are_versioned_and_sourced() -> None:
     import json
     from importlib import resources
 
-    doc = json.loads(resources.files("trackbuf").joinpath("data/machine_rules.json").read_text())
+    doc = json.loads(resources.files("consumer").joinpath("data/machine_rules.json").read_text())
     assert rules().version == doc["version"]
     entries = [*doc["user_agents"], *doc["networks"], doc["bots"], doc["timing"]["burst_clicks"]]
     for entry in entries:
-        assert entry["source"] and entry["checked"], entry
+        assert entry["source"] and entry["date"], entry
     assert rules().burst.min_links >= 2 and rules().burst.window_seconds > 0
 
 
@@ -146,4 +146,6 @@ def test_verdicts_are_cached_per_agent() -> None:
     fresh = Classifier(rules())
     for _ in range(3):
         fresh.classify(CHROME_WIN, HOME)
-    assert fresh.by_agent.cache_info().hits == 2
+    fresh.classify(CHROME_WIN, "192.0.2.1")  # same agent, another address
+    assert fresh.pair.cache_info().hits == 2
+    assert (fresh.by_agent.cache_info().misses, fresh.by_agent.cache_info().hits) == (1, 1)

@@ -1,7 +1,7 @@
 """Is this fetch a person reading, or a machine? And which mail client or browser?
 
 Every stored event is classified once, by the consumer before its insert, from its
-user agent and address against ``trackbuf/data/machine_rules.json`` (versioned, shipped
+user agent and address against ``consumer/data/machine_rules.json`` (versioned, shipped
 with the package, never fetched at run time). Nothing is ever dropped: a machine event
 is stored like any other, with ``machine`` set and the rule that matched in
 ``machine_reason``. What cannot be told is a person.
@@ -125,7 +125,7 @@ def _reason(value: str) -> str:
 
 @cache
 def rules() -> Rules:
-    text = resources.files("trackbuf").joinpath("data/machine_rules.json").read_text()
+    text = resources.files("consumer").joinpath("data/machine_rules.json").read_text()
     return Rules.parse(json.loads(text))
 
 
@@ -136,11 +136,17 @@ class Classifier:
         self.rules = rules
         self.by_agent = lru_cache(maxsize=_CACHE)(self._by_agent)
         self.by_address = lru_cache(maxsize=_CACHE)(self._by_address)
+        self.pair = lru_cache(maxsize=_CACHE * 4)(self._pair)
         # Consumer threads share one classifier; ua-parser's own cache is not
         # documented as thread-safe, so a miss parses under a lock (hits never get here).
         self._parse_lock = threading.Lock()
 
     def classify(self, user_agent: str | None, ip: str | None) -> Verdict:
+        return Verdict(*self.pair(user_agent, ip))
+
+    def _pair(self, user_agent: str | None, ip: str | None) -> tuple[str | None, str]:
+        """(reason, client): what ``classify`` says, as a bare tuple, cached per pair
+        (the consumer's hot path: one cache lookup per event)."""
         agent = user_agent or ""
         reason, bot, client = self.by_agent(agent)
         if reason is None and ip:
@@ -148,7 +154,7 @@ class Classifier:
                 if rule.user_agent_is is None or rule.user_agent_is == agent:
                     reason = rule.reason
                     break
-        return Verdict(reason or bot, client)
+        return reason or bot, client
 
     def _by_agent(self, user_agent: str) -> tuple[str | None, str | None, str]:
         """What the agent alone says: a named fetcher's reason, ``bot`` for a generic
