@@ -90,10 +90,11 @@ firsts AS (
     -- the row (ON CONFLICT DO UPDATE would lock it even when its WHERE is false).
     WHERE NOT EXISTS (
         SELECT 1 FROM first_events AS s
-        WHERE (s.campaign, s.recipient, s.kind, s.url) = (c.campaign, c.recipient, c.kind, c.url)
+        WHERE (s.campaign, s.recipient, s.kind, s.url_key)
+            = (c.campaign, c.recipient, c.kind, md5(c.url)::uuid)
           AND (s.first_human_at IS NOT NULL OR c.first_human_at IS NULL))
-    ORDER BY c.campaign, c.recipient, c.kind, c.url
-    ON CONFLICT (campaign, recipient, kind, url) DO UPDATE
+    ORDER BY c.campaign, c.recipient, c.kind, md5(c.url)::uuid
+    ON CONFLICT (campaign, recipient, kind, url_key) DO UPDATE
         SET first_human_at = EXCLUDED.first_human_at, human_later = true
         WHERE f.first_human_at IS NULL AND EXCLUDED.first_human_at IS NOT NULL
     RETURNING f.campaign, f.kind, f.url, f.first_at, f.first_human_at, f.human_later
@@ -121,8 +122,8 @@ rolled AS (
     INSERT INTO rollups AS r (campaign, kind, url, hour, total, uniq, human_total, human_uniq)
     SELECT campaign, kind, url, hour, total, uniq, human_total, human_uniq
     FROM deltas
-    ORDER BY campaign, kind, url, hour
-    ON CONFLICT (campaign, kind, url, hour) DO UPDATE
+    ORDER BY campaign, kind, md5(url)::uuid, hour
+    ON CONFLICT (campaign, kind, url_key, hour) DO UPDATE
         SET total = r.total + EXCLUDED.total, uniq = r.uniq + EXCLUDED.uniq,
             human_total = r.human_total + EXCLUDED.human_total,
             human_uniq = r.human_uniq + EXCLUDED.human_uniq

@@ -21,13 +21,16 @@ CREATE TABLE first_events (
     recipient      text COLLATE "C" NOT NULL,
     kind           text COLLATE "C" NOT NULL,
     url            text COLLATE "C" NOT NULL,
+    -- Keys hold a digest of the URL, not the URL: a click URL can be longer than a
+    -- B-tree entry may be (~2.7 kB), and such a click must still be stored and counted.
+    url_key        uuid GENERATED ALWAYS AS (md5(url)::uuid) STORED,
     first_at       timestamptz NOT NULL,
     -- NULL until this recipient's first event here that is not a machine's.
     first_human_at timestamptz,
     -- Set when a person's first event came after a machine's (a later upsert), so the
     -- insert can tell "new human unique" from "new unique" in what it gets back.
     human_later    boolean     NOT NULL DEFAULT false,
-    PRIMARY KEY (campaign, recipient, kind, url)
+    PRIMARY KEY (campaign, recipient, kind, url_key)
 );
 
 -- Counts per campaign (url = '') or per link, per kind, per UTC hour. Hours rather
@@ -38,12 +41,13 @@ CREATE TABLE rollups (
     campaign    text COLLATE "C" NOT NULL,
     kind        text COLLATE "C" NOT NULL,
     url         text COLLATE "C" NOT NULL,
+    url_key     uuid GENERATED ALWAYS AS (md5(url)::uuid) STORED,
     hour        timestamptz NOT NULL,
     total       bigint      NOT NULL,
     uniq        bigint      NOT NULL,
     human_total bigint      NOT NULL,
     human_uniq  bigint      NOT NULL,
-    PRIMARY KEY (campaign, kind, url, hour)
+    PRIMARY KEY (campaign, kind, url_key, hour)
 );
 
 -- Machine events by reason, and people's events by mail client or browser.

@@ -287,3 +287,22 @@ def test_rebuild_finds_a_burst_the_insert_saw_only_half_of(
     stored = rows(settings.database_url)
     assert [r["machine_reason"] for r in stored] == ["burst_clicks"] * 4
     assert stored_rollups(settings.database_url) == expected_rollups(stored)
+
+
+def test_a_click_on_a_url_too_long_for_an_index_is_stored_and_counted(
+    make_settings, beanstalkd: Beanstalkd
+) -> None:
+    import secrets
+
+    long_url = "https://shop.example/?q=" + secrets.token_urlsafe(4500)  # > a B-tree entry
+    settings = make_settings(threads=1)
+    clicks = [at(i * 60, "click", "x", f"r{i % 2}", url=long_url, user_agent=CHROME, ip=HOME)
+              for i in range(3)]  # fmt: skip
+    put(beanstalkd, [codec.encode_job([codec.encode_event(e) for e in clicks])])
+    assert drain(settings) == 0
+    stored = rows(settings.database_url)
+    assert len(stored) == 3
+    assert rows(settings.database_url, "SELECT * FROM dead_letters") == []
+    assert stored_rollups(settings.database_url) == expected_rollups(stored)
+    ((_, _, url, _),) = [k for k in stored_rollups(settings.database_url) if k[2]]
+    assert url == long_url
