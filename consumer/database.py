@@ -14,7 +14,9 @@ from typing import Any, TypeVar
 
 import asyncpg
 
+from consumer.classify import classifier
 from consumer.sql import query
+from consumer.verdicts import Unreadable, annotate
 
 log = logging.getLogger("trackbuf.consumer.database")
 
@@ -61,6 +63,7 @@ class Database:
         self._dsn = dsn
         self._loop = asyncio.new_event_loop()
         self._conn: asyncpg.Connection | None = None
+        self._classifier = classifier()
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self._loop.run_until_complete(coro)
@@ -72,7 +75,15 @@ class Database:
                     self._dsn,
                     timeout=CONNECT_TIMEOUT_S,
                     command_timeout=STATEMENT_TIMEOUT_S,
-                    server_settings={"application_name": "trackbuf-consumer"},
+                    server_settings={
+                        "application_name": "trackbuf-consumer",
+                        # The insert is planned for each batch. PostgreSQL guesses 100
+                        # rows for any jsonb_to_recordset, so a generic plan made early,
+                        # against an empty first_events, is kept as it grows: measured
+                        # falling from 26,000 to 11,000 events/s over 200,000 events.
+                        # Planning takes ~1 ms of a 1,000-event batch.
+                        "plan_cache_mode": "force_custom_plan",
+                    },
                 )
             )
         return self._conn
@@ -82,13 +93,19 @@ class Database:
         self._call(lambda conn: conn.fetchval("SELECT 1"))
 
     def insert_jobs(self, bodies: Sequence[bytes], events: int) -> WriteResult:
-        """Insert every event of these job bodies in one transaction (one statement)."""
+        """Classify and insert every event of these job bodies, and count the ones
+        added into the rollups, in one transaction (one statement)."""
         try:
-            payload = "[" + ",".join(body.decode("utf-8") for body in bodies) + "]"
-        except UnicodeDecodeError:
-            raise RejectedData("job body is not UTF-8") from None
-        status: str = self._call(lambda conn: conn.execute(query("insert_jobs"), payload))
-        return WriteResult(events, int(status.rsplit(" ", 1)[1]))  # "INSERT 0 <rows>"
+            payload = annotate(bodies, self._classifier)
+        except Unreadable as exc:
+            raise RejectedData(str(exc)) from None
+        burst = self._classifier.rules.burst
+        inserted: int = self._call(
+            lambda conn: conn.fetchval(
+                query("insert_jobs"), payload, burst.window_seconds, burst.min_links
+            )
+        )
+        return WriteResult(events, inserted)
 
     def execute(self, sql: str, *args: object) -> str:
         result: str = self._call(lambda conn: conn.execute(sql, *args))

@@ -51,6 +51,9 @@ TARGETS = (
     Target("events", "recipient = $1 AND ($2::text IS NULL OR campaign = $2::text)"),
     # Dead letters keep the bytes received: match R inside them (see 0004_forget.sql).
     Target("dead_letters", "trackbuf_body_mentions(body, $1::text, $2::text)"),
+    # Which recipients were first (for unique counts) names them too. The rollups
+    # themselves hold only counts, no recipient, and keep them.
+    Target("first_events", "recipient = $1 AND ($2::text IS NULL OR campaign = $2::text)"),
 )
 
 # How long step 2 may wait for inserts in flight. New inserts queue behind the lock

@@ -35,10 +35,12 @@ LINKS = ("public_url", "signing_keys", "signing_keys_file")
 # Commands an operator runs beside `trackbuf up`: they read the env file it writes.
 # ingest, consume and migrate are what production runs: only their own environment
 # counts there, never a file some other process left in a directory.
-OPERATOR = ("status", "link", "stats", "events", "dead", "rewrite", "forget", "prune")
+OPERATOR = ("status", "link", "stats", "events", "dead", "rewrite", "forget", "prune",
+            "rollups")  # fmt: skip
 # What each command cannot run without, checked before it starts.
 REQUIRED = {"events": ("database_url",), "stats": ("database_url",), "dead": ("database_url",),
             "forget": ("database_url",), "prune": ("database_url",),
+            "rollups": ("database_url",),
             "link": ("signing_keys",), "rewrite": ("signing_keys",)}  # fmt: skip
 
 
@@ -216,8 +218,28 @@ def build_parser() -> argparse.ArgumentParser:
     stats = sub.add_parser("stats", help="a campaign's totals and uniques, human vs machine")
     stats.add_argument("--campaign", required=True)
     stats.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    stats.add_argument("--by", choices=("link", "day"), help="every link, or one line per day")
+    stats.add_argument("--since", metavar="YYYY-MM-DD", help="first day counted (in --tz)")
+    stats.add_argument("--until", metavar="YYYY-MM-DD", help="last day counted (in --tz)")
+    stats.add_argument(
+        "--tz", default="UTC", help="time zone of the days (--by day, --since, --until)"
+    )
     _add_settings(stats, ("database_url",), beside_up)
     stats.set_defaults(func=_cmd_stats)
+
+    rollups = sub.add_parser("rollups", help="recount the rollups that `stats` reads")
+    rollups_sub = rollups.add_subparsers(dest="rollups_action", required=True, metavar="ACTION")
+    rebuild = rollups_sub.add_parser(
+        "rebuild", help="classify unclassified events and recount from the raw events"
+    )
+    rebuild.add_argument("--campaign", help="only this campaign (default: every campaign)")
+    rebuild.add_argument(
+        "--reclassify",
+        action="store_true",
+        help="classify every event again (after a rules update)",
+    )
+    _add_settings(rebuild, ("database_url",), beside_up)
+    rollups.set_defaults(func=_cmd_rollups)
 
     forget = sub.add_parser(
         "forget", help="erase a person's events everywhere and drop those still on their way"
@@ -403,7 +425,17 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     from consumer import stats
 
     settings = _settings(args)
-    return asyncio.run(stats.campaign(settings.require_database(), args.campaign, args.json))
+    return asyncio.run(
+        stats.campaign(settings.require_database(), args.campaign, args.json, by=args.by,
+                       since=args.since, until=args.until, tz=args.tz)
+    )  # fmt: skip
+
+
+def _cmd_rollups(args: argparse.Namespace) -> int:
+    from consumer import rebuild
+
+    settings = _settings(args)
+    return asyncio.run(rebuild.run(settings.require_database(), args.campaign, args.reclassify))
 
 
 def _cmd_forget(args: argparse.Namespace) -> int:

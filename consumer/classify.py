@@ -1,0 +1,193 @@
+"""Is this fetch a person reading, or a machine? And which mail client or browser?
+
+Every stored event is classified once, by the consumer before its insert, from its
+user agent and address against ``consumer/data/machine_rules.json`` (versioned, shipped
+with the package, never fetched at run time). Nothing is ever dropped: a machine event
+is stored like any other, with ``machine`` set and the rule that matched in
+``machine_reason``. What cannot be told is a person.
+
+The timing rule (``burst_clicks``: one recipient clicking several links of a campaign
+within seconds) needs other events, so it runs in the database as part of the insert;
+its parameters come from the same file (``Rules.burst``).
+
+Client families come from ua-parser (the maintained uap-core regexes), not from
+patterns of our own. Parsing costs ~70 us per new user agent with the native
+accelerator; real traffic has few distinct agents, so verdicts are cached per agent.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import threading
+from dataclasses import dataclass
+from functools import cache, lru_cache
+from importlib import resources
+from typing import Any
+
+import ua_parser
+
+# What ua-parser names an agent it does not know, and what we store for no agent.
+UNKNOWN_CLIENT = "Other"
+REASONS = (
+    "apple_mpp",
+    "google_image_proxy",
+    "yahoo_proxy",
+    "microsoft_prefetch",
+    "security_scanner",
+    "burst_clicks",
+    "bot",
+)
+_CACHE = 4096  # distinct user agents (or addresses) remembered
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """``reason`` is None for a person; ``client`` is the mail client or browser."""
+
+    reason: str | None
+    client: str
+
+    @property
+    def machine(self) -> bool:
+        return self.reason is not None
+
+
+@dataclass(frozen=True)
+class AgentRule:
+    reason: str
+    contains: tuple[str, ...]  # lower-cased
+
+
+@dataclass(frozen=True)
+class NetworkRule:
+    reason: str
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    # When set, the rule applies only to this exact user agent (Apple's proxy sends a
+    # bare "Mozilla/5.0"; Apple staff reading mail from 17/8 with Safari are people).
+    user_agent_is: str | None
+
+
+@dataclass(frozen=True)
+class Burst:
+    reason: str
+    min_links: int
+    window_seconds: float
+
+
+@dataclass(frozen=True)
+class Rules:
+    version: str
+    agents: tuple[AgentRule, ...]
+    networks: tuple[NetworkRule, ...]
+    bot_devices: frozenset[str]
+    bot_clients: frozenset[str]
+    bot_contains: tuple[str, ...]
+    burst: Burst
+
+    @classmethod
+    def parse(cls, doc: dict[str, Any]) -> Rules:
+        for section in ("version", "user_agents", "networks", "bots", "timing"):
+            if section not in doc:
+                raise ValueError(f"machine rules: missing {section!r}")
+        agents = tuple(
+            AgentRule(_reason(a["reason"]), tuple(s.lower() for s in a["contains"]))
+            for a in doc["user_agents"]
+        )
+        networks = tuple(
+            NetworkRule(
+                _reason(n["reason"]),
+                tuple(ipaddress.ip_network(c) for c in n["cidrs"]),
+                n.get("user_agent_is"),
+            )
+            for n in doc["networks"]
+        )
+        bots = doc["bots"]
+        burst = doc["timing"]["burst_clicks"]
+        return cls(
+            version=str(doc["version"]),
+            agents=agents,
+            networks=networks,
+            bot_devices=frozenset(bots["device_families"]),
+            bot_clients=frozenset(bots["client_families"]),
+            bot_contains=tuple(s.lower() for s in bots["contains"]),
+            burst=Burst(
+                _reason(burst["reason"]), int(burst["min_links"]), float(burst["window_seconds"])
+            ),
+        )
+
+
+def _reason(value: str) -> str:
+    if value not in REASONS:
+        raise ValueError(f"machine rules: unknown reason {value!r}")
+    return value
+
+
+@cache
+def rules() -> Rules:
+    text = resources.files("consumer").joinpath("data/machine_rules.json").read_text()
+    return Rules.parse(json.loads(text))
+
+
+class Classifier:
+    """Verdicts for (user agent, address) pairs, cached per agent and per address."""
+
+    def __init__(self, rules: Rules) -> None:
+        self.rules = rules
+        self.by_agent = lru_cache(maxsize=_CACHE)(self._by_agent)
+        self.by_address = lru_cache(maxsize=_CACHE)(self._by_address)
+        self.pair = lru_cache(maxsize=_CACHE * 4)(self._pair)
+        # Consumer threads share one classifier; ua-parser's own cache is not
+        # documented as thread-safe, so a miss parses under a lock (hits never get here).
+        self._parse_lock = threading.Lock()
+
+    def classify(self, user_agent: str | None, ip: str | None) -> Verdict:
+        return Verdict(*self.pair(user_agent, ip))
+
+    def _pair(self, user_agent: str | None, ip: str | None) -> tuple[str | None, str]:
+        """(reason, client): what ``classify`` says, as a bare tuple, cached per pair
+        (the consumer's hot path: one cache lookup per event)."""
+        agent = user_agent or ""
+        reason, bot, client = self.by_agent(agent)
+        if reason is None and ip:
+            for rule in self.by_address(ip):
+                if rule.user_agent_is is None or rule.user_agent_is == agent:
+                    reason = rule.reason
+                    break
+        return reason or bot, client
+
+    def _by_agent(self, user_agent: str) -> tuple[str | None, str | None, str]:
+        """What the agent alone says: a named fetcher's reason, ``bot`` for a generic
+        robot or script (tried after the address rules), and its client family."""
+        if not user_agent:
+            return None, None, UNKNOWN_CLIENT
+        with self._parse_lock:
+            parsed = ua_parser.parse(user_agent)
+        client = parsed.user_agent.family if parsed.user_agent else UNKNOWN_CLIENT
+        device = parsed.device.family if parsed.device else None
+        lowered = user_agent.lower()
+        for rule in self.rules.agents:
+            if any(token in lowered for token in rule.contains):
+                return rule.reason, None, client
+        robot = (
+            device in self.rules.bot_devices
+            or client in self.rules.bot_clients
+            or any(token in lowered for token in self.rules.bot_contains)
+        )
+        return None, ("bot" if robot else None), client
+
+    def _by_address(self, ip: str) -> tuple[NetworkRule, ...]:
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return ()  # the database refuses it; classification has no say
+        return tuple(
+            rule
+            for rule in self.rules.networks
+            if any(address.version == net.version and address in net for net in rule.networks)
+        )
+
+
+@cache
+def classifier() -> Classifier:
+    return Classifier(rules())

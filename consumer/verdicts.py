@@ -1,0 +1,50 @@
+"""Classify a batch's events before they are stored (see consumer/classify.py).
+
+The job bodies are decoded here, each event gets the consumer's verdict under two
+more short keys (``m`` machine reason, absent for a person; ``cl`` client family),
+and the batch goes to PostgreSQL as one JSON array that it unpacks itself. orjson
+decodes and re-encodes a 25-event job in a few microseconds; the verdicts are cached
+per user agent, so a batch costs about one dict lookup per event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import orjson
+
+from consumer.classify import Classifier
+
+
+class Unreadable(ValueError):
+    """A job body that is not a JSON object with an event list."""
+
+
+def annotate(bodies: Sequence[bytes], classifier: Classifier) -> str:
+    """Every event of these job bodies, with its verdict, as one JSON array.
+
+    Fields are left as they came: a value the database cannot store (a bad address,
+    say) is refused there, as before, and the batch is split to find it.
+    """
+    events: list[object] = []
+    verdict = classifier.pair
+    for body in bodies:
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise Unreadable(f"job body is not JSON: {exc}") from None
+        items = doc.get("e") if isinstance(doc, dict) else None
+        if not isinstance(items, list):
+            raise Unreadable("job body has no event list")
+        for item in items:
+            if isinstance(item, dict):
+                agent, ip = item.get("ua"), item.get("ip")
+                if not isinstance(agent, str):
+                    agent = None
+                if not isinstance(ip, str):
+                    ip = None
+                reason, item["cl"] = verdict(agent, ip)
+                if reason is not None:
+                    item["m"] = reason
+            events.append(item)
+    return orjson.dumps(events).decode()

@@ -1,0 +1,151 @@
+"""Machine or person, and which client: real-world requests, each with its verdict."""
+
+from __future__ import annotations
+
+import pytest
+
+from consumer.classify import REASONS, Classifier, Rules, classifier, rules
+
+IPHONE_MAIL = (
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 "
+    "(KHTML, like Gecko) Mobile/15E148"
+)
+MAC_MAIL = (
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko)"
+)
+CHROME_WIN = (
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/120.0.0.0 Safari/537.36"
+)
+HOME = "198.51.100.23"  # an ordinary residential address (documentation range)
+
+# (user agent, address, expected reason or None for a person, expected client family)
+CASES: list[tuple[str | None, str | None, str | None, str | None]] = [
+    # People: mail clients and browsers, anywhere.
+    (IPHONE_MAIL, HOME, None, "Mobile Safari UI/WKWebView"),
+    (MAC_MAIL, HOME, None, "Apple Mail"),
+    (MAC_MAIL, "17.58.63.10", None, "Apple Mail"),  # Apple staff on Apple's network
+    ("Microsoft Office/16.0 (Windows NT 10.0; Microsoft Outlook 16.0.17029; Pro)", HOME, None,
+     "Outlook"),
+    ("Mozilla/4.0 (compatible; ms-office; MSOffice 16)", HOME, None, "Outlook"),
+    ("Mozilla/5.0 (X11; Linux x86_64; rv:115.0) Gecko/20100101 Thunderbird/115.6.0", HOME, None,
+     "Thunderbird"),
+    ("Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:109.0) Gecko/20100101 Thunderbird/115.5.0",
+     "2001:db8::7", None, "Thunderbird"),
+    ("Outlook-iOS/709.2189947.prod.iphone (4.2.0)", HOME, None, "Outlook-iOS"),
+    (CHROME_WIN, HOME, None, "Chrome"),
+    ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+     "Chrome/119.0.0.0 Safari/537.36 Edg/119.0.0.0", HOME, None, "Edge"),
+    ("Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:121.0) Gecko/20100101 Firefox/121.0", HOME,
+     None, "Firefox"),
+    ("Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) "
+     "Chrome/120.0.6099.43 Mobile Safari/537.36", HOME, None, "Chrome Mobile"),
+    ("Mozilla/5.0 (Linux; Android 12; SM-G991B Build/SP1A.210812.016; wv) AppleWebKit/537.36 "
+     "(KHTML, like Gecko) Version/4.0 Chrome/119.0 Mobile Safari/537.36", HOME, None, None),
+    # "Cubot" is a phone maker: a naive "bot" substring rule would call this a robot.
+    ("Mozilla/5.0 (Linux; Android 13; Cubot KingKong 9) AppleWebKit/537.36 (KHTML, like Gecko) "
+     "Chrome/120.0 Mobile Safari/537.36", HOME, None, None),
+    ("Mozilla/5.0 (iPad; CPU OS 16_6 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+     "Mobile/15E148", HOME, None, "Mobile Safari UI/WKWebView"),
+    # Unknown agents, or none at all, are people.
+    ("SomeNewMailApp/1.0", HOME, None, None),
+    (None, HOME, None, "Other"),
+    (None, None, None, "Other"),
+    ("Mozilla/5.0", HOME, None, "Other"),  # bare agent, not from Apple: unknown, a person
+    ("Mozilla/5.0", "not-an-address", None, "Other"),
+    # Apple Mail Privacy Protection: bare agent from Apple's network.
+    ("Mozilla/5.0", "17.58.63.10", "apple_mpp", "Other"),
+    ("Mozilla/5.0", "17.120.1.1", "apple_mpp", "Other"),
+    # Gmail's image proxy.
+    ("Mozilla/5.0 (Windows NT 5.1; rv:11.0) Gecko Firefox/11.0 (via ggpht.com GoogleImageProxy)",
+     "66.249.84.10", "google_image_proxy", "GmailImageProxy"),
+    ("Mozilla/5.0 (Windows NT 5.1; rv:11.0) Gecko Firefox/11.0 (via ggpht.com GoogleImageProxy)",
+     None, "google_image_proxy", None),
+    # Yahoo's.
+    ("YahooMailProxy; https://help.yahoo.com/kb/yahoo-mail-proxy-SLN28749.html", "98.137.1.1",
+     "yahoo_proxy", "YahooMailProxy"),
+    # Microsoft: link previews, existence checks, and fetches from its mail-flow ranges.
+    ("Mozilla/5.0 (Windows NT 10.0; WOW64) AppleWebKit/537.36 (KHTML, like Gecko) BingPreview/1.0b",
+     HOME, "microsoft_prefetch", None),
+    ("Mozilla/5.0 (Windows NT 6.1; WOW64) SkypeUriPreview Preview/0.5 "
+     "skype-url-preview@microsoft.com", HOME, "microsoft_prefetch", None),
+    ("Microsoft Office Existence Discovery", HOME, "microsoft_prefetch", None),
+    (CHROME_WIN, "40.107.22.90", "microsoft_prefetch", "Chrome"),
+    (CHROME_WIN, "52.101.4.3", "microsoft_prefetch", "Chrome"),
+    (CHROME_WIN, "104.47.10.1", "microsoft_prefetch", "Chrome"),
+    # Security gateways, by agent and by their published ranges.
+    ("Mozilla/5.0 (compatible; Barracuda Sentinel)", HOME, "security_scanner", None),
+    ("Mimecast URL Protect", HOME, "security_scanner", None),
+    ("Proofpoint URL Defense", HOME, "security_scanner", None),
+    ("Cisco IronPort", HOME, "security_scanner", None),
+    (CHROME_WIN, "64.235.150.1", "security_scanner", "Chrome"),
+    (CHROME_WIN, "209.222.82.9", "security_scanner", "Chrome"),
+    (CHROME_WIN, "205.139.110.40", "security_scanner", "Chrome"),
+    (CHROME_WIN, "195.130.217.5", "security_scanner", "Chrome"),
+    # Robots and scripts.
+    ("curl/8.4.0", HOME, "bot", "curl"),
+    ("python-requests/2.31.0", HOME, "bot", "Python Requests"),
+    ("Go-http-client/1.1", HOME, "bot", "Go-http-client"),
+    ("Wget/1.21", HOME, "bot", "Wget"),
+    ("Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)", HOME, "bot",
+     "Googlebot"),
+    ("Mozilla/5.0 (compatible; bingbot/2.0; +http://www.bing.com/bingbot.htm)", HOME, "bot",
+     "bingbot"),
+    ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+     "HeadlessChrome/120.0.0.0 Safari/537.36", HOME, "bot", "HeadlessChrome"),
+    ("facebookexternalhit/1.1", HOME, "bot", None),
+    ("Slackbot-LinkExpanding 1.0 (+https://api.slack.com/robots)", HOME, "bot", None),
+    ("python-urllib3/1.26", HOME, "bot", None),
+    ("node-fetch/1.0", HOME, "bot", None),
+    ("okhttp/4.9.0", HOME, "bot", "okhttp"),
+    ("Apache-HttpClient/4.5.13 (Java/11)", HOME, "bot", "Apache-HttpClient"),
+    # A named fetcher wins over a generic rule; the agent's rule over the address's.
+    ("curl/8.4.0", "40.107.22.90", "microsoft_prefetch", "curl"),
+    ("YahooMailProxy; https://help.yahoo.com/kb/yahoo-mail-proxy-SLN28749.html", "17.1.1.1",
+     "yahoo_proxy", "YahooMailProxy"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("agent", "ip", "reason", "client"), CASES)
+def test_each_request_gets_its_verdict(
+    agent: str | None, ip: str | None, reason: str | None, client: str | None
+) -> None:
+    verdict = classifier().classify(agent, ip)
+    assert verdict.reason == reason
+    assert verdict.machine is (reason is not None)
+    if client is not None:
+        assert verdict.client == client
+    assert verdict.client  # always a family, "Other" when unknown
+
+
+def test_the_table_is_large_and_covers_every_address_and_agent_reason() -> None:
+    assert len(CASES) >= 40
+    seen = {reason for _, _, reason, _ in CASES}
+    assert seen == (set(REASONS) - {"burst_clicks"}) | {None}  # burst: test_rollups
+
+
+def test_the_shipped_rules_are_versioned_and_sourced() -> None:
+    import json
+    from importlib import resources
+
+    doc = json.loads(resources.files("consumer").joinpath("data/machine_rules.json").read_text())
+    assert rules().version == doc["version"]
+    entries = [*doc["user_agents"], *doc["networks"], doc["bots"], doc["timing"]["burst_clicks"]]
+    for entry in entries:
+        assert entry["source"] and entry["date"], entry
+    assert rules().burst.min_links >= 2 and rules().burst.window_seconds > 0
+
+
+def test_rules_with_an_unknown_reason_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown reason"):
+        Rules.parse({"version": "x", "user_agents": [{"reason": "nope", "contains": ["a"]}],
+                     "networks": [], "bots": {}, "timing": {}})  # fmt: skip
+
+
+def test_verdicts_are_cached_per_agent() -> None:
+    fresh = Classifier(rules())
+    for _ in range(3):
+        fresh.classify(CHROME_WIN, HOME)
+    fresh.classify(CHROME_WIN, "192.0.2.1")  # same agent, another address
+    assert fresh.pair.cache_info().hits == 2
+    assert (fresh.by_agent.cache_info().misses, fresh.by_agent.cache_info().hits) == (1, 1)
