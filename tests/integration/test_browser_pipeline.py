@@ -20,6 +20,9 @@ from trackbuf.tokens import Keyring
 
 pytestmark = pytest.mark.integration
 
+DESKTOP_CHROME = ("Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
+                  "Chrome/156.0.0.0 Safari/537.36")  # fmt: skip
+
 # Once the page (and so the pixel: images hold the load event) has loaded, follow the
 # first link as a click would: the browser requests the click URL, gets ingest's 302
 # and lands on the target page.
@@ -81,6 +84,9 @@ def test_chromium_opens_a_tracked_email_and_clicks_through_to_the_target(
             [BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
              "--no-first-run", "--disable-background-networking", "--disable-component-update",
              "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+             # The user agent of a person's desktop Chrome: headless Chromium says
+             # "HeadlessChrome", an automation, which trackbuf rightly files as a bot.
+             f"--user-agent={DESKTOP_CHROME}",
              # Let the load handler's navigation happen before the DOM is dumped.
              "--virtual-time-budget=10000", "--dump-dom", f"{site}/email.html"],
             capture_output=True, text=True, timeout=120,
@@ -91,8 +97,8 @@ def test_chromium_opens_a_tracked_email_and_clicks_through_to_the_target(
     assert "/sale?utm_source=mail&item=42" in Site.seen, (Site.seen, done.stderr[-2000:])
     assert 'id="landed"' in done.stdout, done.stdout[-2000:]
     assert drain(settings) == 0
-    stored = rows(settings.database_url, "SELECT kind, campaign, recipient, url, user_agent"
-                                         " FROM events ORDER BY kind")  # fmt: skip
+    stored = rows(settings.database_url, "SELECT kind, campaign, recipient, url, user_agent,"
+                  " machine, machine_reason FROM events ORDER BY kind")  # fmt: skip
     assert [(r["kind"], r["campaign"], r["recipient"]) for r in stored] == [
         ("click", "spring", "user-42"),
         ("open", "spring", "user-42"),
@@ -101,6 +107,6 @@ def test_chromium_opens_a_tracked_email_and_clicks_through_to_the_target(
     assert click["url"] == target
     assert pixel["url"] is None
     for row in stored:
-        assert "Chrome" in row["user_agent"], row["user_agent"]  # HeadlessChrome/<version>
-    # When events carry the machine/human classification (a `machine` column), a real
-    # browser's open and click belong here as `machine is false`.
+        assert row["user_agent"] == DESKTOP_CHROME  # sent by the browser itself
+    # A browser opening and clicking, one after the other: a person, not a machine.
+    assert [(r["machine"], r["machine_reason"]) for r in stored] == [(False, None)] * 2
