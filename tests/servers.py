@@ -7,9 +7,29 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from loadtest.servers import Beanstalkd, Postgres, free_port, rss_bytes, wait_port
+import greenstalk
 
-__all__ = ["Beanstalkd", "Postgres", "free_port", "local_site", "rss_bytes", "wait_port"]
+from loadtest.servers import Beanstalkd, Postgres, free_port, rss_bytes, wait_port
+from trackbuf import codec
+
+__all__ = ["Beanstalkd", "Postgres", "free_port", "local_site", "rss_bytes", "take_recipients",
+           "wait_port"]  # fmt: skip
+
+
+def take_recipients(server: Beanstalkd, tube: str = "trackbuf-events") -> list[str]:
+    """The recipient of every event queued in ``tube``, sorted; the jobs are deleted.
+
+    Read with greenstalk, a client that shares no code with trackbuf's own protocol
+    layer, so a bug there cannot hide what the server really holds."""
+    found: list[str] = []
+    with greenstalk.Client(("127.0.0.1", server.port), encoding=None, watch=tube) as client:
+        while True:
+            try:
+                job = client.reserve(timeout=0)
+            except greenstalk.TimedOutError:
+                return sorted(found)
+            found += [event.recipient for event in codec.decode_job(bytes(job.body))]
+            client.delete(job)
 
 
 @contextlib.contextmanager

@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from consumer import queue
 from ingest import bsproto, enqueue
 from ingest.enqueue import Enqueuer, Outcome
 from ingest.metrics import IngestMetrics
@@ -30,7 +29,7 @@ from loadtest.bench import histogram_quantile, scrape
 from tests.faults.test_outages import metric, report, start_consumer
 from tests.load import Load, Sent, audit_until_settled
 from tests.procs import start_ingest
-from tests.servers import Beanstalkd
+from tests.servers import Beanstalkd, take_recipients
 from trackbuf import codec
 from trackbuf.events import Event, new_event
 from trackbuf.settings import Settings
@@ -321,19 +320,6 @@ def run_then_take(
         return outcomes, take_recipients(server)
     finally:
         server.kill()
-
-
-def take_recipients(server: Beanstalkd) -> list[str]:
-    """Every event queued in the tube (the jobs are deleted)."""
-    found: list[str] = []
-    with server.client() as client:
-        while True:
-            try:
-                job = client.reserve(timeout=0)
-            except queue.ReserveTimedOut:
-                return sorted(found)
-            found += [event.recipient for event in codec.decode_job(bytes(job.body))]
-            client.delete(job)
 
 
 def lost(registry: CollectorRegistry, kind: str) -> float:

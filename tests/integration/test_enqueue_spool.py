@@ -11,7 +11,6 @@ import threading
 import time
 from pathlib import Path
 
-import greenstalk
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -19,27 +18,13 @@ from ingest import spool_writer
 from ingest.enqueue import Enqueuer, Outcome
 from ingest.metrics import IngestMetrics
 from ingest.spool import MAX_RECORD, Spool
-from tests.servers import Beanstalkd, free_port
+from tests.servers import Beanstalkd, free_port, take_recipients
 from trackbuf import codec
 from trackbuf.events import new_event
 
 pytestmark = pytest.mark.integration
 
 TUBE = "trackbuf-events"
-
-
-def take_recipients(server: Beanstalkd) -> list[str]:
-    """Every event in the tube, read with an independent client (greenstalk)."""
-    found: list[str] = []
-    address = ("127.0.0.1", server.port)
-    with greenstalk.Client(address, encoding=None, watch=TUBE) as client:
-        while True:
-            try:
-                job = client.reserve(timeout=0)
-            except greenstalk.TimedOutError:
-                return sorted(found)
-            found += [event.recipient for event in codec.decode_job(bytes(job.body))]
-            client.delete(job)
 
 
 def events_total(registry: CollectorRegistry, kind: str, outcome: str) -> float:

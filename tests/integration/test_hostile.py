@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-import greenstalk
 import hypothesis
 import pytest
 import schemathesis
@@ -34,8 +33,8 @@ import schemathesis
 from tests.conftest import KEYS
 from tests.hostile import CAMPAIGN, Generator, Outcome, Probe, exchange, request, slow_client
 from tests.procs import LIVE, start_ingest
-from tests.servers import Beanstalkd, free_port, rss_bytes
-from trackbuf import codec, links
+from tests.servers import Beanstalkd, free_port, rss_bytes, take_recipients
+from trackbuf import links
 from trackbuf.log import parse
 from trackbuf.settings import Settings, load
 from trackbuf.tokens import Keyring
@@ -57,21 +56,6 @@ async def run_all(host: str, port: int, probes: list[Probe]) -> list[Outcome]:
             return await exchange(host, port, probe)
 
     return list(await asyncio.gather(*(one(p) for p in probes)))
-
-
-def queued_recipients(server: Beanstalkd) -> Counter[str]:
-    """Every event in the tube, by recipient (jobs are reserved and deleted), read with
-    an independent client (greenstalk) rather than trackbuf's own protocol layer."""
-    found: Counter[str] = Counter()
-    address = ("127.0.0.1", server.port)
-    with greenstalk.Client(address, encoding=None, watch="trackbuf-events") as client:
-        while True:
-            try:
-                job = client.reserve(timeout=0)
-            except greenstalk.TimedOutError:
-                return found
-            found.update(event.recipient for event in codec.decode_job(bytes(job.body)))
-            client.delete(job)
 
 
 def check(outcomes: list[Outcome], targets: set[str]) -> list[str]:
@@ -154,7 +138,7 @@ def test_hostile_requests_never_5xx_never_redirect_never_enqueue(
             return out
 
     assert asyncio.run(after()) == [(200, None), (302, target)]
-    queued = queued_recipients(beanstalkd)
+    queued = Counter(take_recipients(beanstalkd))
     assert ingest.terminate() == 0
 
     answered = sum(len(o.answers) for o in outcomes)
