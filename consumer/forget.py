@@ -18,17 +18,16 @@ command and by the consumer (``expire_loop``).
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import sys
 import threading
 from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
 
-from consumer.database import Database, DatabaseUnavailable
+from consumer.database import Database
 from consumer.sql import query
+from consumer.upkeep import every, run_command
 from trackbuf.log import kv
 from trackbuf.settings import Settings
 
@@ -106,19 +105,11 @@ def render(outcome: Outcome) -> str:
 
 
 def run(settings: Settings, recipient: str, campaign: str | None) -> int:
-    """The command: erase, print what was removed; exit 1 if it could not finish."""
+    """The command: erase, print what was removed; exit 1 if it could not finish (then
+    nothing, or only the tombstone, is in place, and a second run finishes the job)."""
     database_url = settings.require_database()
-    try:
-        outcome = asyncio.run(forget(database_url, recipient, campaign, settings.forget_keep_days))
-    except ForgetError as exc:
-        print(f"trackbuf forget: {exc}", file=sys.stderr)
-        return 1
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        # Nothing or only the tombstone is in place; a second run finishes the job.
-        print(f"trackbuf forget: database error, run it again: {exc}", file=sys.stderr)
-        return 1
-    print(render(outcome))
-    return 0
+    work = forget(database_url, recipient, campaign, settings.forget_keep_days)
+    return run_command("forget", work, render, ForgetError)
 
 
 async def forget(
@@ -159,20 +150,11 @@ def _count(status: str) -> int:
 def expire_loop(database_url: str, stop: threading.Event) -> None:
     """Delete expired tombstones now and every EXPIRE_INTERVAL_S until ``stop``: a
     tombstone names a person, so it is not kept past its purpose even if ``forget`` is
-    never run again. Runs in a thread of its own, off the insert path, and holds no
-    connection between rounds."""
-    while True:  # at least once, even in a burst run that ends at once
-        expired = 0
-        db = Database(database_url)
-        try:
-            expired = _count(db.execute(query("forget_expire")))
-        except DatabaseUnavailable:
-            pass  # the workers report outages; try again next round
-        except Exception as exc:  # never worth stopping the consumer for
-            log.warning(kv("tombstone_expiry_failed", error=repr(exc)[:200]))
-        finally:
-            db.close()
+    never run again."""
+
+    def expire(db: Database) -> None:
+        expired = _count(db.execute(query("forget_expire")))
         if expired:
             log.info(kv("tombstones_expired", count=expired))
-        if stop.wait(EXPIRE_INTERVAL_S):
-            return
+
+    every(database_url, stop, EXPIRE_INTERVAL_S, expire, "tombstone_expiry_failed")

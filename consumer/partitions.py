@@ -12,17 +12,16 @@ so no other table (rollups, dead letters...) is ever touched.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import sys
 import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import asyncpg
 
-from consumer.database import Database, DatabaseUnavailable
+from consumer.database import Database
 from consumer.sql import query
+from consumer.upkeep import every, run_command
 from trackbuf.log import kv
 from trackbuf.settings import Settings
 
@@ -37,21 +36,13 @@ DEFAULT_PARTITION = "events_default"
 
 
 def ensure_loop(database_url: str, stop: threading.Event) -> None:
-    """Make the coming months' partitions now and every ENSURE_INTERVAL_S until ``stop``.
-    Off the insert path, holding no connection between rounds."""
-    while True:
-        db = Database(database_url)
-        try:
-            made = db.execute(query("ensure_event_partitions"))
-            log.debug(kv("event_partitions_checked", status=made))
-        except DatabaseUnavailable:
-            pass  # the workers report outages; try again next round
-        except Exception as exc:  # never worth stopping the consumer for
-            log.warning(kv("event_partitions_failed", error=repr(exc)[:200]))
-        finally:
-            db.close()
-        if stop.wait(ENSURE_INTERVAL_S):
-            return
+    """Make the coming months' partitions now and every ENSURE_INTERVAL_S until ``stop``."""
+
+    def ensure(db: Database) -> None:
+        made = db.execute(query("ensure_event_partitions"))
+        log.debug(kv("event_partitions_checked", status=made))
+
+    every(database_url, stop, ENSURE_INTERVAL_S, ensure, "event_partitions_failed")
 
 
 class PruneError(Exception):
@@ -80,16 +71,8 @@ def render(result: Pruned) -> str:
 
 def run(settings: Settings, older_than_s: int) -> int:
     database_url = settings.require_database()
-    try:
-        result = asyncio.run(prune(database_url, timedelta(seconds=older_than_s)))
-    except PruneError as exc:
-        print(f"trackbuf prune: {exc}", file=sys.stderr)
-        return 1
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        print(f"trackbuf prune: database error, run it again: {exc}", file=sys.stderr)
-        return 1
-    print(render(result))
-    return 0
+    work = prune(database_url, timedelta(seconds=older_than_s))
+    return run_command("prune", work, render, PruneError)
 
 
 async def prune(database_url: str, older_than: timedelta) -> Pruned:
