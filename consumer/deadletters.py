@@ -54,7 +54,7 @@ async def show(settings: Settings, ids: Sequence[int]) -> int:
 
 async def kick(settings: Settings, ids: Sequence[int], everything: bool) -> int:
     conn = await asyncpg.connect(settings.require_database())
-    client = queue.connect(settings.beanstalkd_address, settings.tube, watch=False)
+    client = queue.connect(settings.beanstalkd_addresses[0], settings.tube, watch=False)
     kicked = 0
     try:
         if everything:

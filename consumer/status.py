@@ -75,7 +75,7 @@ def per_second(before: float, after: float, first: Sample[T], second: Sample[T])
 
 def _queue(settings: Settings) -> QueueSnapshot | None:
     try:
-        return snapshot(settings.beanstalkd_address, settings.tube)
+        return snapshot(settings.beanstalkd_addresses[0], settings.tube)
     except queue.CONNECTION_ERRORS:
         return None
 

@@ -332,7 +332,7 @@ class Worker:
         if self._client is not None:
             return self._client
         try:
-            self._client = queue.connect(self.settings.beanstalkd_address, self.settings.tube)
+            self._client = queue.connect(self.settings.beanstalkd_addresses[0], self.settings.tube)
         except queue.CONNECTION_ERRORS as exc:
             log.error(kv("beanstalkd_unreachable", worker=self.index, error=repr(exc)))
             self.stop.wait(jittered(self._bs_backoff))

@@ -120,7 +120,7 @@ class Ingest:
         self.shutdown = ShutdownClock()
         self._keep_user_agent = settings.user_agent_mode == "full"  # else stored as NULL
         self.enqueuer = Enqueuer(
-            settings.beanstalkd_address,
+            settings.beanstalkd_addresses[0],
             settings.tube,
             ttr=settings.job_ttr,
             max_job_bytes=settings.max_job_bytes,

@@ -29,7 +29,10 @@ class SettingsError(ValueError):
 @dataclass(frozen=True)
 class Settings:
     database_url: str = field(default="", metadata={"help": "PostgreSQL DSN (asyncpg form)"})
-    beanstalkd: str = field(default="127.0.0.1:11300", metadata={"help": "beanstalkd host:port"})
+    beanstalkd: str = field(
+        default="127.0.0.1:11300",
+        metadata={"help": "beanstalkd host:port, or a pool: host:port,host:port,..."},
+    )
     tube: str = field(default="trackbuf-events", metadata={"help": "beanstalkd tube"})
     listen: str = field(default="127.0.0.1:8080", metadata={"help": "ingest host:port"})
     workers: int = field(default=1, metadata={"help": "ingest worker processes (one socket)"})
@@ -120,8 +123,9 @@ class Settings:
             raise SettingsError(f"{env_name('user_agent_mode')} must be full or drop")
         if self.spool_fsync not in ("always", "never"):
             raise SettingsError(f"{env_name('spool_fsync')} must be always or never")
-        for name in ("beanstalkd", "listen", "admin_listen", "metrics_listen"):
+        for name in ("listen", "admin_listen", "metrics_listen"):
             parse_hostport(getattr(self, name), env_name(name))
+        parse_pool(self.beanstalkd, env_name("beanstalkd"))
         try:
             beanstalk.tube_name(self.tube)
         except ValueError as exc:
@@ -142,8 +146,10 @@ class Settings:
         return f"Settings({', '.join(shown)})"
 
     @property
-    def beanstalkd_address(self) -> tuple[str, int]:
-        return parse_hostport(self.beanstalkd, env_name("beanstalkd"))
+    def beanstalkd_addresses(self) -> list[tuple[str, int]]:
+        """Every server of the beanstalkd pool, in the order given (one for a single
+        server)."""
+        return parse_pool(self.beanstalkd, env_name("beanstalkd"))
 
     @property
     def spool_path(self) -> str:
@@ -168,6 +174,22 @@ def parse_hostport(value: str, what: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise SettingsError(f"{what} must be host:port, got {value!r}")
     return host.strip("[]"), int(port)
+
+
+def parse_pool(value: str, what: str) -> list[tuple[str, int]]:
+    """``host:port[,host:port...]``: a pool of independent servers. The same server twice
+    is refused: it would get twice the share of puts and two reservers for one queue,
+    which is surely a typo, not a plan."""
+    parts = [part.strip() for part in value.split(",")]
+    if not value.strip() or any(not part for part in parts):
+        raise SettingsError(f"{what} must be host:port or host:port,host:port,..., got {value!r}")
+    addresses = [parse_hostport(part, what) for part in parts]
+    seen: set[tuple[str, int]] = set()
+    for part, address in zip(parts, addresses, strict=True):
+        if address in seen:
+            raise SettingsError(f"{what} names {part} twice")
+        seen.add(address)
+    return addresses
 
 
 def _convert(name: str, raw: str, kind: Any) -> Any:

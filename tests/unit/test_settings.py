@@ -17,6 +17,14 @@ def test_defaults_follow_the_design() -> None:
     assert settings.threads == 4 and settings.batch_size == 1000 and settings.linger_ms == 200
 
 
+def test_a_pool_of_beanstalkd_servers_is_a_comma_separated_list() -> None:
+    assert load({}).beanstalkd_addresses == [("127.0.0.1", 11300)]
+    pool = load({"TRACKBUF_BEANSTALKD": "10.0.0.1:11300, q2.internal:11301,[::1]:11302"})
+    assert pool.beanstalkd_addresses == [
+        ("10.0.0.1", 11300), ("q2.internal", 11301), ("::1", 11302)
+    ]  # fmt: skip
+
+
 def test_environment_is_read_and_flags_win() -> None:
     env = {"TRACKBUF_THREADS": "8", "TRACKBUF_BURST": "yes", "TRACKBUF_LINGER_MS": "5"}
     settings = load(env, overrides={"threads": 2})
@@ -36,6 +44,9 @@ def test_round_trip_through_the_environment() -> None:
         ({"TRACKBUF_THREADS": "many"}, "TRACKBUF_THREADS must be a number"),
         ({"TRACKBUF_THREADS": "0"}, "TRACKBUF_THREADS must be at least 1"),
         ({"TRACKBUF_BEANSTALKD": "localhost"}, "TRACKBUF_BEANSTALKD must be host:port"),
+        ({"TRACKBUF_BEANSTALKD": "a:1,,b:2"}, "TRACKBUF_BEANSTALKD must be host:port or"),
+        ({"TRACKBUF_BEANSTALKD": "a:1,b"}, "TRACKBUF_BEANSTALKD must be host:port"),
+        ({"TRACKBUF_BEANSTALKD": "a:1, a:1"}, "TRACKBUF_BEANSTALKD names a:1 twice"),
         ({"TRACKBUF_IP_MODE": "hash"}, "TRACKBUF_IP_MODE"),
         ({"TRACKBUF_USER_AGENT_MODE": "hash"}, "TRACKBUF_USER_AGENT_MODE must be full or drop"),
         ({"TRACKBUF_BURST": "maybe"}, "must be a boolean"),
