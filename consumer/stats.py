@@ -220,6 +220,21 @@ def _span(report: dict[str, Any]) -> str:
 # Command ----------------------------------------------------------------------------
 
 
+async def fetch(
+    conn: asyncpg.Connection, name: str, period: Period, by: str | None
+) -> tuple[dict[str, Any], bool]:
+    """The report for one campaign, read from the rollups, and whether anything is
+    stored for it in the period (the benchmarks time this)."""
+    window = (name, period.start, period.end)
+    totals = await conn.fetch(query("report_totals"), *window)
+    breakdown = await conn.fetch(query("report_breakdown"), *window)
+    links = await conn.fetch(query("report_links"), *window)
+    days = await conn.fetch(query("report_days"), *window, period.tz) if by == "day" else None
+    report = build(name, period, list(totals), list(breakdown), list(links),
+                   None if days is None else list(days))  # fmt: skip
+    return report, bool(totals)
+
+
 async def campaign(
     database_url: str,
     name: str,
@@ -238,20 +253,14 @@ async def campaign(
         print(f"trackbuf stats: note: {tz} is not a whole number of hours from UTC; the "
               "rollups are hourly, so its days start up to 30 minutes off",
               file=sys.stderr)  # fmt: skip
-    window = (name, period.start, period.end)
     conn = await asyncpg.connect(database_url)
     try:
-        totals = await conn.fetch(query("report_totals"), *window)
-        breakdown = await conn.fetch(query("report_breakdown"), *window)
-        links = await conn.fetch(query("report_links"), *window)
-        days = await conn.fetch(query("report_days"), *window, tz) if by == "day" else None
+        report, stored = await fetch(conn, name, period, by)
     finally:
         await conn.close()
-    report = build(name, period, list(totals), list(breakdown), list(links),
-                   None if days is None else list(days))  # fmt: skip
     if as_json:
         print(orjson.dumps(report).decode())
-    elif not totals:
+    elif not stored:
         print(
             f"no events stored for campaign {name!r} (names are case-sensitive)"
             + ("" if not (since or until) else f" ({_span(report)})")

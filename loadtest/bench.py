@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from ingest.app import TALLY_FLUSH_S
+from loadtest import analytics
 from loadtest import stack as st
 from loadtest.servers import Beanstalkd, cpu_seconds, free_port
 from loadtest.traffic import drive, wrk_paths
@@ -53,13 +54,14 @@ class Plan:
     fsync_drain_jobs: int = 20_000  # one event each: the fsync-per-delete worst case
     memory_cycles: int = 24
     memory_events: int = 200_000
+    report_events: int = 5_000_000  # one campaign, for the report section
 
     @classmethod
     def quick(cls) -> Plan:
         return cls(wrk_s=1, drain_events=4_000, thread_counts=(1, 2), backlog_events=10_000,
                    e2e_rate=300, e2e_s=3, spike_s=6, spike_rate=200, drain_rounds=1,
                    ingest_rounds=1, fsync_drain_jobs=500, memory_cycles=2,
-                   memory_events=2_000)  # fmt: skip
+                   memory_events=2_000, report_events=20_000)  # fmt: skip
 
 
 def keyring() -> Keyring:
@@ -699,6 +701,10 @@ async def _recipients(dsn: str, prefix: str) -> list[str]:
         await conn.close()
 
 
+def bench_report(work: Path, plan: Plan) -> dict[str, Any]:
+    return analytics.bench_stats(work, plan.report_events)
+
+
 SECTIONS = {
     "ingest": bench_ingest,
     "workers": bench_workers,
@@ -709,4 +715,5 @@ SECTIONS = {
     "memory": bench_memory,
     "e2e": bench_e2e,
     "spike": bench_spike,
+    "report": bench_report,
 }

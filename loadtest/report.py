@@ -215,6 +215,18 @@ def tables(results: dict[str, Any]) -> str:
         raw = ", ".join(f"`{m}`: {d['best_vs_raw_copy'][m]}" for m in modes)
         lines += ["", f"Best consumer / COPY+staging+ON CONFLICT: {ratios} (/ raw COPY: {raw}).",
                   ""]  # fmt: skip
+    if "report" in results:
+        r = results["report"]
+        lines += [f"### Report time (`trackbuf stats`, one campaign of {r['events']:,} events)",
+                  "", f"{r['recipients']:,} recipients; {r['rollup_rows']:,} rollup rows; "
+                  f"written by SQL in {r['fill_s']} s, counted by `trackbuf rollups rebuild` in "
+                  f"{r['rebuild_s']} s. The report read on an open connection, "
+                  f"{len(r['report_ms'])} shapes:", "",
+                  "| report | median ms | max ms |", "|---|---|---|"]  # fmt: skip
+        for shape, t in r["report_ms"].items():
+            lines.append(f"| {shape} | **{t['median_ms']}** | {t['max_ms']} |")
+        lines += ["", f"The whole command, a new Python process included: {r['cli_process_s']} s "
+                  "(mostly Python starting up).", ""]  # fmt: skip
     if "backlog" in results:
         b = results["backlog"]
         lines += ["### Backlog", "",
