@@ -40,7 +40,7 @@ SELECT gen_random_uuid(), kind, now() - (((i * 7919) % 2592000) || ' seconds')::
 FROM (
     SELECT i,
            CASE WHEN i % 5 = 0 THEN 'click' ELSE 'open' END AS kind,
-           CASE WHEN i % 5 = 0 THEN 'https://shop.example/p/' || (i % 20) END AS url,
+           CASE WHEN i % 5 = 0 THEN 'https://shop.example/p/' || ((i / 5) % 20) END AS url,
            CASE WHEN i % 5 <> 0 AND i % 3 = 0 THEN 'apple_mpp'
                 WHEN i % 5 = 0 AND i % 20 = 0 THEN 'security_scanner' END AS reason,
            (ARRAY['Apple Mail', 'Gmail', 'Outlook', 'Thunderbird'])[1 + i % 4] AS client

@@ -26,16 +26,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from ingest.app import TALLY_FLUSH_S
-from loadtest import analytics
+from loadtest import analytics, scaling
 from loadtest import stack as st
 from loadtest.servers import Beanstalkd, cpu_seconds, free_port
 from loadtest.traffic import drive, wrk_paths
-from trackbuf import codec
+from loadtest.workload import EVENTS_PER_JOB, fill, keyring, make_jobs, write_urls
 from trackbuf.events import new_event
 from trackbuf.httpwait import wait_http
 from trackbuf.tokens import Keyring
 
-EVENTS_PER_JOB = 25  # what ingest's natural batching produced under load here
 COLUMNS = ["event_id", "kind", "occurred_at", "campaign", "recipient", "url", "user_agent", "ip"]
 
 
@@ -62,15 +61,6 @@ class Plan:
                    e2e_rate=300, e2e_s=3, spike_s=6, spike_rate=200, drain_rounds=1,
                    ingest_rounds=1, fsync_drain_jobs=500, memory_cycles=2,
                    memory_events=2_000, report_events=20_000)  # fmt: skip
-
-
-def keyring() -> Keyring:
-    return Keyring.parse(st.KEYS)
-
-
-def write_urls(path: Path, count: int) -> Path:
-    path.write_text("".join(p + "\n" for p in wrk_paths(keyring(), count, "open", "bench")))
-    return path
 
 
 # Ingest ---------------------------------------------------------------------------
@@ -335,26 +325,6 @@ def scrape_total(listen: str, name: str) -> float:
 
 
 # Drain ----------------------------------------------------------------------------
-
-
-def make_jobs(count: int, run: str, events_per_job: int = EVENTS_PER_JOB) -> list[bytes]:
-    jobs, batch = [], []
-    for i in range(count):
-        event = new_event("open", f"{run}-c{i % 50}", f"{run}-{i}", user_agent="Mozilla/5.0",
-                          ip="203.0.113.7")  # fmt: skip
-        batch.append(codec.encode_event(event))
-        if len(batch) == events_per_job:
-            jobs.append(codec.encode_job(batch))
-            batch = []
-    if batch:
-        jobs.append(codec.encode_job(batch))
-    return jobs
-
-
-def fill(queue: Beanstalkd, jobs: list[bytes]) -> None:
-    with queue.client() as client:
-        for body in jobs:
-            client.put(body, ttr=600)
 
 
 async def copy_ceilings(dsn: str, count: int) -> dict[str, float]:
@@ -701,6 +671,10 @@ async def _recipients(dsn: str, prefix: str) -> list[str]:
         await conn.close()
 
 
+def bench_scaling(work: Path, plan: Plan) -> dict[str, Any]:
+    return scaling.bench_scaling(work, plan.ingest_rounds, plan.wrk_s, plan.drain_events)
+
+
 def bench_report(work: Path, plan: Plan) -> dict[str, Any]:
     return analytics.bench_stats(work, plan.report_events)
 
@@ -716,4 +690,5 @@ SECTIONS = {
     "e2e": bench_e2e,
     "spike": bench_spike,
     "report": bench_report,
+    "scaling": bench_scaling,
 }

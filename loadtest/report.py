@@ -125,6 +125,24 @@ def _flood_lines(flood: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _scaling_lines(sc: dict[str, Any]) -> list[str]:
+    lines = [f"### Scaling (best of {sc['rounds']} interleaved round(s); ingest: wrk -t2 -c64; "
+             f"drain: {sc['drain_events']:,} events spread over the pool, "
+             f"{sc['consumer_threads_per_process']} threads per consumer process)", "",
+             "| beanstalkd servers, processes | ingest requests/s | vs 1, 1 | "
+             "CPU us/request ingest / beanstalkd | drain events/s | vs 1, 1 | "
+             "CPU us/event consumer / beanstalkd / PostgreSQL |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for key, ing in sc["ingest"].items():
+        dr = sc["drain"][key]
+        lines.append(f"| {key} | {ing['requests_per_s']:,.0f} | {sc['ingest_vs_base'][key]} | "
+                     f"{ing['ingest_cpu_us']} / {ing['beanstalkd_cpu_us']} | "
+                     f"{dr['events_per_s']:,} | {sc['drain_vs_base'][key]} | "
+                     f"{dr['consumer_cpu_us']} / {dr['beanstalkd_cpu_us']} / "
+                     f"{dr['postgres_cpu_us']} |")  # fmt: skip
+    return [*lines, ""]
+
+
 def tables(results: dict[str, Any]) -> str:
     lines: list[str] = []
     if "ingest" in results:
@@ -215,6 +233,8 @@ def tables(results: dict[str, Any]) -> str:
         raw = ", ".join(f"`{m}`: {d['best_vs_raw_copy'][m]}" for m in modes)
         lines += ["", f"Best consumer / COPY+staging+ON CONFLICT: {ratios} (/ raw COPY: {raw}).",
                   ""]  # fmt: skip
+    if "scaling" in results:
+        lines += _scaling_lines(results["scaling"])
     if "report" in results:
         r = results["report"]
         lines += [f"### Report time (`trackbuf stats`, one campaign of {r['events']:,} events)",

@@ -206,6 +206,11 @@ class Postgres:
     def running(self) -> bool:
         return (self.datadir / "postmaster.pid").exists()
 
+    @property
+    def pid(self) -> int:
+        """The postmaster's pid: its children are the backends and background workers."""
+        return int((self.datadir / "postmaster.pid").read_text().splitlines()[0])
+
     def destroy(self) -> None:
         if self.running:
             with contextlib.suppress(subprocess.CalledProcessError):
