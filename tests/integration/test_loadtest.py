@@ -67,9 +67,9 @@ def test_benchmark_runner_writes_json_charts_and_tables(tmp_path: Path) -> None:
     )
     done = subprocess.run(
         [sys.executable, "-m", "loadtest", "bench", "--quick", "--only",
-         "ingest,workers,flood,fsync,drain,memory,spike",
+         "ingest,workers,flood,fsync,drain,memory,spike,report,scaling",
          "--out", str(tmp_path), "--markdown", str(markdown)],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
+        capture_output=True, text=True, cwd=ROOT, timeout=420,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
@@ -104,3 +104,17 @@ def test_benchmark_runner_writes_json_charts_and_tables(tmp_path: Path) -> None:
     assert "### Ingest (" in text and "### Ingest processes" in text
     assert "### beanstalkd fsync setting" in text and "### Consumer memory" in text
     assert "### Invalid-token flood" in text
+    report = results["report"]
+    assert report["rollup_rows"] > 0 and report["events"] == 20_000
+    assert all(t["median_ms"] > 0 for t in report["report_ms"].values())
+    assert "### Report time" in text
+    scaling = results["scaling"]
+    assert set(scaling["drain"]) == set(scaling["ingest"]) == {
+        f"{s} beanstalkd, {n} process(es)" for s in (1, 3) for n in (1, 2)
+    }  # fmt: skip
+    assert all(r["requests_per_s"] > 0 and r["errors"] == 0 and r["beanstalkd_cpu_us"] > 0
+               for r in scaling["ingest"].values())  # fmt: skip
+    # Every drain stored exactly its events (the section checks), and each part worked.
+    assert all(r["events_per_s"] > 0 and r["consumer_cpu_us"] > 0 and r["postgres_cpu_us"] > 0
+               for r in scaling["drain"].values())  # fmt: skip
+    assert "### Scaling" in text
