@@ -278,7 +278,8 @@ class Enqueuer:
     # Idle time and replay ---------------------------------------------------------------
 
     def _link_changed(self, up: bool) -> None:
-        self._metrics.beanstalkd_up.set(1 if up else 0)
+        self._metrics.beanstalkd_up.labels(self._putter.server).set(1 if up else 0)
+        self._metrics.beanstalkd_servers_up.set(1 if up else 0)
         if up:
             self._wake.set()  # the spool may have something to replay
 

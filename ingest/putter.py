@@ -55,8 +55,11 @@ class Putter:
         on_stall: Callable[[], None],
         on_resume: Callable[[], None],
         on_link_change: Callable[[bool], None],
+        stall_s: float = PUT_STALL_S,
     ) -> None:
         self._tube = tube
+        self._stall_s = stall_s
+        self.server = f"{address[0]}:{address[1]}"
         self._ttr = ttr
         # Never above what the spool can hold as one record (settings enforce it too).
         self._wanted_job_bytes = min(max_job_bytes, codec.MAX_JOB_BYTES)
@@ -66,7 +69,7 @@ class Putter:
         self._on_resume = on_resume
         self._on_link_change = on_link_change
         self.link = bsproto.Link(address, tube, self._link_changed)
-        self.stalled = False  # a command has been in flight for PUT_STALL_S
+        self.stalled = False  # a command has been in flight for the stall bound
         self._stall_logged = False
         self.last_io = 0.0
 
@@ -182,7 +185,7 @@ class Putter:
     async def _command(self, conn: bsproto.Connection, command: Coroutine[Any, Any, T]) -> T:
         """Run one command with the stall timer armed; a broken connection is dropped
         and reported as PutFailed."""
-        stall = asyncio.get_running_loop().call_later(PUT_STALL_S, self._stall)
+        stall = asyncio.get_running_loop().call_later(self._stall_s, self._stall)
         try:
             result = await command
         except bsproto.ConnectionLost as exc:
@@ -201,7 +204,7 @@ class Putter:
         self.stalled = True
         if not self._stall_logged:
             self._stall_logged = True
-            log.warning(kv("beanstalkd_stalled", in_flight_s=PUT_STALL_S))
+            log.warning(kv("beanstalkd_stalled", server=self.server, in_flight_s=self._stall_s))
         self._on_stall()
 
     def _link_changed(self, up: bool) -> None:
