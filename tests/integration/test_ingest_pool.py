@@ -7,6 +7,7 @@ spool is used only when no server accepts, and readiness follows the pool.
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -126,14 +127,15 @@ def test_all_servers_down_spools_and_the_first_back_takes_the_replay(
     assert sample(registry, "trackbuf_ingest_beanstalkd_servers_up") == 1
 
 
-def test_ready_while_one_server_of_three_is_up_not_when_none_and_no_spool(
-    three: list[Beanstalkd], tmp_path: Path
+@pytest.mark.parametrize("spool_bytes", [0, 1000], ids=["no spool", "spool full"])
+def test_ready_while_one_server_of_three_is_up_not_when_none_and_no_spool_room(
+    three: list[Beanstalkd], tmp_path: Path, spool_bytes: int
 ) -> None:
-    """With no spool to fall back on, readiness is the pool's alone."""
+    """With no spool (or no room in it) to fall back on, readiness is the pool's."""
     registry = CollectorRegistry()
 
     async def scenario() -> list[bool]:
-        enq = pool(three, tmp_path, registry, spool_bytes=0)
+        enq = pool(three, tmp_path, registry, spool_bytes=spool_bytes)
         await enq.start()
         seen = [enq.ready()]
         three[0].kill()
@@ -152,6 +154,31 @@ def test_ready_while_one_server_of_three_is_up_not_when_none_and_no_spool(
     assert asyncio.run(scenario()) == [True, True, False]
     for server in three:
         assert sample(registry, "trackbuf_ingest_beanstalkd_up", server=server.address) == 0
+
+
+def test_a_draining_server_is_passed_over_without_the_spool(
+    three: list[Beanstalkd], tmp_path: Path
+) -> None:
+    """A server that refuses puts (drain mode, SIGUSR1) rests out of rotation; the jobs
+    it refused go to the other servers, not to the spool."""
+    registry = CollectorRegistry()
+    assert three[0].proc is not None
+    three[0].proc.send_signal(signal.SIGUSR1)
+    recipients = [f"r{i:04d}" for i in range(600)]
+
+    async def scenario() -> list[Outcome]:
+        enq = pool(three, tmp_path, registry)
+        await enq.start()
+        outcomes = await send(enq, recipients, clients=8)
+        assert await enq.close(5)
+        return outcomes
+
+    assert asyncio.run(scenario()) == [Outcome.QUEUED] * len(recipients)
+    assert take_recipients(three[0]) == []
+    assert sorted(take_recipients(three[1]) + take_recipients(three[2])) == recipients
+    assert sample(registry, "trackbuf_ingest_jobs_reput_total", reason="refused") >= 1
+    # Resting with backoff: the draining server is not asked for every job.
+    assert three[0].stats()["cmd-put"] < 10
 
 
 async def wait_for(condition: object, timeout: float = 10) -> None:
