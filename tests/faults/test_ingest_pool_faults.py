@@ -117,7 +117,7 @@ def test_a_server_hung_under_load_is_bypassed_and_rejoins(
     registry = CollectorRegistry()
     victim = three[0]
 
-    async def scenario() -> tuple[Steady, float, int]:
+    async def scenario() -> tuple[Steady, float, int, float]:
         enq = pool(three, tmp_path, registry)
         await enq.start()
         load = Steady(enq)
@@ -138,16 +138,17 @@ def test_a_server_hung_under_load_is_bypassed_and_rejoins(
         load.running = False
         await asyncio.gather(*clients)
         assert await enq.close(5)
-        return load, max(load.latencies), victim.stats()["cmd-put"] - before
+        return load, max(load.latencies), victim.stats()["cmd-put"] - before, rejoined_after
 
-    load, worst, puts_after = asyncio.run(scenario())
+    load, worst, puts_after, rejoined_after = asyncio.run(scenario())
     found = [r for server in three for r in take_recipients(server)]
     reput = sample(registry, "trackbuf_ingest_jobs_reput_total", reason="stall")
     duplicates = len(found) - len(set(found))
     report(
         "pool: one of 3 hung 3 s",
         f"{len(load.answered)} answered, p99 {load.p99():.4f}s, worst {worst:.3f}s, "
-        f"re-put after stall {reput:.0f}, duplicate events {duplicates}",
+        f"re-put after stall {reput:.0f}, duplicate events {duplicates}, "
+        f"rejoined {rejoined_after:.1f}s after SIGSTOP",
         "",
     )
     assert set(load.answered.values()) == {Outcome.QUEUED}  # none spooled, none lost
