@@ -69,6 +69,12 @@ POOL_STALL_S = 0.1
 # doubling while it keeps refusing (draining or out of memory lasts a while).
 REST_S = 0.5
 REST_MAX_S = 5.0
+# A server whose round trip is more than twice another healthy server's plus this margin
+# gets no live jobs while that one is there: waiting for the fast server's put in flight
+# is quicker than one round trip to the slow one. The margin keeps servers a few
+# milliseconds apart (the usual jitter) all in rotation.
+SLOW_MARGIN_S = 0.005
+RTT_WEIGHT = 0.2  # of the newest round trip in the running average
 
 
 class _Lane:
@@ -83,6 +89,7 @@ class _Lane:
         self.rest_until = 0.0
         self.rest_s = REST_S
         self.changed = asyncio.Event()  # the server may have become usable again
+        self.rtt = 0.0  # running average of this server's round trips, seconds
         self.task: asyncio.Task[None] | None = None
 
     @property
@@ -100,6 +107,9 @@ class _Lane:
 
     def accepted(self) -> None:
         self.rest_until, self.rest_s = 0.0, REST_S
+
+    def timed(self, seconds: float) -> None:
+        self.rtt += RTT_WEIGHT * (seconds - self.rtt)
 
 
 class PoolEnqueuer:
@@ -248,10 +258,26 @@ class PoolEnqueuer:
                 self._wake.clear()
                 await self._replay_some(lane)
             return  # the next round checks the server again before taking work
+        if self._passed_over(lane):
+            # A clearly faster server takes the work; this one waits for the next
+            # arrival and measures itself now and then, so it returns once fast again.
+            self._wake.clear()
+            if time.monotonic() - lane.putter.last_io > PING_INTERVAL_S:
+                await self._ping(lane)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(IDLE_CHECK_S):
+                    await self._wake.wait()
+            return
         self._wake.clear()
         batch, self._pending = self._pending, []
         await self._deliver(lane, batch)
         await self._replay_some(lane)
+
+    def _passed_over(self, lane: _Lane) -> bool:
+        """Is another healthy server so much faster that this one should leave it the
+        work? (Least expected wait: a free lane takes work unless this holds.)"""
+        limit = lane.rtt - SLOW_MARGIN_S
+        return any(o.healthy and 2 * o.rtt < limit for o in self._lanes if o is not lane)
 
     async def _deliver(self, lane: _Lane, batch: list[Pending]) -> None:
         ranges = lane.putter.ranges([len(item[0]) for item in batch])
@@ -269,8 +295,10 @@ class PoolEnqueuer:
     async def _put_chunk(self, lane: _Lane, chunk: list[Pending]) -> None:
         outcomes: list[Outcome] = []
         failure: str | None = None
+        started = time.perf_counter()
         try:
             await lane.putter.put_events([item[0] for item in chunk], outcomes)
+            lane.timed(time.perf_counter() - started)
         except PutFailed as exc:
             failure = str(exc)
         except Exception as exc:
@@ -326,6 +354,7 @@ class PoolEnqueuer:
         self._metrics.beanstalkd_servers_up.set(sum(o.putter.connected for o in self._lanes))
         if up:
             lane.accepted()
+            lane.rtt = 0.0  # measured afresh
         self._changed(lane)
 
     # Idle time and replay -------------------------------------------------------------
@@ -334,10 +363,15 @@ class PoolEnqueuer:
         # Without traffic a dead server goes unnoticed until the next put: check it now
         # and then, so readiness is honest and the spool can drain.
         if time.monotonic() - lane.putter.last_io > PING_INTERVAL_S:
-            with contextlib.suppress(PutFailed):  # a failed ping has dropped the connection
-                await lane.putter.ping()
+            await self._ping(lane)
             return
         await self._replay_some(lane)
+
+    async def _ping(self, lane: _Lane) -> None:
+        started = time.perf_counter()
+        with contextlib.suppress(PutFailed):  # a failed ping has dropped the connection
+            await lane.putter.ping()
+            lane.timed(time.perf_counter() - started)
 
     async def _replay_some(self, lane: _Lane) -> None:
         if self._closing or self._replaying.locked() or not lane.healthy:
