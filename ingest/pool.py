@@ -109,7 +109,10 @@ class _Lane:
         self.rest_until, self.rest_s = 0.0, REST_S
 
     def timed(self, seconds: float) -> None:
-        self.rtt += RTT_WEIGHT * (seconds - self.rtt)
+        # A command that stalled is a fault, handled as one; counted here it would keep
+        # the server passed over long after it recovered.
+        if seconds < POOL_STALL_S:
+            self.rtt += RTT_WEIGHT * (seconds - self.rtt)
 
 
 class PoolEnqueuer:

@@ -51,7 +51,9 @@ def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
     return registry.get_sample_value(name, labels) or 0.0
 
 
-async def send(enq: PoolEnqueuer, recipients: list[str], clients: int) -> list[Outcome]:
+async def send(
+    enq: PoolEnqueuer, recipients: list[str], clients: int, latencies: list[float] | None = None
+) -> list[Outcome]:
     """Send these events from ``clients`` concurrent requesters, each waiting for its
     answer before sending the next, as HTTP clients do."""
     outcomes: list[Outcome] = []
@@ -60,7 +62,10 @@ async def send(enq: PoolEnqueuer, recipients: list[str], clients: int) -> list[O
     async def client() -> None:
         while queue:
             event = new_event("open", "pool", queue.pop())
+            started = time.perf_counter()
             outcomes.append(await enq.submit(codec.encode_event(event)))
+            if latencies is not None:
+                latencies.append(time.perf_counter() - started)
 
     await asyncio.gather(*(client() for _ in range(clients)))
     return outcomes
@@ -179,6 +184,62 @@ def test_a_draining_server_is_passed_over_without_the_spool(
     assert sample(registry, "trackbuf_ingest_jobs_reput_total", reason="refused") >= 1
     # Resting with backoff: the draining server is not asked for every job.
     assert three[0].stats()["cmd-put"] < 10
+
+
+def test_a_server_behind_a_slow_link_is_passed_over(
+    three: list[Beanstalkd], tmp_path: Path
+) -> None:
+    """One server answers 30 ms late (a proxy delays its replies): after its first
+    puts show it, the others take the jobs, so answers stay fast."""
+    registry = CollectorRegistry()
+    recipients = [f"r{i:05d}" for i in range(3000)]
+
+    async def scenario() -> tuple[list[Outcome], list[float]]:
+        proxy = await asyncio.start_server(
+            lambda r, w: relay(r, w, three[0].port, delay=0.03), "127.0.0.1", 0
+        )
+        slow = ("127.0.0.1", proxy.sockets[0].getsockname()[1])
+        async with proxy:
+            enq = PoolEnqueuer(
+                [slow] + [("127.0.0.1", s.port) for s in three[1:]], TUBE, ttr=60,
+                max_job_bytes=1 << 16, metrics=IngestMetrics.create(registry),
+                spool=Spool(tmp_path / "spool", max_bytes=1 << 24),
+            )  # fmt: skip
+            await enq.start()
+            latencies: list[float] = []
+            outcomes = await send(enq, recipients, clients=8, latencies=latencies)
+            assert await enq.close(5)
+        return outcomes, latencies
+
+    outcomes, latencies = asyncio.run(scenario())
+    assert outcomes == [Outcome.QUEUED] * len(recipients)
+    on_slow = take_recipients(three[0])
+    assert len(on_slow) < 100, len(on_slow)  # its first few jobs, then passed over
+    assert sorted(on_slow + take_recipients(three[1]) + take_recipients(three[2])) == recipients
+    assert sorted(latencies)[int(len(latencies) * 0.99)] < 0.03
+
+
+async def relay(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port: int, delay: float
+) -> None:
+    """Forward a connection to beanstalkd on ``port``, its replies ``delay`` late."""
+    up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+    loop = asyncio.get_running_loop()
+
+    async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, late: float) -> None:
+        while data := await src.read(65536):
+            if late:
+                loop.call_later(late, dst.write, data)
+            else:
+                dst.write(data)
+
+    try:
+        await asyncio.gather(pipe(reader, up_writer, 0), pipe(up_reader, writer, delay))
+    except (ConnectionError, asyncio.CancelledError):
+        pass
+    finally:
+        up_writer.close()
+        writer.close()
 
 
 async def wait_for(condition: object, timeout: float = 10) -> None:
