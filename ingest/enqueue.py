@@ -77,6 +77,8 @@ class Enqueuer:
             address, tube, ttr, max_job_bytes, metrics,
             on_stall=self._on_stall, on_resume=self._wake.set, on_link_change=self._link_changed,
         )  # fmt: skip
+        # The series exists (at 0) from the start, as an unlabelled gauge would.
+        metrics.beanstalkd_up.labels(self._putter.server).set(0)
         self._writer = SpoolWriter(spool, metrics)
         self._replayer = Replayer(
             self._writer, self._putter, metrics,

@@ -189,14 +189,15 @@ def test_a_draining_server_is_passed_over_without_the_spool(
 def test_a_server_behind_a_slow_link_is_passed_over(
     three: list[Beanstalkd], tmp_path: Path
 ) -> None:
-    """One server answers 30 ms late (a proxy delays its replies): after its first
-    puts show it, the others take the jobs, so answers stay fast."""
+    """One server answers 60 ms late (a proxy delays its replies; still short of the
+    stall bound): once its first put shows it, the others take the jobs, so p99 stays
+    under 50 ms (it would be over 60 ms if it kept its turn, every third job)."""
     registry = CollectorRegistry()
     recipients = [f"r{i:05d}" for i in range(3000)]
 
     async def scenario() -> tuple[list[Outcome], list[float]]:
         proxy = await asyncio.start_server(
-            lambda r, w: relay(r, w, three[0].port, delay=0.03), "127.0.0.1", 0
+            lambda r, w: relay(r, w, three[0].port, delay=0.06), "127.0.0.1", 0
         )
         slow = ("127.0.0.1", proxy.sockets[0].getsockname()[1])
         async with proxy:
@@ -216,7 +217,7 @@ def test_a_server_behind_a_slow_link_is_passed_over(
     on_slow = take_recipients(three[0])
     assert len(on_slow) < 100, len(on_slow)  # its first few jobs, then passed over
     assert sorted(on_slow + take_recipients(three[1]) + take_recipients(three[2])) == recipients
-    assert sorted(latencies)[int(len(latencies) * 0.99)] < 0.03
+    assert sorted(latencies)[int(len(latencies) * 0.99)] < 0.05
 
 
 async def relay(
