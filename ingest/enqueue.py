@@ -15,7 +15,7 @@ The parts, one job each:
   (beanstalkd down, hung, out of memory, draining).
 - ``replay``: the spool put back into beanstalkd between live batches.
 - this module: the enqueue task that batches and answers requests, and the stall
-  spooler.
+  spooler, for one beanstalkd server. (``pool``: the same over several servers.)
 
 A hung beanstalkd must not make requests slow: no request waits for it much longer
 than ``PUT_STALL_S`` (plus a replay slice), except those in the one put in flight

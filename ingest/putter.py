@@ -5,7 +5,8 @@ reconnects in the background), the stall timer armed around every command, packi
 events into jobs under the size limit, splitting a job the server refuses as too big,
 and learning the server's real limit when it is lower than the configured one.
 
-A command still in flight after ``PUT_STALL_S`` means beanstalkd is hung. The putter
+A command still in flight after the stall bound (``PUT_STALL_S``; a pool passes its
+shorter one) means beanstalkd is hung. The putter
 does not cancel it (the events in a put that was handed to beanstalkd may still be
 stored, and spooling them too would store them twice); it calls ``on_stall`` so the
 enqueue task's owner can answer later requests from the spool, and ``on_resume`` once
