@@ -6,11 +6,11 @@ events into jobs under the size limit, splitting a job the server refuses as too
 and learning the server's real limit when it is lower than the configured one.
 
 A command still in flight after the stall bound (``PUT_STALL_S``; a pool passes its
-shorter one) means beanstalkd is hung. The putter
-does not cancel it (the events in a put that was handed to beanstalkd may still be
-stored, and spooling them too would store them twice); it calls ``on_stall`` so the
-enqueue task's owner can answer later requests from the spool, and ``on_resume`` once
-the command has ended either way.
+shorter one) means beanstalkd is hung. The putter does not cancel it (the events in a
+put that was handed to beanstalkd may still be stored, and spooling them too would
+store them twice); it calls ``on_stall`` so its owner can answer later requests
+elsewhere (the spool, or another server of a pool), and ``on_resume`` once the
+command has ended either way.
 """
 
 from __future__ import annotations
