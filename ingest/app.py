@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from ingest.enqueue import Enqueuer, Outcome
 from ingest.metrics import IngestMetrics
 from ingest.pixel import GIF, PIXEL_HEADERS
+from ingest.pool import PoolEnqueuer
 from ingest.spool import Spool
 from ingest.tally import RequestTally
 from trackbuf import codec, tokens
@@ -119,14 +120,20 @@ class Ingest:
         self._flusher: asyncio.Task[None] | None = None
         self.shutdown = ShutdownClock()
         self._keep_user_agent = settings.user_agent_mode == "full"  # else stored as NULL
-        self.enqueuer = Enqueuer(
-            settings.beanstalkd_addresses[0],
-            settings.tube,
-            ttr=settings.job_ttr,
-            max_job_bytes=settings.max_job_bytes,
-            metrics=self.metrics,
-            spool=Spool(Path(settings.spool_path), settings.spool_max_bytes, settings.spool_fsync),
-        )
+        spool = Spool(Path(settings.spool_path), settings.spool_max_bytes, settings.spool_fsync)
+        addresses = settings.beanstalkd_addresses
+        self.enqueuer: Enqueuer | PoolEnqueuer
+        if len(addresses) == 1:
+            self.enqueuer = Enqueuer(
+                addresses[0], settings.tube, ttr=settings.job_ttr,
+                max_job_bytes=settings.max_job_bytes, metrics=self.metrics, spool=spool,
+            )  # fmt: skip
+        else:
+            # Several servers: one delivery lane each (ingest/pool.py).
+            self.enqueuer = PoolEnqueuer(
+                addresses, settings.tube, ttr=settings.job_ttr,
+                max_job_bytes=settings.max_job_bytes, metrics=self.metrics, spool=spool,
+            )  # fmt: skip
 
     async def start(self) -> None:
         await self.enqueuer.start()
@@ -289,7 +296,9 @@ class Ingest:
         if self.enqueuer.ready():
             return web.Response(text="ready\n", headers=NO_INDEX)
         return web.Response(
-            status=503, text="not ready: beanstalkd unreachable and spool full\n", headers=NO_INDEX
+            status=503,
+            text="not ready: no beanstalkd server reachable and spool full\n",
+            headers=NO_INDEX,
         )
 
     def metrics_page(self) -> web.Response:

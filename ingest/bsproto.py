@@ -141,6 +141,7 @@ class Link:
         self, address: tuple[str, int], tube: str, on_change: Callable[[bool], None]
     ) -> None:
         self._address = address
+        self.server = f"{address[0]}:{address[1]}"  # as logs and metrics name it
         self._tube = tube
         self._on_change = on_change
         self.conn: Connection | None = None
@@ -217,7 +218,7 @@ class Link:
         self.conn, self.max_job_size = conn, limit
         self._retry_in, self._backoff = 0.0, RECONNECT_INTERVAL_S
         if self._reachable is not True:
-            log.info(kv("beanstalkd_connected", max_job_bytes=limit))
+            log.info(kv("beanstalkd_connected", server=self.server, max_job_bytes=limit))
             self._reachable = True
         self._on_change(True)
 
@@ -232,6 +233,6 @@ class Link:
 
     def _down(self, error: object) -> None:
         if self._reachable is not False:
-            log.error(kv("beanstalkd_down", error=error))
+            log.error(kv("beanstalkd_down", server=self.server, error=error))
             self._reachable = False
             self._on_change(False)

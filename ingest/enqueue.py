@@ -15,7 +15,7 @@ The parts, one job each:
   (beanstalkd down, hung, out of memory, draining).
 - ``replay``: the spool put back into beanstalkd between live batches.
 - this module: the enqueue task that batches and answers requests, and the stall
-  spooler.
+  spooler, for one beanstalkd server. (``pool``: the same over several servers.)
 
 A hung beanstalkd must not make requests slow: no request waits for it much longer
 than ``PUT_STALL_S`` (plus a replay slice), except those in the one put in flight
@@ -77,6 +77,8 @@ class Enqueuer:
             address, tube, ttr, max_job_bytes, metrics,
             on_stall=self._on_stall, on_resume=self._wake.set, on_link_change=self._link_changed,
         )  # fmt: skip
+        # The series exists (at 0) from the start, as an unlabelled gauge would.
+        metrics.beanstalkd_up.labels(self._putter.server).set(0)
         self._writer = SpoolWriter(spool, metrics)
         self._replayer = Replayer(
             self._writer, self._putter, metrics,
@@ -278,7 +280,8 @@ class Enqueuer:
     # Idle time and replay ---------------------------------------------------------------
 
     def _link_changed(self, up: bool) -> None:
-        self._metrics.beanstalkd_up.set(1 if up else 0)
+        self._metrics.beanstalkd_up.labels(self._putter.server).set(1 if up else 0)
+        self._metrics.beanstalkd_servers_up.set(1 if up else 0)
         if up:
             self._wake.set()  # the spool may have something to replay
 

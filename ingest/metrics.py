@@ -22,6 +22,10 @@ TOKEN_REASONS = ("malformed", "too_long", "unknown_kid", "bad_signature", "non_c
 # Status codes counted by trackbuf_ingest_http_errors_total from the start (at 0): 400
 # is aiohttp's answer to a request it cannot parse, 500 to a handler that raised.
 HTTP_ERROR_CODES = (400, 500)
+# Why a job was put again on another server of a beanstalkd pool: the first one hung
+# (it may still store the job), refused it (DRAINING, OUT_OF_MEMORY), or dropped the
+# connection (the put may have landed before it did).
+REPUT_REASONS = ("stall", "refused", "connection")
 
 
 @dataclass
@@ -33,6 +37,8 @@ class IngestMetrics:
     enqueue_duration: Histogram
     job_events: Histogram
     beanstalkd_up: Gauge
+    beanstalkd_servers_up: Gauge
+    reputs: Counter
     spool_bytes: Gauge
     spool_jobs: Gauge
     spool_replayed: Counter
@@ -83,6 +89,8 @@ class IngestMetrics:
                 metrics.events.labels(kind, outcome)
         for code in HTTP_ERROR_CODES:
             metrics.http_errors.labels(str(code))
+        for reason in REPUT_REASONS:
+            metrics.reputs.labels(reason)
         return metrics
 
     @classmethod
@@ -127,9 +135,24 @@ class IngestMetrics:
             ),
             beanstalkd_up=Gauge(
                 names.INGEST_BEANSTALKD_UP,
-                "1 while ingest holds a beanstalkd connection",
+                "1 while ingest holds a connection to this beanstalkd server of its pool",
+                ["server"],
                 registry=registry,
                 multiprocess_mode="livemin",
+            ),
+            beanstalkd_servers_up=Gauge(
+                names.INGEST_BEANSTALKD_SERVERS_UP,
+                "How many beanstalkd servers of the pool ingest holds a connection to",
+                registry=registry,
+                multiprocess_mode="livemin",
+            ),
+            reputs=Counter(
+                names.INGEST_JOBS_REPUT,
+                "Jobs put again on another beanstalkd server of the pool, by why the first "
+                "failed (after a stall the first server may store it too: a duplicate the "
+                "consumer drops)",
+                ["reason"],
+                registry=registry,
             ),
             spool_bytes=Gauge(
                 names.INGEST_SPOOL_BYTES,

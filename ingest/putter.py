@@ -5,11 +5,12 @@ reconnects in the background), the stall timer armed around every command, packi
 events into jobs under the size limit, splitting a job the server refuses as too big,
 and learning the server's real limit when it is lower than the configured one.
 
-A command still in flight after ``PUT_STALL_S`` means beanstalkd is hung. The putter
-does not cancel it (the events in a put that was handed to beanstalkd may still be
-stored, and spooling them too would store them twice); it calls ``on_stall`` so the
-enqueue task's owner can answer later requests from the spool, and ``on_resume`` once
-the command has ended either way.
+A command still in flight after the stall bound (``PUT_STALL_S``; a pool passes its
+shorter one) means beanstalkd is hung. The putter does not cancel it (the events in a
+put that was handed to beanstalkd may still be stored, and spooling them too would
+store them twice); it calls ``on_stall`` so its owner can answer later requests
+elsewhere (the spool, or another server of a pool), and ``on_resume`` once the
+command has ended either way.
 """
 
 from __future__ import annotations
@@ -55,8 +56,11 @@ class Putter:
         on_stall: Callable[[], None],
         on_resume: Callable[[], None],
         on_link_change: Callable[[bool], None],
+        stall_s: float = PUT_STALL_S,
     ) -> None:
         self._tube = tube
+        self._stall_s = stall_s
+        self.server = f"{address[0]}:{address[1]}"
         self._ttr = ttr
         # Never above what the spool can hold as one record (settings enforce it too).
         self._wanted_job_bytes = min(max_job_bytes, codec.MAX_JOB_BYTES)
@@ -66,7 +70,7 @@ class Putter:
         self._on_resume = on_resume
         self._on_link_change = on_link_change
         self.link = bsproto.Link(address, tube, self._link_changed)
-        self.stalled = False  # a command has been in flight for PUT_STALL_S
+        self.stalled = False  # a command has been in flight for the stall bound
         self._stall_logged = False
         self.last_io = 0.0
 
@@ -182,7 +186,7 @@ class Putter:
     async def _command(self, conn: bsproto.Connection, command: Coroutine[Any, Any, T]) -> T:
         """Run one command with the stall timer armed; a broken connection is dropped
         and reported as PutFailed."""
-        stall = asyncio.get_running_loop().call_later(PUT_STALL_S, self._stall)
+        stall = asyncio.get_running_loop().call_later(self._stall_s, self._stall)
         try:
             result = await command
         except bsproto.ConnectionLost as exc:
@@ -201,7 +205,7 @@ class Putter:
         self.stalled = True
         if not self._stall_logged:
             self._stall_logged = True
-            log.warning(kv("beanstalkd_stalled", in_flight_s=PUT_STALL_S))
+            log.warning(kv("beanstalkd_stalled", server=self.server, in_flight_s=self._stall_s))
         self._on_stall()
 
     def _link_changed(self, up: bool) -> None:

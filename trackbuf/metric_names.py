@@ -11,7 +11,9 @@ INGEST_EVENTS = "trackbuf_ingest_events"  # counter {kind, outcome=queued|spoole
 INGEST_INVALID_TOKENS = "trackbuf_ingest_invalid_tokens"  # counter {route, reason}
 INGEST_ENQUEUE_DURATION = "trackbuf_ingest_enqueue_duration_seconds"  # histogram
 INGEST_JOB_EVENTS = "trackbuf_ingest_job_events"  # histogram: events per job put
-INGEST_BEANSTALKD_UP = "trackbuf_ingest_beanstalkd_up"  # gauge
+INGEST_BEANSTALKD_UP = "trackbuf_ingest_beanstalkd_up"  # gauge {server}: one per pool member
+INGEST_BEANSTALKD_SERVERS_UP = "trackbuf_ingest_beanstalkd_servers_up"  # gauge: pool members up
+INGEST_JOBS_REPUT = "trackbuf_ingest_jobs_reput"  # counter {reason}: put again on another server
 INGEST_SPOOL_BYTES = "trackbuf_ingest_spool_bytes"  # gauge: bytes waiting in the spool
 INGEST_SPOOL_JOBS = "trackbuf_ingest_spool_jobs"  # gauge: jobs waiting in the spool
 INGEST_SPOOL_REPLAYED = "trackbuf_ingest_spool_replayed_jobs"  # counter

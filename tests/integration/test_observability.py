@@ -81,7 +81,8 @@ def test_metrics_count_real_traffic(
     assert ing['trackbuf_ingest_request_duration_seconds_count{route="open"}'] == 50
     assert ing['trackbuf_ingest_request_duration_seconds_bucket{le="+Inf",route="click"}'] == 25
     assert ing["trackbuf_ingest_job_events_sum"] == 70  # every event went into some job
-    assert ing["trackbuf_ingest_beanstalkd_up"] == 1
+    assert ing[f'trackbuf_ingest_beanstalkd_up{{server="{beanstalkd.address}"}}'] == 1
+    assert ing["trackbuf_ingest_beanstalkd_servers_up"] == 1
     assert ing["trackbuf_ingest_spool_jobs"] == 0
     # Error counters exist at 0 from the start, so the first error shows in increase().
     assert ing['trackbuf_ingest_http_errors_total{code="500"}'] == 0
