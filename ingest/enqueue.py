@@ -82,7 +82,7 @@ class Enqueuer:
         self._writer = SpoolWriter(spool, metrics)
         self._replayer = Replayer(
             self._writer, self._putter, metrics,
-            live_waiting=lambda: _waiting(self._pending), come_back=self._wake.set,
+            live_waiting=lambda: still_waiting(self._pending), come_back=self._wake.set,
         )  # fmt: skip
         # Whether the enqueue task is delivering a batch that requests wait for (a replay
         # round or a ping holds nobody, so a stop need not wait for one).
@@ -125,7 +125,7 @@ class Enqueuer:
         finished = True
         deadline = time.monotonic() + timeout
         if self._task is not None:
-            if not self._holding_requests and not _waiting(self._pending):
+            if not self._holding_requests and not still_waiting(self._pending):
                 # Idle, or in a replay round or a ping, which may hang: nobody waits for
                 # them. The spool keeps what a round had not put; the next start replays it.
                 self._task.cancel()
@@ -136,7 +136,7 @@ class Enqueuer:
             except asyncio.CancelledError:
                 pass  # the task was cancelled above; this coroutine was not
         spooler = self._stall_spooler
-        if spooler is not None and _waiting(self._spooler_holds):
+        if spooler is not None and still_waiting(self._spooler_holds):
             # Requests wait for the spool write it is in; an idle spooler is just cancelled.
             done, _ = await asyncio.wait([spooler], timeout=max(deadline - time.monotonic(), 0))
             finished = finished and bool(done)
@@ -215,7 +215,7 @@ class Enqueuer:
             log.exception(kv("enqueue_crashed", events=len(encoded)))
             self._putter.drop("enqueue crashed")
             outcomes = [Outcome.LOST] * len(chunk)
-        _settle(chunk, outcomes)
+        settle(chunk, outcomes)
 
     async def _spool_chunk(self, chunk: list[Pending], reason: str) -> None:
         try:
@@ -225,7 +225,7 @@ class Enqueuer:
             # timeout of its own): answer it, with the loss counted and logged.
             log.exception(kv("spool_write_crashed", events=len(chunk)))
             outcomes = [Outcome.LOST] * len(chunk)
-        _settle(chunk, outcomes)
+        settle(chunk, outcomes)
 
     async def _store(self, encoded: list[bytes]) -> list[Outcome]:
         """Put these events into beanstalkd, or else the spool: one outcome per event."""
@@ -301,13 +301,13 @@ class Enqueuer:
             await self._replayer.round()
 
 
-def _waiting(items: list[Pending]) -> bool:
+def still_waiting(items: list[Pending]) -> bool:
     """Does any request still wait on these? (aiohttp cancels a request whose client
     hung up, and with it the future.)"""
     return any(not future.done() for _, future in items)
 
 
-def _settle(chunk: list[Pending], outcomes: list[Outcome]) -> None:
+def settle(chunk: list[Pending], outcomes: list[Outcome]) -> None:
     for (_, future), outcome in zip(chunk, outcomes, strict=True):
         if not future.done():  # a client that hung up cancelled its request
             future.set_result(outcome)

@@ -52,7 +52,7 @@ import logging
 import time
 
 from ingest import bsproto
-from ingest.enqueue import IDLE_CHECK_S, PING_INTERVAL_S, Pending, _settle, _waiting
+from ingest.enqueue import IDLE_CHECK_S, PING_INTERVAL_S, Pending, settle, still_waiting
 from ingest.metrics import IngestMetrics
 from ingest.outcomes import Outcome
 from ingest.putter import PutFailed, Putter
@@ -156,7 +156,7 @@ class PoolEnqueuer:
         )  # fmt: skip
         replayer = Replayer(
             self._writer, putter, self._metrics,
-            live_waiting=lambda: _waiting(self._pending), come_back=self._wake.set,
+            live_waiting=lambda: still_waiting(self._pending), come_back=self._wake.set,
         )  # fmt: skip
         lane = _Lane(putter, replayer)
         return lane
@@ -224,9 +224,9 @@ class PoolEnqueuer:
 
     def _holding_requests(self) -> bool:
         return (
-            _waiting(self._pending)
-            or _waiting(self._spooler_holds)
-            or any(_waiting(lane.holds) for lane in self._lanes)
+            still_waiting(self._pending)
+            or still_waiting(self._spooler_holds)
+            or any(still_waiting(lane.holds) for lane in self._lanes)
         )
 
     def _any_healthy(self) -> bool:
@@ -318,7 +318,7 @@ class PoolEnqueuer:
             failure = repr(exc)
         # Puts go in order: the events before len(outcomes) are settled (queued, or lost
         # as too big for any job), the rest is not stored by this server.
-        _settle(chunk[: len(outcomes)], outcomes)
+        settle(chunk[: len(outcomes)], outcomes)
         if lane.holds is not chunk:
             return  # handed to another server at the stall; a late success is a duplicate
         if failure is None:
@@ -347,7 +347,7 @@ class PoolEnqueuer:
     def _on_stall(self, lane: _Lane) -> None:
         """A command of this lane has been in flight for POOL_STALL_S."""
         chunk = lane.holds
-        if chunk and _waiting(chunk) and any(o.healthy for o in self._lanes if o is not lane):
+        if chunk and still_waiting(chunk) and any(o.healthy for o in self._lanes if o is not lane):
             lane.holds = []
             self._reput(lane, chunk, "stall", f"no answer in {POOL_STALL_S} s")
         # Without another healthy server the requests wait for this put, as with a
@@ -415,4 +415,4 @@ class PoolEnqueuer:
             # loss counted and logged.
             log.exception(kv("spool_write_crashed", events=len(batch)))
             outcomes = [Outcome.LOST] * len(batch)
-        _settle(batch, outcomes)
+        settle(batch, outcomes)
