@@ -21,10 +21,11 @@ What a test can do to a host or a process on it:
   ``sch_netem``. Without it the call raises ``NetemUnavailable``, saying so.
 
 Names start with ``tbn<pid>`` (namespaces ``tbn<pid>-<host>``, bridge ``tbn<pid>b``,
-veths ``tbn<pid>v<i>``), so parallel runs never collide, and ``remove_leftovers()``
-removes what a run that died without cleaning up left behind (only runs whose process
-is gone). ``Network.close()`` kills every process in every host namespace, then
-removes the namespaces (their veths go with them) and the bridge.
+veths ``tbn<pid>v<i>``, PostgreSQL data in ``/tmp/tbn<pid>-pg-*``), so parallel runs
+never collide, and ``remove_leftovers()`` removes what a run that died without
+cleaning up left behind (only runs whose process is gone). ``Network.close()`` kills
+every process in every host namespace, then removes the namespaces (their veths go
+with them) and the bridge; subnets are chosen free, so they never overlap either.
 
 Needs root and iproute2 (``ip netns``); ``unavailable()`` says why not otherwise.
 """
@@ -39,6 +40,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +124,11 @@ def remove_leftovers() -> list[str]:
         if owner and not _alive(int(owner.group(1))):
             _run("ip", "link", "del", link, check=False)
             removed.append(link)
+    for datadir in Path(tempfile.gettempdir()).glob(f"{PREFIX}*-pg-*"):
+        owner = _OWNED.match(datadir.name)
+        if owner and not _alive(int(owner.group(1))):
+            shutil.rmtree(datadir, ignore_errors=True)
+            removed.append(str(datadir))
     return removed
 
 
@@ -273,8 +280,13 @@ class HostPostgres(Postgres):
     def __init__(self, host: Host) -> None:
         self.host = host
         super().__init__()
-        with open(self.datadir / "postgresql.conf", "a") as conf:
-            conf.write(f"listen_addresses = '{host.address}'\n")  # the last line wins
+        # Named after the run, so remove_leftovers() finds it after a crashed run.
+        named = Path(tempfile.mkdtemp(prefix=f"{host.net.tag}-pg-"))
+        os.rename(self.datadir, named)
+        self.datadir = named
+        with open(self.datadir / "postgresql.conf", "a") as conf:  # the last line wins
+            conf.write(f"listen_addresses = '{host.address}'\n"
+                       f"unix_socket_directories = '{self.datadir}'\n")  # fmt: skip
         with open(self.datadir / "pg_hba.conf", "a") as hba:
             hba.write(f"host all all {host.net.subnet} trust\n")
 

@@ -20,6 +20,10 @@ it back (same address, same binlog) before counting rows.
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,9 +33,10 @@ import pytest
 
 from ingest.putter import PUT_STALL_S
 from loadtest.bench import scrape
+from tests import netns
 from tests.conftest import KEYS, TEMPLATE, _migrate_template, new_database, run
 from tests.load import Load, LoadResult, audit_until_settled
-from tests.netns import Host, HostPostgres, HostProcess, Network, NetemUnavailable, QueueServer
+from tests.netns import Host, HostPostgres, HostProcess, NetemUnavailable, Network, QueueServer
 from trackbuf import metric_names as names
 from trackbuf import settings as tsettings
 from trackbuf.tokens import Keyring
@@ -166,6 +171,12 @@ def check(c: Cluster, name: str, result: LoadResult, campaign: str) -> list[str]
     return problems
 
 
+def reachable(q: QueueServer) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.3)
+        return sock.connect_ex((q.host.address, q.port)) == 0
+
+
 def puts(queues: list[QueueServer]) -> int:
     return sum(q.stats()["cmd-put"] for q in queues)
 
@@ -222,6 +233,7 @@ def test_partitioned_queue_host(cluster: Callable[..., Cluster], keyring: Keyrin
     started = time.monotonic()
     until(started, 3)
     c.queues[0].host.partition()
+    assert not reachable(c.queues[0]), "the partitioned host still answers"
     until(started, 6)
     c.queues[0].host.heal()
     result = load.wait()
@@ -265,8 +277,6 @@ def test_kill_one_of_two_consumers(cluster: Callable[..., Cluster], keyring: Key
 def test_latency_helpers_use_netem_or_say_why_not(hosts: dict[str, Host]) -> None:
     """Added latency needs the kernel's netem qdisc: with it, a connection to a host
     takes the added delay; without it, asking for delay says why it cannot."""
-    import socket
-
     host = hosts["q3"]
 
     def connect_s() -> float:
@@ -288,3 +298,31 @@ def test_latency_helpers_use_netem_or_say_why_not(hosts: dict[str, Host]) -> Non
     finally:
         host.clear_delay()
     assert connect_s() < 0.04
+
+
+def test_leftovers_of_a_dead_run_are_removed_and_a_live_runs_kept(
+    network: Network, db: HostPostgres
+) -> None:
+    """A run killed before its finalizers leaves namespaces (with processes in them), a
+    bridge and veths; the next run removes those of runs whose process is gone, and
+    never what a run still alive (this one) owns."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    tag = f"{netns.PREFIX}{gone.pid}"
+    subprocess.run(["ip", "netns", "add", f"{tag}-x"], check=True)
+    subprocess.run(["ip", "link", "add", f"{tag}b", "type", "bridge"], check=True)
+    subprocess.run(["ip", "link", "add", f"{tag}v1", "type", "veth", "peer", "name", f"{tag}p1"],
+                   check=True)  # fmt: skip
+    datadir = Path(tempfile.gettempdir()) / f"{tag}-pg-x"
+    datadir.mkdir()
+    sleeper = subprocess.Popen(["ip", "netns", "exec", f"{tag}-x", "sleep", "60"])
+    time.sleep(0.2)
+    removed = netns.remove_leftovers()
+    assert sleeper.wait(5) == -9  # killed with its namespace
+    assert f"{tag}-x" in removed and f"{tag}b" in removed
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    spaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert tag not in links and tag not in spaces and not datadir.exists()
+    mine = f"{netns.PREFIX}{os.getpid()}"
+    assert network.bridge.startswith(mine) and network.bridge in links
+    assert db.datadir.name.startswith(mine) and db.datadir.exists()
