@@ -12,7 +12,7 @@ import asyncio
 import threading
 import time
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -69,7 +69,7 @@ def _p99(latencies: list[float]) -> float:
 
 
 async def _drive(
-    base: str, keyring: Keyring, campaign: str, count: int, rate: float, concurrency: int
+    bases: Sequence[str], keyring: Keyring, campaign: str, count: int, rate: float, concurrency: int
 ) -> LoadResult:
     result = LoadResult()
     started = time.monotonic()
@@ -78,6 +78,7 @@ async def _drive(
 
     async def one(session: aiohttp.ClientSession, i: int) -> None:
         event = planned(campaign, i)
+        base = bases[i % len(bases)]  # several ingests: spread like a round-robin balancer
         if event.url is not None:
             url = links.click_url(base, keyring, campaign, event.recipient, event.url)
         else:
@@ -115,11 +116,12 @@ class Load:
     """Runs the driver in a background thread while the test injects faults."""
 
     def __init__(
-        self, base: str, keyring: Keyring, campaign: str, count: int, rate: float,
+        self, base: str | Sequence[str], keyring: Keyring, campaign: str, count: int, rate: float,
         concurrency: int = 16,
     ) -> None:  # fmt: skip
         self.result: LoadResult | None = None
-        self._args = (base, keyring, campaign, count, rate, concurrency)
+        bases = [base] if isinstance(base, str) else list(base)
+        self._args = (bases, keyring, campaign, count, rate, concurrency)
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
