@@ -417,7 +417,7 @@ def test_binlog_span_is_what_beanstalkd_reports(tmp_path: Path) -> None:
                 client.put(b"x" * 1000)
             stats = client.stats()
         registry = CollectorRegistry()
-        QueueCollector(("127.0.0.1", server.port), "trackbuf-events").register(registry)
+        QueueCollector([("127.0.0.1", server.port)], "trackbuf-events").register(registry)
         # Each read is a scrape, so read while the server runs.
         span = registry.get_sample_value("trackbuf_queue_binlog_span_files")
         ready = {"tube": "trackbuf-events", "state": "ready"}
