@@ -216,6 +216,15 @@ def _server_problems(
         problems.append(f"{where}{server.jobs['buried']} buried job(s): beanstalkd out of memory?")
 
 
+def _pool_state(status: Status) -> str:
+    down = sum(not server.up for server in status.servers)
+    if status.beanstalkd_up:
+        return "up"
+    if len(status.servers) > 1 and down < len(status.servers):
+        return f"{down} of {len(status.servers)} DOWN"
+    return "DOWN"
+
+
 def render(status: Status) -> str:
     def rate(value: float | None) -> str:
         return "?" if value is None else f"{value:,.0f}/s"
@@ -223,8 +232,7 @@ def render(status: Status) -> str:
     jobs = status.jobs or dict.fromkeys(STATES, 0)
     lines = [
         f"trackbuf status  {status.at}",
-        f"queue     beanstalkd {status.beanstalkd} ({'up' if status.beanstalkd_up else 'DOWN'})"
-        f"  tube {status.tube}",
+        f"queue     beanstalkd {status.beanstalkd} ({_pool_state(status)})  tube {status.tube}",
         "          "
         + "  ".join(f"{k} {v:,}" for k, v in jobs.items())
         + f"  oldest ready {status.oldest_ready_age_s}s",
