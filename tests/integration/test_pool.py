@@ -38,8 +38,11 @@ def test_a_backlog_on_one_server_is_not_starved_by_idle_ones(
     make_settings, beanstalkd_pool: list[Beanstalkd], tmp_path: Path
 ) -> None:
     # One thread over three servers, two of them idle: the busy one drains at once,
-    # not one batch per idle wait on the others.
-    settings: Settings = make_settings(beanstalkd=pool_address(beanstalkd_pool), threads=1)
+    # not one batch per idle wait on the others (60 batches of 10: a one-second wait
+    # on each idle server per batch would take two minutes).
+    settings: Settings = make_settings(
+        beanstalkd=pool_address(beanstalkd_pool), threads=1, batch_size=10
+    )
     consumer = Process(settings, "consume", log_path=tmp_path / "consumer.log")
     consumer.wait_http(f"http://{settings.metrics_listen}/readyz")
     sent = fill(beanstalkd_pool[1:2], jobs_each=600)
