@@ -4,6 +4,12 @@
 wrapped in a job of its own) and deletes it from ``dead_letters`` once the put is
 acknowledged. Kick after fixing the cause (a schema change, say), or the consumer sets
 the entry aside again.
+
+Over a pool of beanstalkd servers a kick puts each entry into the first server of the
+pool that takes it: a server that cannot be reached, or refuses the put (draining, out
+of memory), is skipped for the rest of the run and the next one tried. Any server will
+do: the consumer reserves from all of them. Dead letters live in PostgreSQL, not in
+beanstalkd, so ``list``, ``show`` and ``delete`` do not depend on the pool at all.
 """
 
 from __future__ import annotations
@@ -52,9 +58,44 @@ async def show(settings: Settings, ids: Sequence[int]) -> int:
     return 1 if missing else 0
 
 
+class Pool:
+    """Puts into the first healthy server of the pool, moving on when one fails."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.addresses = list(settings.beanstalkd_addresses)
+        self._client: queue.Client | None = None
+
+    def put(self, body: bytes) -> None:
+        """Put ``body`` into some server; raises Buried (kept, buried) or, when every
+        server failed, the last server's error."""
+        while self.addresses:
+            address = self.addresses[0]
+            try:
+                if self._client is None:
+                    self._client = queue.connect(address, self.settings.tube, watch=False)
+                self._client.put(body, ttr=self.settings.job_ttr)
+                return
+            except queue.Buried:
+                raise
+            except (queue.BeanstalkError, OSError, EOFError) as exc:
+                print(f"trackbuf dead kick: beanstalkd {address[0]}:{address[1]} failed "
+                      f"({exc!r}); trying the next server", file=sys.stderr)  # fmt: skip
+                self.close()
+                self.addresses.pop(0)
+                if not self.addresses:
+                    raise
+        raise OSError("no beanstalkd server left to try")
+
+    def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+
 async def kick(settings: Settings, ids: Sequence[int], everything: bool) -> int:
     conn = await asyncpg.connect(settings.require_database())
-    client = queue.connect(settings.beanstalkd_addresses[0], settings.tube, watch=False)
+    pool = Pool(settings)
     kicked = 0
     try:
         if everything:
@@ -62,7 +103,7 @@ async def kick(settings: Settings, ids: Sequence[int], everything: bool) -> int:
         rows = await conn.fetch(query("dead_get"), list(ids))
         for row in rows:
             try:
-                client.put(as_job(bytes(row["body"])), ttr=settings.job_ttr)
+                pool.put(as_job(bytes(row["body"])))
             except queue.Buried:
                 # Stored, but buried (beanstalkd is short of memory): the consumer
                 # kicks buried jobs back, so the dead letter has been handed over.
@@ -70,11 +111,11 @@ async def kick(settings: Settings, ids: Sequence[int], everything: bool) -> int:
                       "the consumer kicks it back", file=sys.stderr)  # fmt: skip
             await conn.execute(query("dead_delete"), [row["id"]])
             kicked += 1
-    except (queue.BeanstalkError, OSError) as exc:
+    except (queue.BeanstalkError, OSError, EOFError) as exc:
         print(f"trackbuf dead kick: beanstalkd refused the put: {exc!r}", file=sys.stderr)
         return 1
     finally:
-        client.close()
+        pool.close()
         await conn.close()
     print(f"kicked {kicked} dead letter(s) back into {settings.tube}")
     return 0 if kicked == len(ids) else 1

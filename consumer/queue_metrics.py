@@ -5,6 +5,12 @@ short-lived connection per scrape; with the usual 5-15 s interval that costs not
 The whole look at the queue has its own deadline, well inside Prometheus' scrape
 timeout: a hung beanstalkd then shows as ``trackbuf_queue_up 0`` while the rest of
 the consumer's /metrics still answers.
+
+Over a pool every series carries a ``server`` label ("host:port"); the servers are
+looked at in parallel, so one hung server costs the scrape one deadline, not one per
+server. There is no unlabeled total: every consumer process exports the same
+beanstalkd stats, so a pool-wide figure is ``sum(max by (server) (...))`` (the max
+folds the consumer instances, the sum adds the servers).
 """
 
 from __future__ import annotations
@@ -12,7 +18,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,21 +107,47 @@ def snapshot(
         client.close()
 
 
+def server_name(address: tuple[str, int]) -> str:
+    """The ``server`` label of a pool member: "host:port" as configured."""
+    return f"{address[0]}:{address[1]}"
+
+
+def snapshots(
+    addresses: Sequence[tuple[str, int]], tube: str, deadline_s: float = SNAPSHOT_DEADLINE_S
+) -> list[QueueSnapshot | BaseException]:
+    """A snapshot of every server, in pool order, taken in parallel; a server that
+    could not be read gives its connection error instead."""
+
+    def one(address: tuple[str, int]) -> QueueSnapshot | BaseException:
+        try:
+            return snapshot(address, tube, deadline_s)
+        except queue.CONNECTION_ERRORS as exc:
+            return exc
+
+    if len(addresses) == 1:
+        return [one(addresses[0])]
+    with ThreadPoolExecutor(len(addresses), thread_name_prefix="queue-snapshot") as pool:
+        return list(pool.map(one, addresses))
+
+
 class QueueCollector(Collector):
-    def __init__(self, address: tuple[str, int], tube: str) -> None:
-        self.address = address
+    def __init__(self, addresses: Sequence[tuple[str, int]], tube: str) -> None:
+        self.addresses = list(addresses)
         self.tube = tube
         # Scrapes come every few seconds: an outage is logged when it starts and when
-        # it ends, not on every scrape in between.
-        self._failing = False
+        # it ends, not on every scrape in between (per server).
+        self._failing: set[str] = set()
         self._lock = threading.Lock()
 
-    def _outage(self, failing: bool, exc: BaseException | None = None) -> None:
+    def _outage(self, where: str, failing: bool, exc: BaseException | None = None) -> None:
         with self._lock:
-            changed, self._failing = self._failing != failing, failing
+            changed = (where in self._failing) != failing
+            if failing:
+                self._failing.add(where)
+            else:
+                self._failing.discard(where)
         if not changed:
             return
-        where = f"{self.address[0]}:{self.address[1]}"
         if failing:
             log.warning(kv("queue_scrape_failed", beanstalkd=where, error=repr(exc)))
         else:
@@ -128,43 +161,46 @@ class QueueCollector(Collector):
         return []  # values come from a server at scrape time; skip the probe on register
 
     def collect(self) -> Iterator[Metric]:
-        up = GaugeMetricFamily(names.QUEUE_UP, "1 if beanstalkd answered this scrape")
-        try:
-            snap = snapshot(self.address, self.tube)
-        except queue.CONNECTION_ERRORS as exc:
-            self._outage(True, exc)
-            up.add_metric([], 0)
-            yield up
-            return
-        self._outage(False)
-        up.add_metric([], 1)
-        yield up
-        jobs = GaugeMetricFamily(
-            names.QUEUE_JOBS, "Jobs in the tube by state", labels=["tube", "state"]
+        up = GaugeMetricFamily(
+            names.QUEUE_UP, "1 if this beanstalkd server answered the scrape", labels=["server"]
         )
-        for state, count in snap.jobs.items():
-            jobs.add_metric([self.tube, state], count)
-        yield jobs
+        jobs = GaugeMetricFamily(
+            names.QUEUE_JOBS, "Jobs in the tube by state", labels=["server", "tube", "state"]
+        )
         age = GaugeMetricFamily(
             names.QUEUE_OLDEST_READY_AGE,
             "Age of the oldest ready job (how far behind the consumer is)",
-            labels=["tube"],
+            labels=["server", "tube"],
         )
-        age.add_metric([self.tube], snap.oldest_ready_age_s)
-        yield age
         consumers = GaugeMetricFamily(
-            names.QUEUE_CONSUMERS, "Connections watching the tube", labels=["tube"]
+            names.QUEUE_CONSUMERS, "Connections watching the tube", labels=["server", "tube"]
         )
-        consumers.add_metric([self.tube], snap.consumers)
-        yield consumers
         put = CounterMetricFamily(
-            names.QUEUE_JOBS_PUT, "Jobs put into the tube since beanstalkd started", labels=["tube"]
+            names.QUEUE_JOBS_PUT,
+            "Jobs put into the tube since beanstalkd started",
+            labels=["server", "tube"],
         )
-        put.add_metric([self.tube], snap.jobs_put)
-        yield put
         span = GaugeMetricFamily(
             names.QUEUE_BINLOG_SPAN,
             "binlog-current-index minus binlog-oldest-index; grows when old files are pinned",
+            labels=["server"],
         )
-        span.add_metric([], snap.binlog_span)
-        yield span
+        for address, snap in zip(self.addresses, snapshots(self.addresses, self.tube), strict=True):
+            server = server_name(address)
+            if not isinstance(snap, QueueSnapshot):
+                self._outage(server, True, snap)
+                up.add_metric([server], 0)
+                continue
+            self._outage(server, False)
+            up.add_metric([server], 1)
+            for state, count in snap.jobs.items():
+                jobs.add_metric([server, self.tube, state], count)
+            age.add_metric([server, self.tube], snap.oldest_ready_age_s)
+            consumers.add_metric([server, self.tube], snap.consumers)
+            put.add_metric([server, self.tube], snap.jobs_put)
+            span.add_metric([server], snap.binlog_span)
+        yield up
+        # A family with no samples (every server down) is left out, as before.
+        for family in (jobs, age, consumers, put, span):
+            if family.samples:
+                yield family

@@ -39,7 +39,7 @@ def run(
             signal.signal(sig, lambda signum, frame: stop.set())
     registry = registry if registry is not None else CollectorRegistry()
     metrics = ConsumerMetrics.create(registry)
-    QueueCollector(settings.beanstalkd_addresses[0], settings.tube).register(registry)
+    QueueCollector(settings.beanstalkd_addresses, settings.tube).register(registry)
     health = Health(metrics)
     server = serve(parse_hostport(settings.metrics_listen, "metrics_listen"), registry, health)
     workers = [Worker(i, settings, metrics, health, stop) for i in range(settings.threads)]

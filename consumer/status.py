@@ -5,6 +5,10 @@ ingest and consumer ``/metrics`` pages (event rates, spool, database state). Rat
 two samples about ``interval`` seconds apart, divided by the time measured between
 them: a slow scrape or a busy machine stretches that time, and dividing by the
 requested interval would overstate every rate.
+
+Over a pool of beanstalkd servers each server gets a line (and an entry in the JSON
+``servers`` list); the queue totals add up the servers that answered. A server that is
+down is a problem of its own; the others are still shown.
 """
 
 from __future__ import annotations
@@ -20,10 +24,23 @@ from typing import Generic, TypeVar
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from consumer import queue
-from consumer.queue_metrics import QueueSnapshot, snapshot
+from consumer.queue_metrics import STATES, QueueSnapshot, server_name, snapshots
 from trackbuf import metric_names as names
 from trackbuf.settings import Settings
+
+
+@dataclass
+class ServerStatus:
+    """One beanstalkd server of the pool, as ``trackbuf status`` saw it."""
+
+    address: str
+    up: bool
+    jobs: dict[str, int] = field(default_factory=dict)
+    oldest_ready_age_s: int = 0
+    consumers: int = 0
+    binlog_span_files: int = 0
+    jobs_in_per_s: float = 0.0
+    jobs_out_per_s: float = 0.0
 
 
 @dataclass
@@ -31,6 +48,7 @@ class Status:
     at: str
     beanstalkd: str
     tube: str
+    # Every server of the pool answered (the totals below then cover the whole pool).
     beanstalkd_up: bool
     jobs: dict[str, int] = field(default_factory=dict)
     oldest_ready_age_s: int = 0
@@ -43,6 +61,7 @@ class Status:
     spool_jobs: float | None = None
     spool_bytes: float | None = None
     database_up: bool | None = None
+    servers: list[ServerStatus] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -73,11 +92,12 @@ def per_second(before: float, after: float, first: Sample[T], second: Sample[T])
     return max(after - before, 0.0) / elapsed
 
 
-def _queue(settings: Settings) -> QueueSnapshot | None:
-    try:
-        return snapshot(settings.beanstalkd_addresses[0], settings.tube)
-    except queue.CONNECTION_ERRORS:
-        return None
+def _queue(settings: Settings) -> list[QueueSnapshot | None]:
+    """A snapshot of every server of the pool, None for one that did not answer."""
+    return [
+        snap if isinstance(snap, QueueSnapshot) else None
+        for snap in snapshots(settings.beanstalkd_addresses, settings.tube)
+    ]
 
 
 def scrape(url: str) -> dict[str, float] | None:
@@ -117,32 +137,42 @@ def gather(
     ingest_2 = sample(lambda: scrape(ingest_url))
     consumer_2 = sample(lambda: scrape(consumer_url))
     queue_2 = sample(lambda: _queue(settings))
-    first, second = queue_1.value, queue_2.value
     ingest_before, ingest_after = ingest_1.value, ingest_2.value
     consumer_before, consumer_after = consumer_1.value, consumer_2.value
 
-    if first is None or second is None:
-        status.problems.append(f"beanstalkd {settings.beanstalkd} is unreachable")
-    else:
-        status.beanstalkd_up = True
-        status.jobs = second.jobs
-        status.oldest_ready_age_s = second.oldest_ready_age_s
-        status.consumers = second.consumers
-        status.binlog_span_files = second.binlog_span
-        status.jobs_in_per_s = per_second(first.jobs_put, second.jobs_put, queue_1, queue_2)
-        status.jobs_out_per_s = per_second(
+    status.jobs = dict.fromkeys(STATES, 0)
+    for address, first, second in zip(
+        settings.beanstalkd_addresses, queue_1.value or [], queue_2.value or [], strict=True
+    ):
+        server = ServerStatus(server_name(address), up=False)
+        status.servers.append(server)
+        if first is None or second is None:
+            status.problems.append(f"beanstalkd {server.address} is unreachable")
+            continue
+        server.up = True
+        server.jobs = second.jobs
+        server.oldest_ready_age_s = second.oldest_ready_age_s
+        server.consumers = second.consumers
+        server.binlog_span_files = second.binlog_span
+        server.jobs_in_per_s = per_second(first.jobs_put, second.jobs_put, queue_1, queue_2)
+        server.jobs_out_per_s = per_second(
             first.jobs_deleted, second.jobs_deleted, queue_1, queue_2
         )
-        if second.jobs["ready"] and second.consumers == 0:
-            status.problems.append("jobs are waiting and no consumer is connected")
-        if second.oldest_ready_age_s > max_age_s:
-            status.problems.append(
-                f"oldest ready job is {second.oldest_ready_age_s}s old (limit {max_age_s}s)"
-            )
-        if second.jobs["buried"]:
-            status.problems.append(
-                f"{second.jobs['buried']} buried job(s): beanstalkd out of memory?"
-            )
+        _server_problems(
+            server, status.problems, max_age_s, pooled=len(settings.beanstalkd_addresses) > 1
+        )
+    up = [server for server in status.servers if server.up]
+    status.beanstalkd_up = len(up) == len(status.servers)
+    for server in up:
+        for state, count in server.jobs.items():
+            status.jobs[state] += count
+        status.oldest_ready_age_s = max(status.oldest_ready_age_s, server.oldest_ready_age_s)
+        status.consumers += server.consumers
+        status.binlog_span_files = max(status.binlog_span_files, server.binlog_span_files)
+        status.jobs_in_per_s += server.jobs_in_per_s
+        status.jobs_out_per_s += server.jobs_out_per_s
+    if not up:
+        status.jobs = {}
 
     if ingest_after is None:
         if ingest_url:
@@ -172,20 +202,56 @@ def gather(
     return status
 
 
+def _server_problems(
+    server: ServerStatus, problems: list[str], max_age_s: int, pooled: bool
+) -> None:
+    where = f"beanstalkd {server.address}: " if pooled else ""
+    if server.jobs["ready"] and server.consumers == 0:
+        problems.append(f"{where}jobs are waiting and no consumer is connected")
+    if server.oldest_ready_age_s > max_age_s:
+        problems.append(
+            f"{where}oldest ready job is {server.oldest_ready_age_s}s old (limit {max_age_s}s)"
+        )
+    if server.jobs["buried"]:
+        problems.append(f"{where}{server.jobs['buried']} buried job(s): beanstalkd out of memory?")
+
+
+def _pool_state(status: Status) -> str:
+    down = sum(not server.up for server in status.servers)
+    if status.beanstalkd_up:
+        return "up"
+    if len(status.servers) > 1 and down < len(status.servers):
+        return f"{down} of {len(status.servers)} DOWN"
+    return "DOWN"
+
+
 def render(status: Status) -> str:
     def rate(value: float | None) -> str:
         return "?" if value is None else f"{value:,.0f}/s"
 
-    jobs = status.jobs or dict.fromkeys(("ready", "reserved", "delayed", "buried"), 0)
+    jobs = status.jobs or dict.fromkeys(STATES, 0)
     lines = [
         f"trackbuf status  {status.at}",
-        f"queue     beanstalkd {status.beanstalkd} ({'up' if status.beanstalkd_up else 'DOWN'})"
-        f"  tube {status.tube}",
+        f"queue     beanstalkd {status.beanstalkd} ({_pool_state(status)})  tube {status.tube}",
         "          "
         + "  ".join(f"{k} {v:,}" for k, v in jobs.items())
         + f"  oldest ready {status.oldest_ready_age_s}s",
         f"          consumers {status.consumers}  jobs in {rate(status.jobs_in_per_s)}"
         f"  jobs out {rate(status.jobs_out_per_s)}  binlog span {status.binlog_span_files}",
+    ]
+    if len(status.servers) > 1:
+        # The lines above are the pool's totals; one line per server follows.
+        for server in status.servers:
+            if not server.up:
+                lines.append(f"server    {server.address}  DOWN")
+                continue
+            lines.append(
+                f"server    {server.address}  "
+                + "  ".join(f"{k} {v:,}" for k, v in server.jobs.items())
+                + f"  oldest ready {server.oldest_ready_age_s}s  consumers {server.consumers}"
+                + f"  in {rate(server.jobs_in_per_s)}  out {rate(server.jobs_out_per_s)}"
+            )
+    lines += [
         f"events    in {rate(status.events_in_per_s)}  stored {rate(status.events_out_per_s)}",
         "ingest    spool "
         + ("?" if status.spool_jobs is None else f"{status.spool_jobs:,.0f} job(s)")

@@ -1,5 +1,11 @@
 """One consumer worker thread: reserve jobs, batch them, write them, delete them.
 
+Over a pool of beanstalkd servers each worker has its own share of the servers
+(``assign``): every server has at least one worker whatever the thread count. A batch
+comes from one server and its jobs are deleted (or released) on that server, on the
+connection that reserved them; a worker with several servers takes a batch from each in
+turn and sleeps only when all of them were empty.
+
 The order is the guarantee: a job is deleted from beanstalkd only after the batch that
 holds it has committed. A crash anywhere before that puts the job back (connection drop
 or TTR) and the insert skips what was already stored, so every event ends up stored
@@ -47,6 +53,37 @@ KICK_INTERVAL_S = 5.0
 # How often an idle worker checks that the database still answers.
 IDLE_DB_CHECK_S = 5.0
 KICK_BOUND = 10_000
+# A worker with several servers cannot block in reserve on one of them while another has
+# a backlog: it reserves without waiting and, when every one of its servers was empty,
+# sleeps this long before the next round.
+ROTATE_IDLE_S = 0.1
+
+
+def assign(index: int, threads: int, servers: int) -> list[int]:
+    """Which servers (indexes into the pool) worker ``index`` of ``threads`` reserves
+    from: round-robin, thread i on server i % S when there are at least as many threads
+    as servers, else every server s with s % threads == i, so none is left unwatched."""
+    if threads >= servers:
+        return [index % servers]
+    return [s for s in range(servers) if s % threads == index]
+
+
+def where(address: tuple[str, int]) -> str:
+    return f"{address[0]}:{address[1]}"
+
+
+@dataclass
+class Server:
+    """One server of a worker's share: its connection and its own reconnect backoff, so
+    a server that is down delays only the jobs it holds."""
+
+    address: tuple[str, int]
+    kicker: bool
+    client: queue.Client | None = None
+    backoff: float = BACKOFF_START_S
+    retry_at: float = 0.0
+    next_kick: float = 0.0
+    empty: bool = False
 
 
 def jittered(delay: float) -> float:
@@ -77,14 +114,21 @@ class Worker:
         self.stop = stop
         self.state = WorkerState()
         self._db = Database(settings.require_database())
-        self._client: queue.Client | None = None
+        pool = settings.beanstalkd_addresses
+        # The first worker on a server (index < pool size) kicks its buried jobs: every
+        # server has one such worker, and other consumer processes kick too, harmlessly.
+        self._servers = [
+            Server(pool[s], kicker=index < len(pool))
+            for s in assign(index, settings.threads, len(pool))
+        ]
+        self._rotating = len(self._servers) > 1
+        self._turn = 0
+        self._current = self._servers[0]
         # None until the first look: a database that is down when the consumer starts
         # is logged like one that goes down later.
         self._db_up: bool | None = None
         self._next_db_check = 0.0
         self._db_backoff = BACKOFF_START_S
-        self._bs_backoff = BACKOFF_START_S
-        self._next_kick = 0.0
 
     # Main loop ------------------------------------------------------------------------
 
@@ -97,22 +141,29 @@ class Worker:
                 client = self._beanstalkd()
                 if client is None:
                     continue
-                if self.index == 0:
+                if self._current.kicker:
                     self._kick_buried(client)
                     if self._client is None:
                         continue
                 batch = self._fill(client)
                 if batch.items:
                     self._flush(batch)
-                elif self.settings.burst and self.state.drained:
-                    break
+                    continue
+                self.state.drained = self._round_empty()
+                if self.state.drained:
+                    if self.settings.burst:
+                        break
+                    if self._rotating:
+                        self.stop.wait(ROTATE_IDLE_S)
+                        for server in self._servers:
+                            server.empty = False
         except Exception:
             self.state.crashed = True
             log.exception(kv("worker_crashed", worker=self.index))
             raise
         finally:
-            # Closing the connection hands any job still reserved back to beanstalkd.
-            self._drop_client()
+            # Closing the connections hands any job still reserved back to beanstalkd.
+            self._drop_all()
             self._db.close()
 
     def _fill(self, client: queue.Client) -> Batch[Job]:
@@ -128,7 +179,10 @@ class Worker:
                     if deadline_soon:
                         return batch  # a held job is near its TTR: write now
                 else:
-                    idle_wait = 0 if self.settings.burst else IDLE_RESERVE_S
+                    # A worker with several servers never waits in reserve: another of
+                    # its servers may have a backlog (run() sleeps when all are empty).
+                    rest = self.settings.burst or self._rotating
+                    idle_wait = 0 if rest else IDLE_RESERVE_S
                     jobs = [client.reserve(timeout=idle_wait)]
             except queue.ReserveTimedOut:
                 jobs = []
@@ -137,20 +191,22 @@ class Worker:
             except queue.CONNECTION_ERRORS as exc:
                 # The server returns our reserved jobs to ready when the connection drops,
                 # so the partial batch is simply forgotten, not written.
-                log.warning(kv("beanstalkd_lost", worker=self.index, error=repr(exc)))
+                log.warning(kv("beanstalkd_lost", worker=self.index, error=repr(exc),
+                               beanstalkd=where(self._current.address)))  # fmt: skip
                 self._drop_client()
                 return Batch(self.settings.batch_size, 0)
             if not jobs:
                 if not batch.items:
-                    self.state.drained = True
-                    if self.settings.burst or not self._db_checked_lately():
+                    self._current.empty = True
+                    rest = self.settings.burst or self._rotating
+                    if rest or not self._db_checked_lately():
                         return batch  # run() looks at the database, then comes back
                     continue
                 if self.settings.burst:
                     return batch  # nothing more to wait for
                 self.stop.wait(min(POLL_S, max(batch.remaining(now), 0)))
                 continue
-            self.state.drained = False
+            self._current.empty = False
             for job in jobs:
                 batch.add(job, codec.event_count(job.body) or 1, now)
 
@@ -328,24 +384,49 @@ class Worker:
         unnoticed while /readyz and database_up said all is well."""
         return time.monotonic() < self._next_db_check
 
+    @property
+    def _client(self) -> queue.Client | None:
+        """The connection to the server the current batch comes from."""
+        return self._current.client
+
+    def _round_empty(self) -> bool:
+        """Was every server of this worker found empty since the last sleep? A server
+        that is down counts as not empty: its jobs are still to come."""
+        return all(server.empty for server in self._servers)
+
     def _beanstalkd(self) -> queue.Client | None:
-        if self._client is not None:
-            return self._client
-        try:
-            self._client = queue.connect(self.settings.beanstalkd_addresses[0], self.settings.tube)
-        except queue.CONNECTION_ERRORS as exc:
-            log.error(kv("beanstalkd_unreachable", worker=self.index, error=repr(exc)))
-            self.stop.wait(jittered(self._bs_backoff))
-            self._bs_backoff = min(self._bs_backoff * 2, BACKOFF_MAX_S)
+        """Move to the next of this worker's servers that is not backing off and return
+        its connection (made if needed); None after a failed connect or, when all of
+        them are backing off, after waiting for the first one due."""
+        now = time.monotonic()
+        for step in range(1, len(self._servers) + 1):
+            server = self._servers[(self._turn + step) % len(self._servers)]
+            if server.client is not None or server.retry_at <= now:
+                self._turn = (self._turn + step) % len(self._servers)
+                break
+        else:
+            self.stop.wait(max(min(s.retry_at for s in self._servers) - now, 0))
             return None
-        self._bs_backoff = BACKOFF_START_S
-        return self._client
+        self._current = server
+        if server.client is not None:
+            return server.client
+        try:
+            server.client = queue.connect(server.address, self.settings.tube)
+        except queue.CONNECTION_ERRORS as exc:
+            log.error(kv("beanstalkd_unreachable", worker=self.index,
+                         beanstalkd=where(server.address), error=repr(exc)))  # fmt: skip
+            server.retry_at = time.monotonic() + jittered(server.backoff)
+            server.backoff = min(server.backoff * 2, BACKOFF_MAX_S)
+            server.empty = False
+            return None
+        server.backoff = BACKOFF_START_S
+        return server.client
 
     def _kick_buried(self, client: queue.Client) -> None:
         now = time.monotonic()
-        if now < self._next_kick:
+        if now < self._current.next_kick:
             return
-        self._next_kick = now + KICK_INTERVAL_S
+        self._current.next_kick = now + KICK_INTERVAL_S
         try:
             # Checked first because a kick with nothing buried would kick delayed jobs.
             buried = client.stats_tube(self.settings.tube)["current-jobs-buried"]
@@ -359,10 +440,17 @@ class Worker:
             self._drop_client()
             return
         self.metrics.kicked_jobs.inc(kicked)
-        log.warning(kv("buried_jobs_kicked", worker=self.index, buried=buried, kicked=kicked))
+        log.warning(kv("buried_jobs_kicked", worker=self.index, buried=buried, kicked=kicked,
+                       beanstalkd=where(self._current.address)))  # fmt: skip
 
     def _drop_client(self) -> None:
-        client, self._client = self._client, None
+        """Close the current server's connection (its reserved jobs go back to ready)."""
+        client, self._current.client = self._current.client, None
         if client is not None:
             with contextlib.suppress(OSError):
                 client.close()
+
+    def _drop_all(self) -> None:
+        for server in self._servers:
+            self._current = server
+            self._drop_client()

@@ -88,6 +88,24 @@ def beanstalkd(tmp_path: Path) -> Iterator[Beanstalkd]:
     server.kill()
 
 
+POOL_SIZE = 3
+
+
+@pytest.fixture
+def beanstalkd_pool(tmp_path: Path) -> Iterator[list[Beanstalkd]]:
+    """Three independent beanstalkd servers, each with its own binlog: a client-side
+    pool. Pass ``pool_address(beanstalkd_pool)`` as the ``beanstalkd`` setting."""
+    servers = [Beanstalkd(tmp_path / f"binlog-{i}").start() for i in range(POOL_SIZE)]
+    yield servers
+    for server in servers:
+        server.kill()
+
+
+def pool_address(servers: list[Beanstalkd]) -> str:
+    """The ``beanstalkd`` setting naming every server of a pool."""
+    return ",".join(server.address for server in servers)
+
+
 @pytest.fixture(autouse=True)
 def _no_leftover_processes() -> Iterator[None]:
     from tests.procs import LIVE

@@ -35,10 +35,12 @@ CONSUMER_DEAD_EVENTS = "trackbuf_consumer_dead_events"  # counter {reason}
 CONSUMER_KICKED_JOBS = "trackbuf_consumer_kicked_jobs"  # counter: buried jobs made ready
 CONSUMER_BURIED_JOBS = "trackbuf_consumer_buried_jobs"  # counter: released, beanstalkd buried
 
-# queue (read from beanstalkd at scrape time by the consumer's /metrics)
-QUEUE_UP = "trackbuf_queue_up"  # gauge: 1 if beanstalkd answered the scrape
-QUEUE_JOBS = "trackbuf_queue_jobs"  # gauge {tube, state=ready|reserved|delayed|buried}
-QUEUE_OLDEST_READY_AGE = "trackbuf_queue_oldest_ready_age_seconds"  # gauge {tube}
-QUEUE_CONSUMERS = "trackbuf_queue_consumers"  # gauge {tube}: connections watching it
-QUEUE_JOBS_PUT = "trackbuf_queue_jobs_put"  # counter {tube}: jobs ever put (since restart)
-QUEUE_BINLOG_SPAN = "trackbuf_queue_binlog_span_files"  # gauge: current - oldest binlog index
+# queue (read from beanstalkd at scrape time by the consumer's /metrics). Every series
+# carries server="host:port", one per server of the pool; there is no unlabeled total:
+# sum over servers the max across consumer instances, sum(max by (server) (...)).
+QUEUE_UP = "trackbuf_queue_up"  # gauge {server}: 1 if that server answered the scrape
+QUEUE_JOBS = "trackbuf_queue_jobs"  # gauge {server, tube, state=ready|reserved|delayed|buried}
+QUEUE_OLDEST_READY_AGE = "trackbuf_queue_oldest_ready_age_seconds"  # gauge {server, tube}
+QUEUE_CONSUMERS = "trackbuf_queue_consumers"  # gauge {server, tube}: connections watching it
+QUEUE_JOBS_PUT = "trackbuf_queue_jobs_put"  # counter {server, tube}: jobs ever put (since restart)
+QUEUE_BINLOG_SPAN = "trackbuf_queue_binlog_span_files"  # gauge {server}: current - oldest index

@@ -45,6 +45,11 @@ def start_both(settings: Settings, tmp_path: Path) -> tuple[Process, Process]:
     return ingest, consumer
 
 
+def queue_up(settings: Settings) -> str:
+    """The key of the consumer's trackbuf_queue_up sample for the (one) server."""
+    return f'trackbuf_queue_up{{server="{settings.beanstalkd}"}}'
+
+
 def test_metrics_count_real_traffic(
     make_settings, beanstalkd: Beanstalkd, keyring: Keyring, tmp_path: Path
 ) -> None:
@@ -98,9 +103,10 @@ def test_metrics_count_real_traffic(
     assert con["trackbuf_consumer_database_up"] == 1
     assert con["trackbuf_consumer_buried_jobs_total"] == 0
     assert con["trackbuf_consumer_kicked_jobs_total"] == 0
-    assert con["trackbuf_queue_up"] == 1
-    assert con['trackbuf_queue_jobs{state="ready",tube="trackbuf-events"}'] == 0
-    assert con['trackbuf_queue_consumers{tube="trackbuf-events"}'] == 2
+    server = f'server="{settings.beanstalkd}"'
+    assert con[f"trackbuf_queue_up{{{server}}}"] == 1
+    assert con[f'trackbuf_queue_jobs{{{server},state="ready",tube="trackbuf-events"}}'] == 0
+    assert con[f'trackbuf_queue_consumers{{{server},tube="trackbuf-events"}}'] == 2
 
 
 def test_status_shows_depth_and_age_and_fails_when_unwell(
@@ -231,7 +237,7 @@ def test_a_hung_beanstalkd_does_not_hang_the_consumer_metrics(
     # Ready: the worker has seen the database up (on a loaded machine /healthz can
     # answer before that, and a worker then stuck on the hung beanstalkd never looks).
     consumer.wait_http(f"http://{settings.metrics_listen}/readyz")
-    assert scrape(settings.metrics_listen)["trackbuf_queue_up"] == 1
+    assert scrape(settings.metrics_listen)[queue_up(settings)] == 1
     assert beanstalkd.proc is not None
     # Stopped, not dead: the kernel still accepts connections, nothing ever answers.
     beanstalkd.proc.send_signal(signal.SIGSTOP)
@@ -240,11 +246,11 @@ def test_a_hung_beanstalkd_does_not_hang_the_consumer_metrics(
             started = time.monotonic()
             con = scrape(settings.metrics_listen)
             assert time.monotonic() - started < 2.0, "the queue scrape must give up in ~1 s"
-            assert con["trackbuf_queue_up"] == 0
+            assert con[queue_up(settings)] == 0
             assert con["trackbuf_consumer_database_up"] == 1  # the rest still answers
     finally:
         beanstalkd.proc.send_signal(signal.SIGCONT)
-    assert scrape(settings.metrics_listen)["trackbuf_queue_up"] == 1
+    assert scrape(settings.metrics_listen)[queue_up(settings)] == 1
     assert consumer.terminate() == 0
     # Logged when the outage starts and when it ends, not on every scrape.
     events = [parse(line)["event"] for line in consumer.log().splitlines()]
@@ -382,7 +388,7 @@ def test_logs_are_one_key_value_event_per_line_without_tokens_or_ips(
     beanstalkd.stop()
     assert asyncio.run(hit(during_outage)) == [200] * 10  # spooled
     for _ in range(2):
-        assert scrape(settings.metrics_listen)["trackbuf_queue_up"] == 0
+        assert scrape(settings.metrics_listen)[queue_up(settings)] == 0
     beanstalkd.start()
     deadline = time.monotonic() + 30
     while scrape(settings.metrics_listen).get("trackbuf_consumer_events_written_total", 0) < 25:
@@ -418,10 +424,11 @@ def test_binlog_span_is_what_beanstalkd_reports(tmp_path: Path) -> None:
                 client.put(b"x" * 1000)
             stats = client.stats()
         registry = CollectorRegistry()
-        QueueCollector(("127.0.0.1", server.port), "trackbuf-events").register(registry)
+        QueueCollector([("127.0.0.1", server.port)], "trackbuf-events").register(registry)
         # Each read is a scrape, so read while the server runs.
-        span = registry.get_sample_value("trackbuf_queue_binlog_span_files")
-        ready = {"tube": "trackbuf-events", "state": "ready"}
+        labels = {"server": server.address}
+        span = registry.get_sample_value("trackbuf_queue_binlog_span_files", labels)
+        ready = {**labels, "tube": "trackbuf-events", "state": "ready"}
         assert registry.get_sample_value("trackbuf_queue_jobs", ready) == 100
     finally:
         server.kill()
