@@ -55,7 +55,7 @@ from ingest import bsproto
 from ingest.enqueue import IDLE_CHECK_S, PING_INTERVAL_S, Pending, settle, still_waiting
 from ingest.metrics import IngestMetrics
 from ingest.outcomes import Outcome
-from ingest.putter import PutFailed, Putter
+from ingest.putter import PUT_STALL_S, PutFailed, Putter
 from ingest.replay import Replayer
 from ingest.spool import Spool
 from ingest.spool_writer import SpoolWriter
@@ -97,6 +97,7 @@ class _Lane:
         self.rest_s = REST_S
         self.changed = asyncio.Event()  # the server may have become usable again
         self.rtt = 0.0  # running average of this server's round trips, seconds
+        self.stalled_at = 0.0  # when its command in flight was found stalled
         self.task: asyncio.Task[None] | None = None
 
     @property
@@ -107,6 +108,15 @@ class _Lane:
             and not self.putter.stalled
             and (not self.rest_until or time.monotonic() >= self.rest_until)
         )
+
+    def may_answer(self, now: float) -> bool:
+        """Connected and not resting, and not stalled for longer than a single server
+        waits before spooling (PUT_STALL_S). Every server of the pool 'stalled' at once
+        for a moment is more often this machine short of CPU than three hung servers:
+        the spool waits for the single-server bound, as it would with one server."""
+        if not self.putter.connected or (self.rest_until and now < self.rest_until):
+            return False
+        return not self.putter.stalled or now - self.stalled_at < PUT_STALL_S - POOL_STALL_S
 
     def rest(self) -> None:
         self.rest_until = time.monotonic() + self.rest_s
@@ -232,6 +242,17 @@ class PoolEnqueuer:
     def _any_healthy(self) -> bool:
         return any(lane.healthy for lane in self._lanes)
 
+    def _spool_wait(self) -> float | None:
+        """None when the spool must answer now (no server may answer); otherwise how
+        long the spooler may sleep before it looks again."""
+        now = time.monotonic()
+        waits = [
+            max(PUT_STALL_S - POOL_STALL_S - (now - lane.stalled_at), 0.001)
+            if lane.putter.stalled else IDLE_CHECK_S
+            for lane in self._lanes if lane.may_answer(now)
+        ]  # fmt: skip
+        return min(waits, default=None)
+
     # The lanes ------------------------------------------------------------------------
 
     async def _run_lane(self, lane: _Lane) -> None:
@@ -346,6 +367,7 @@ class PoolEnqueuer:
 
     def _on_stall(self, lane: _Lane) -> None:
         """A command of this lane has been in flight for POOL_STALL_S."""
+        lane.stalled_at = time.monotonic()
         chunk = lane.holds
         if chunk and still_waiting(chunk) and any(o.healthy for o in self._lanes if o is not lane):
             lane.holds = []
@@ -394,7 +416,8 @@ class PoolEnqueuer:
     async def _run_spooler(self) -> None:
         """Answer from the spool while no server of the pool accepts."""
         while True:
-            if self._pending and not self._any_healthy():
+            wait = self._spool_wait() if self._pending else IDLE_CHECK_S
+            if wait is None:
                 batch, self._pending = self._pending, []
                 self._spooler_holds = batch  # a stop waits for these
                 try:
@@ -404,7 +427,7 @@ class PoolEnqueuer:
                 continue
             self._nudge.clear()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(IDLE_CHECK_S):
+                async with asyncio.timeout(min(wait, IDLE_CHECK_S)):
                     await self._nudge.wait()
 
     async def _spool(self, batch: list[Pending]) -> None:
