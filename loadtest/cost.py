@@ -38,7 +38,9 @@ from trackbuf.tokens import Keyring
 PG_BACKGROUND = ("checkpointer", "background writer", "walwriter", "autovacuum",
                  "logical replication", "logger", "archiver", "stats", "startup")  # fmt: skip
 CLICK_SHARE = 0.2  # of recipients who open, the share who also click
-CONNECTIONS_PER_RATE = 40  # one wrk connection per 40 events/s: each sends every ~25 ms
+# One wrk connection per 10 events/s, each sending every ~100 ms: a wait long next to
+# the answer time, so a slow answer (the cores are shared) lowers the rate only a little.
+CONNECTIONS_PER_RATE = 10
 
 
 def traffic_lines(keyring: Keyring, count: int, run: str, seed: int = 7) -> Iterator[str]:
@@ -144,7 +146,7 @@ def cpu_by_part(pids: dict[str, int], stack: st.Stack) -> dict[str, float]:
 
 
 def paced(at: str, urls: Path, rate: float, seconds: float) -> st.WrkResult:
-    """wrk at about ``rate`` requests/s: each connection waits ~25 ms before every
+    """wrk at about ``rate`` requests/s: each connection waits ~100 ms before every
     request (Debian's wrk has no ``-R``), so the answer time slows it down a little."""
     connections = max(2, round(rate / CONNECTIONS_PER_RATE))
     delay_ms = connections * 1000 / rate
@@ -243,12 +245,16 @@ def bench_cost(work: Path, rate: float, seconds: float) -> dict[str, Any]:
     # As many lines as requests, so repeats are the mix's own, not wrk cycling the file.
     count = max(int(rate * seconds * 1.1), 1000)
     urls.write_text("".join(line + "\n" for line in traffic_lines(st_keyring(), count, "cost")))
+    load_before = [round(v, 2) for v in os.getloadavg()]
     trackbuf = measure_trackbuf(work / "trackbuf", urls, rate, seconds)
     naive = measure_naive(work / "naive", urls, rate, seconds)
     return {
         "target_rate": rate,
+        "load_average_before": load_before,
         "duration_s": seconds,
         "mix": {"click_share_of_recipients": CLICK_SHARE, "mean_opens_per_recipient": 2},
+        # Other work on the machine slows every process and inflates CPU per event.
+        "load_average_after": [round(v, 2) for v in os.getloadavg()],
         "trackbuf": trackbuf,
         "naive_insert_per_request": naive,
         "trackbuf_vs_naive_total": round(

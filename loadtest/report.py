@@ -156,8 +156,10 @@ def _cost_lines(c: dict[str, Any]) -> list[str]:
               f"Naive: {n['client']['requests_per_s']:,.0f} requests/s answered, "
               f"{n['stored']:,} stored. trackbuf / naive total CPU = "
               f"**{c['trackbuf_vs_naive_total']}** (the naive tracker writes bare rows; "
-              "trackbuf's consumer also classifies them and keeps the rollups).",
-              ""]  # fmt: skip
+              "trackbuf's consumer also classifies them and keeps the rollups). "
+              f"Load average before and after: {c['load_average_before'][0]}, "
+              f"{c['load_average_after'][0]} (other work on the machine inflates CPU per "
+              "event).", ""]  # fmt: skip
     return lines
 
 
