@@ -6,8 +6,8 @@
   Application, no router), which is what trackbuf ingest runs on: the ceiling for
   ingest's own design.
 - ``naive``: the design trackbuf replaces: verify the token, then one INSERT per
-  request through an asyncpg pool, answering after the INSERT. It is as fast as its
-  database, and fails when its database does.
+  request (open or click) through an asyncpg pool, answering after the INSERT. It is
+  as fast as its database, and fails when its database does.
 
     python -m loadtest.baselines bare  --listen 127.0.0.1:18081
     python -m loadtest.baselines lowlevel --listen 127.0.0.1:18083
@@ -64,6 +64,24 @@ async def naive_pixel(request: web.Request) -> web.Response:
     return web.Response(body=GIF, headers=PIXEL_HEADERS)
 
 
+async def naive_click(request: web.Request) -> web.Response:
+    """The same design for a click: verify, INSERT, then redirect."""
+    try:
+        payload = tokens.verify(request.app[KEYRING], request.match_info["token"], "click")
+    except tokens.InvalidToken:
+        return web.Response(status=404)
+    event = new_event(
+        "click", payload.campaign, payload.recipient, url=payload.url,
+        user_agent=request.headers.get("User-Agent"), ip=request.remote,
+    )  # fmt: skip
+    await request.app[POOL].execute(
+        INSERT, event.event_id, event.kind, event.occurred_at, event.campaign,
+        event.recipient, event.url, event.user_agent, event.ip,
+    )  # fmt: skip
+    assert payload.url is not None  # verify() gives every click its target
+    return web.Response(status=302, headers={"Location": payload.url})
+
+
 async def serve_lowlevel(host: str, port: int) -> None:
     runner = web.ServerRunner(web.Server(bare_pixel, access_log=None))
     await runner.setup()
@@ -82,6 +100,7 @@ def naive_app(dsn: str, keys: str) -> web.Application:
 
     app.cleanup_ctx.append(pool)
     app.router.add_get("/o/{token}.gif", naive_pixel)
+    app.router.add_get("/c/{token}", naive_click)
     return app
 
 

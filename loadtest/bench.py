@@ -7,7 +7,7 @@ Sections: ingest (nginx empty_gif, bare aiohttp, naive INSERT-per-request tracke
 trackbuf), ingest under a database outage, a flood of invalid tokens against valid
 ones, drain (raw COPY and COPY+staging+ON CONFLICT ceilings, the consumer at 1/2/4/8
 threads), an 800,000-event backlog, end-to-end latency at a steady rate, and the spike
-demonstration.
+demonstration, and the CPU every process spends per million stored events.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from ingest.app import TALLY_FLUSH_S
-from loadtest import analytics, scaling
+from loadtest import analytics, cost, scaling
 from loadtest import stack as st
 from loadtest.servers import Beanstalkd, cpu_seconds, free_port
 from loadtest.traffic import drive, wrk_paths
@@ -54,13 +54,16 @@ class Plan:
     memory_cycles: int = 24
     memory_events: int = 200_000
     report_events: int = 5_000_000  # one campaign, for the report section
+    cost_rate: float = 5000  # events/s, paced, for the CPU cost per million events
+    cost_s: float = 60
 
     @classmethod
     def quick(cls) -> Plan:
         return cls(wrk_s=1, drain_events=4_000, thread_counts=(1, 2), backlog_events=10_000,
                    e2e_rate=300, e2e_s=3, spike_s=6, spike_rate=200, drain_rounds=1,
                    ingest_rounds=1, fsync_drain_jobs=500, memory_cycles=2,
-                   memory_events=2_000, report_events=20_000)  # fmt: skip
+                   memory_events=2_000, report_events=20_000, cost_rate=400,
+                   cost_s=3)  # fmt: skip
 
 
 # Ingest ---------------------------------------------------------------------------
@@ -679,6 +682,10 @@ def bench_report(work: Path, plan: Plan) -> dict[str, Any]:
     return analytics.bench_stats(work, plan.report_events)
 
 
+def bench_cost(work: Path, plan: Plan) -> dict[str, Any]:
+    return cost.bench_cost(work, plan.cost_rate, plan.cost_s)
+
+
 SECTIONS = {
     "ingest": bench_ingest,
     "workers": bench_workers,
@@ -691,4 +698,5 @@ SECTIONS = {
     "spike": bench_spike,
     "report": bench_report,
     "scaling": bench_scaling,
+    "cost": bench_cost,
 }

@@ -143,6 +143,44 @@ def _scaling_lines(sc: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+COST_PARTS = {
+    "ingest": "trackbuf ingest",
+    "beanstalkd": "beanstalkd",
+    "consumer": "trackbuf consumer",
+    "naive_tracker": "naive tracker (aiohttp + asyncpg)",
+    "postgresql_backends": "PostgreSQL backends",
+    "postgresql_background": "PostgreSQL background",
+}
+
+
+def _cost_lines(c: dict[str, Any]) -> list[str]:
+    """CPU seconds per million stored events, per process, both designs side by side."""
+    t, n = c["trackbuf"], c["naive_insert_per_request"]
+    lines = [f"### CPU per million stored events (wrk paced at {c['target_rate']:,.0f} "
+             f"events/s for {c['duration_s']:.0f} s; opens, repeat opens and clicks)", "",
+             "| process | trackbuf CPU s / million | naive CPU s / million |",
+             "|---|---|---|"]  # fmt: skip
+    for part, label in COST_PARTS.items():
+        mine = t["cpu_s_per_million"].get(part)
+        theirs = n["cpu_s_per_million"].get(part)
+        lines.append(f"| {label} | {'-' if mine is None else f'{mine:,.1f}'} | "
+                     f"{'-' if theirs is None else f'{theirs:,.1f}'} |")  # fmt: skip
+    lines += [f"| **total** | **{t['total_cpu_s_per_million']:,.1f}** | "
+              f"**{n['total_cpu_s_per_million']:,.1f}** |",
+              f"| cores busy at 10,000 events/s | **{t['cores_at_10k_per_s']}** | "
+              f"**{n['cores_at_10k_per_s']}** |", "",
+              f"trackbuf: {t['client']['requests_per_s']:,.0f} requests/s answered, "
+              f"{t['acknowledged']:,} events acknowledged, {t['stored']:,} stored. "
+              f"Naive: {n['client']['requests_per_s']:,.0f} requests/s answered, "
+              f"{n['stored']:,} stored. trackbuf / naive total CPU = "
+              f"**{c['trackbuf_vs_naive_total']}** (the naive tracker writes bare rows; "
+              "trackbuf's consumer also classifies them and keeps the rollups). "
+              f"Load average before and after: {c['load_average_before'][0]}, "
+              f"{c['load_average_after'][0]} (other work on the machine inflates CPU per "
+              "event).", ""]  # fmt: skip
+    return lines
+
+
 def tables(results: dict[str, Any]) -> str:
     lines: list[str] = []
     if "ingest" in results:
@@ -247,6 +285,8 @@ def tables(results: dict[str, Any]) -> str:
             lines.append(f"| {shape} | **{t['median_ms']}** | {t['max_ms']} |")
         lines += ["", f"The whole command, a new Python process included: {r['cli_process_s']} s "
                   "(mostly Python starting up).", ""]  # fmt: skip
+    if "cost" in results:
+        lines += _cost_lines(results["cost"])
     if "backlog" in results:
         b = results["backlog"]
         lines += ["### Backlog", "",

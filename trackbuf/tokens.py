@@ -17,7 +17,7 @@ No database is needed to verify a token, so clicks keep redirecting during an ou
 
 from __future__ import annotations
 
-import base64
+import binascii
 import hashlib
 import hmac
 import re
@@ -39,6 +39,8 @@ MIN_SECRET_BYTES = 32
 # Expiry is an integer that JavaScript numbers hold exactly, so any sender can write it.
 MAX_EXPIRES = 2**53 - 1
 _KID = re.compile(r"^[A-Za-z0-9_-]{1,16}$")
+# Control characters, space, DEL and backslash: never in a target (is_safe_target).
+_UNSAFE_URL_CHAR = re.compile(r"[\x00-\x20\x7f\\]")
 _KIND_CODES = {"open": "o", "click": "c"}
 _CODE_KINDS = {code: kind for kind, code in _KIND_CODES.items()}
 
@@ -204,11 +206,14 @@ def _decode_fields(body: str) -> list[int | str]:
     """The payload's JSON list, if it is one of integers and strings only (no bools,
     floats or nesting: those have spellings the canonical check could not rule out)."""
     try:
-        fields = orjson.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+        fields = orjson.loads(_b64decode(body))
     except ValueError:  # binascii.Error and orjson.JSONDecodeError are ValueErrors
         raise InvalidToken("malformed") from None
-    if not isinstance(fields, list) or not all(type(f) in (int, str) for f in fields):
+    if not isinstance(fields, list):
         raise InvalidToken("malformed")
+    for f in fields:  # a loop, not all() over a generator: half the time on every request
+        if type(f) is not str and type(f) is not int:
+            raise InvalidToken("malformed")
     return fields
 
 
@@ -275,12 +280,9 @@ def is_safe_target(url: str) -> bool:
     backslashes: anything else could turn the redirect into header injection or a
     javascript: link. A backslash is refused because browsers read it as '/' in http(s)
     URLs and Python does not, so the two would disagree on the host."""
-    if (
-        len(url) > MAX_URL
-        or not url.isascii()
-        or any(ord(ch) < 0x21 or ord(ch) == 0x7F for ch in url)
-        or "\\" in url
-    ):
+    # One regex scan, not a Python loop over characters: a click's target is checked on
+    # every click, and the loop was a third of verify()'s time for a typical URL.
+    if len(url) > MAX_URL or not url.isascii() or _UNSAFE_URL_CHAR.search(url):
         return False
     try:
         parts = urlsplit(url)
@@ -294,5 +296,18 @@ def _tag(mac: HmacSha256, signed: str) -> bytes:
     return mac.digest(signed.encode())[:TAG_BYTES]
 
 
+# base64's urlsafe functions are Python wrappers around binascii; calling binascii
+# directly takes two Python calls off each of verify()'s three base64 steps.
+_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
+_FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
+
+
 def _b64encode(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+    return binascii.b2a_base64(raw, newline=False).translate(_TO_URLSAFE).rstrip(b"=").decode()
+
+
+def _b64decode(text: str) -> bytes:
+    """Unpadded base64url, as lenient as ``base64.urlsafe_b64decode`` (characters
+    outside the alphabet are skipped); the canonical check refuses every such token."""
+    data = text.encode().translate(_FROM_URLSAFE) + b"=" * (-len(text) % 4)
+    return binascii.a2b_base64(data)

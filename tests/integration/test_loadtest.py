@@ -118,3 +118,35 @@ def test_benchmark_runner_writes_json_charts_and_tables(tmp_path: Path) -> None:
     assert all(r["events_per_s"] > 0 and r["consumer_cpu_us"] > 0 and r["postgres_cpu_us"] > 0
                for r in scaling["drain"].values())  # fmt: skip
     assert "### Scaling" in text
+
+
+def test_cost_section_counts_every_process_per_stored_event(tmp_path: Path) -> None:
+    markdown = tmp_path / "BENCHMARKS.md"
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtest", "bench", "--quick", "--only", "cost",
+         "--out", str(tmp_path), "--markdown", str(markdown)],
+        capture_output=True, text=True, cwd=ROOT, timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    cost = json.loads((tmp_path / "results.json").read_text())["cost"]
+    trackbuf, naive = cost["trackbuf"], cost["naive_insert_per_request"]
+    assert set(trackbuf["cpu_s"]) == {"ingest", "beanstalkd", "consumer",
+                                      "postgresql_backends", "postgresql_background"}  # fmt: skip
+    assert set(naive["cpu_s"]) == {"naive_tracker", "postgresql_backends",
+                                   "postgresql_background"}  # fmt: skip
+    for result in (trackbuf, naive):
+        assert all(v > 0 for v in result["cpu_s_per_million"].values()), result["cpu_s"]
+        assert result["stored"] > 500
+        parts = sum(result["cpu_s_per_million"].values())
+        assert abs(parts - result["total_cpu_s_per_million"]) < 1
+        assert result["cores_at_10k_per_s"] == pytest.approx(
+            result["total_cpu_s_per_million"] / 100, abs=0.01
+        )
+    # Every event ingest acknowledged is stored, and nothing else is.
+    assert trackbuf["stored"] == trackbuf["acknowledged"]
+    assert trackbuf["client"]["requests"] <= trackbuf["acknowledged"]
+    # The naive tracker answers after its INSERT: at most a request per connection
+    # was still in flight (stored, not yet counted by wrk) when wrk stopped: 40 here.
+    assert 0 <= naive["stored"] - naive["acknowledged"] <= 100
+    assert trackbuf["client"]["non_2xx_3xx"] == naive["client"]["non_2xx_3xx"] == 0
+    assert "### CPU per million stored events" in markdown.read_text()

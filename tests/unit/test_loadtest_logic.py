@@ -8,8 +8,10 @@ import time
 import pytest
 
 from loadtest.bench import histogram_quantile
+from loadtest.cost import per_million, traffic_lines
 from loadtest.servers import cpu_seconds
-from loadtest.traffic import rate_at, require_loopback
+from loadtest.traffic import USER_AGENTS, rate_at, require_loopback
+from trackbuf import tokens
 
 
 def test_profiles_shape_the_rate() -> None:
@@ -84,3 +86,27 @@ def test_wrk_urls_are_signed_paths_of_the_asked_kind() -> None:
                               text=True, env={k: v for k, v in os.environ.items()
                                               if k != "TRACKBUF_SIGNING_KEYS"})  # fmt: skip
     assert unsigned.returncode == 2 and "TRACKBUF_SIGNING_KEYS" in unsigned.stderr
+
+
+def test_cost_traffic_mixes_opens_repeat_opens_and_clicks() -> None:
+    keyring = tokens.Keyring.parse("k1:" + "s" * 32)
+    lines = list(traffic_lines(keyring, 5000, "t"))
+    assert len(lines) == 5000
+    paths = [line.split("\t")[0] for line in lines]
+    assert all(line.split("\t")[1] in USER_AGENTS for line in lines)
+    opens = [p for p in paths if p.startswith("/o/")]
+    clicks = [p for p in paths if p.startswith("/c/")]
+    assert len(opens) + len(clicks) == 5000
+    assert 0.05 < len(clicks) / 5000 < 0.2  # one recipient in five clicks; opens repeat
+    assert 1.7 < len(opens) / len(set(opens)) < 2.3  # two opens per recipient on average
+    # Every line is a token ingest accepts.
+    token = clicks[0].removeprefix("/c/")
+    assert tokens.verify(keyring, token, "click").recipient.startswith("t-")
+
+
+def test_cost_is_cpu_per_million_stored_and_cores_at_10k() -> None:
+    cost = per_million({"ingest": 2.0, "postgresql_backends": 1.0}, 100_000, 5000)
+    assert cost["cpu_s_per_million"] == {"ingest": 20.0, "postgresql_backends": 10.0}
+    assert cost["total_cpu_s_per_million"] == 30.0
+    assert cost["cores_at_10k_per_s"] == 0.3  # 30 us of CPU per event, 10,000 a second
+    assert cost["cores_at_measured_rate"] == 0.15
