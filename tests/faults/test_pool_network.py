@@ -186,7 +186,8 @@ def check(c: Cluster, name: str, result: LoadResult, campaign: str) -> list[str]
         if proc.alive and proc.terminate() != 0:
             problems.append(f"{proc.name} exited with {proc.proc.returncode}")
     print(f"\n[{name}] sent={result.sent} acked={len(result.acked)} failed={result.failed} "
-          f"p99={result.p99() * 1000:.1f}ms (ingest-side {server_p99 * 1000:.1f}ms) "
+          f"p99={result.p99() * 1000:.1f}ms max={max(result.latencies, default=0) * 1000:.1f}ms "
+          f"(ingest-side p99 {server_p99 * 1000:.1f}ms) "
           f"spooled={spooled} {audit}")  # fmt: skip
     return problems
 
