@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,15 +31,9 @@ TUBE = "trackbuf-events"
 
 
 @pytest.fixture
-def three(tmp_path: Path) -> Iterator[list[Beanstalkd]]:
-    servers = [Beanstalkd(tmp_path / f"binlog{i}").start() for i in range(3)]
-    try:
-        yield servers
-    finally:
-        for server in servers:
-            if server.proc is not None:
-                server.proc.send_signal(signal.SIGCONT)
-            server.kill()
+def three(beanstalkd_pool: list[Beanstalkd]) -> list[Beanstalkd]:
+    """The shared pool of three servers (tests/conftest.py), by a short name."""
+    return beanstalkd_pool
 
 
 def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,13 +28,9 @@ TUBE = "trackbuf-events"
 
 
 @pytest.fixture
-def three(tmp_path: Path) -> Iterator[list[Beanstalkd]]:
-    servers = [Beanstalkd(tmp_path / f"binlog{i}").start() for i in range(3)]
-    try:
-        yield servers
-    finally:
-        for server in servers:
-            server.kill()
+def three(beanstalkd_pool: list[Beanstalkd]) -> list[Beanstalkd]:
+    """The shared pool of three servers (tests/conftest.py), by a short name."""
+    return beanstalkd_pool
 
 
 def pool(servers: list[Beanstalkd], tmp_path: Path, registry: CollectorRegistry,
