@@ -76,6 +76,9 @@ class Cluster:
     queues: list[QueueServer] = field(default_factory=list)
     ingests: list[tuple[HostProcess, tsettings.Settings]] = field(default_factory=list)
     consumers: list[HostProcess] = field(default_factory=list)
+    # The ingests' request histogram after the warm-up: the scenario's answers are what
+    # it gained since.
+    warm_buckets: dict[str, float] = field(default_factory=dict)
 
     @property
     def bases(self) -> list[str]:
@@ -139,6 +142,7 @@ def warm_up(c: Cluster) -> None:
     result = Load(c.bases, Keyring.parse(KEYS), "warmup", count=100, rate=100).start().wait()
     audit = audit_until_settled(c.database_url, "warmup", result.acked, timeout=30)
     assert audit.lost == 0 and not result.failed, f"warm-up: {audit}"
+    c.warm_buckets = ingest_buckets(c)
 
 
 def wait_connected(proc: HostProcess, settings: tsettings.Settings, timeout: float = 15) -> None:
@@ -158,10 +162,8 @@ def metric(settings: tsettings.Settings, name: str, label: str = "") -> float:
     )
 
 
-def ingest_side_p99(c: Cluster) -> float:
-    """p99 of the answers as the ingests measured them (their request histogram, all
-    routes, both ingests): set beside the driver's p99, it tells a slow ingest from a
-    load driver starved of CPU on a busy machine."""
+def ingest_buckets(c: Cluster) -> dict[str, float]:
+    """The ingests' request histogram (all routes, both ingests), bucket by bucket."""
     name = names.INGEST_REQUEST_DURATION
     buckets: dict[str, float] = {}
     for _, s in c.ingests:
@@ -170,7 +172,21 @@ def ingest_side_p99(c: Cluster) -> float:
                 le = key.split('le="', 1)[1].split('"', 1)[0]
                 merged = f'{name}_bucket{{le="{le}"}}'
                 buckets[merged] = buckets.get(merged, 0.0) + value
-    return histogram_quantile(0.99, {}, buckets, name)
+    return buckets
+
+
+def ingest_side(c: Cluster) -> tuple[float, int]:
+    """p99 of the answers as the ingests measured them since the warm-up, and how many
+    took longer than 50 ms: set beside the driver's figures, they tell a slow ingest
+    from a load driver starved of CPU on a busy machine."""
+    name = names.INGEST_REQUEST_DURATION
+    now = ingest_buckets(c)
+    p99 = histogram_quantile(0.99, c.warm_buckets, now, name)
+    slow = 0.0
+    for le in ("+Inf", "0.05"):
+        key = f'{name}_bucket{{le="{le}"}}'
+        slow += (1 if le == "+Inf" else -1) * (now.get(key, 0.0) - c.warm_buckets.get(key, 0.0))
+    return p99, round(slow)
 
 
 def until(started: float, at: float) -> None:
@@ -178,8 +194,15 @@ def until(started: float, at: float) -> None:
     time.sleep(max(0.0, started + at - time.monotonic()))
 
 
-def check(c: Cluster, name: str, result: LoadResult, campaign: str) -> list[str]:
-    """What an operator would find wrong after the run; printed with the figures."""
+def check(
+    c: Cluster, name: str, result: LoadResult, campaign: str, every_answer_fast: bool = False
+) -> list[str]:
+    """What an operator would find wrong after the run; printed with the figures.
+
+    ``every_answer_fast``: not one answer over 50 ms, as ingest measured it (the client's
+    slowest answer also holds the load driver's own waits for the CPU). A lost server
+    must cost that; a hung one may not, by design: the requests inside the put in
+    flight on it wait the stall bound before another server takes them."""
     audit = audit_until_settled(c.database_url, campaign, result.acked, timeout=45)
     problems = []
     if result.failed:
@@ -188,7 +211,9 @@ def check(c: Cluster, name: str, result: LoadResult, campaign: str) -> list[str]
         problems.append(f"not stored exactly once: {audit}")
     if result.p99() >= P99_LIMIT_S:
         problems.append(f"p99 {result.p99() * 1000:.1f} ms >= {P99_LIMIT_S * 1000:.0f} ms")
-    spooled, server_p99 = {}, ingest_side_p99(c)
+    spooled, (server_p99, server_slow) = {}, ingest_side(c)
+    if every_answer_fast and server_slow:
+        problems.append(f"{server_slow} ingest answers took over 50 ms")
     for proc, s in c.ingests:
         spooled[proc.name] = metric(s, names.INGEST_EVENTS + "_total", 'outcome="spooled"')
         if spooled[proc.name]:
@@ -198,7 +223,7 @@ def check(c: Cluster, name: str, result: LoadResult, campaign: str) -> list[str]
             problems.append(f"{proc.name} exited with {proc.proc.returncode}")
     print(f"\n[{name}] sent={result.sent} acked={len(result.acked)} failed={result.failed} "
           f"p99={result.p99() * 1000:.1f}ms max={max(result.latencies, default=0) * 1000:.1f}ms "
-          f"(ingest-side p99 {server_p99 * 1000:.1f}ms) "
+          f"(ingest-side p99 {server_p99 * 1000:.1f}ms, {server_slow} over 50ms) "
           f"spooled={spooled} {audit}")  # fmt: skip
     return problems
 
@@ -235,7 +260,7 @@ def test_kill_one_beanstalkd(cluster: Callable[..., Cluster], keyring: Keyring) 
     result = load.wait()
     survivors_took = puts(c.queues[1:]) - survivors_before
     c.queues[0].start()
-    problems = check(c, "kill -9 one beanstalkd", result, "nskill")
+    problems = check(c, "kill -9 one beanstalkd", result, "nskill", every_answer_fast=True)
     if survivors_took == 0:
         problems.append("the other servers took no put after the kill")
     assert not problems, "; ".join(problems)
