@@ -15,10 +15,16 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from tests.servers import Beanstalkd, Postgres
 from trackbuf import settings as tsettings
 from trackbuf.tokens import Keyring
+
+# Property tests check what holds, not how fast: hypothesis' default 200 ms deadline per
+# example failed a token property in CI when a cold first example waited for a busy CPU.
+hypothesis_settings.register_profile("trackbuf", deadline=None)
+hypothesis_settings.load_profile("trackbuf")
 
 TEMPLATE = "trackbuf_template"
 KEYS = "k2:second-signing-key-for-tests-00000000,k1:first-signing-key-for-tests-000000000"
