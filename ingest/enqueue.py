@@ -41,6 +41,7 @@ import logging
 import time
 
 from ingest import bsproto
+from ingest.linger import Linger
 from ingest.metrics import IngestMetrics
 from ingest.outcomes import Outcome
 from ingest.putter import PUT_STALL_S, PutFailed, Putter
@@ -68,10 +69,12 @@ class Enqueuer:
         max_job_bytes: int,
         metrics: IngestMetrics,
         spool: Spool | None = None,
+        linger_s: float = 0.0,
     ) -> None:
         self._metrics = metrics
         self._pending: list[Pending] = []
         self._wake = asyncio.Event()
+        self._linger = Linger(linger_s)
         self._closing = False
         self._putter = Putter(
             address, tube, ttr, max_job_bytes, metrics,
@@ -111,6 +114,7 @@ class Enqueuer:
     def submit(self, encoded: bytes) -> asyncio.Future[Outcome]:
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._pending.append((encoded, future))
+        self._linger.arrived(len(self._pending))
         self._wake.set()
         return future
 
@@ -181,6 +185,8 @@ class Enqueuer:
                 self._wake.clear()
                 await self._replay_some()
                 return False
+        if not self._closing:
+            await self._linger.wait(len(self._pending))
         self._wake.clear()
         batch, self._pending = self._pending, []
         await self._deliver(batch)

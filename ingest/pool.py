@@ -53,6 +53,7 @@ import time
 
 from ingest import bsproto
 from ingest.enqueue import IDLE_CHECK_S, PING_INTERVAL_S, Pending, settle, still_waiting
+from ingest.linger import Linger
 from ingest.metrics import IngestMetrics
 from ingest.outcomes import Outcome
 from ingest.putter import PUT_STALL_S, PutFailed, Putter
@@ -143,9 +144,11 @@ class PoolEnqueuer:
         max_job_bytes: int,
         metrics: IngestMetrics,
         spool: Spool | None = None,
+        linger_s: float = 0.0,
     ) -> None:
         self._metrics = metrics
         self._pending: list[Pending] = []
+        self._linger = Linger(linger_s)
         self._wake = asyncio.Event()  # work for the lanes
         self._nudge = asyncio.Event()  # work for the spooler, or a server left rotation
         self._closing = False
@@ -198,6 +201,7 @@ class PoolEnqueuer:
     def submit(self, encoded: bytes) -> asyncio.Future[Outcome]:
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._pending.append((encoded, future))
+        self._linger.arrived(len(self._pending))
         self._wake.set()
         if not self._any_healthy():
             self._nudge.set()
@@ -299,6 +303,11 @@ class PoolEnqueuer:
                 async with asyncio.timeout(IDLE_CHECK_S):
                     await self._wake.wait()
             return
+        if not self._closing:
+            # Free lanes may all linger on the same job; the first to end takes it.
+            await self._linger.wait(len(self._pending))
+            if not self._pending or not lane.healthy:
+                return
         self._wake.clear()
         batch, self._pending = self._pending, []
         await self._deliver(lane, batch)

@@ -31,6 +31,7 @@ from loadtest import stack as st
 from loadtest.servers import cpu_seconds
 from loadtest.traffic import USER_AGENTS
 from trackbuf import links
+from trackbuf import metric_names as names
 from trackbuf.tokens import Keyring
 
 # Titles PostgreSQL gives its own processes (``postgres: checkpointer`` ...); any other
@@ -178,6 +179,18 @@ def acknowledged(admin: str) -> int:
     return round(total)
 
 
+def events_per_job(admin: str) -> float:
+    """Mean events per beanstalkd job ingest put (its job-size histogram)."""
+    with urllib.request.urlopen(f"http://{admin}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    total = {"_sum": 0.0, "_count": 0.0}
+    for line in text.splitlines():
+        for suffix in total:
+            if line.startswith(names.INGEST_JOB_EVENTS + suffix):
+                total[suffix] += float(line.rsplit(" ", 1)[1])
+    return round(total["_sum"] / max(total["_count"], 1), 2)
+
+
 def per_million(cpu: dict[str, float], stored: int, rate: float) -> dict[str, Any]:
     parts = {name: round(seconds / max(stored, 1) * 1e6, 1) for name, seconds in cpu.items()}
     total = sum(cpu.values()) / max(stored, 1)
@@ -190,10 +203,12 @@ def per_million(cpu: dict[str, float], stored: int, rate: float) -> dict[str, An
     }
 
 
-def measure_trackbuf(work: Path, urls: Path, rate: float, seconds: float) -> dict[str, Any]:
+def measure_trackbuf(
+    work: Path, urls: Path, rate: float, seconds: float, **ingest_env: str
+) -> dict[str, Any]:
     stack = st.Stack.start(work, "cost-trackbuf")
     try:
-        ingest, at = st.start_ingest(stack)
+        ingest, at = st.start_ingest(stack, **ingest_env)
         consumer, _ = st.start_consumer(stack)
         assert stack.bs.proc is not None
         pids = {"ingest": ingest.proc.pid, "beanstalkd": stack.bs.proc.pid,
@@ -204,13 +219,14 @@ def measure_trackbuf(work: Path, urls: Path, rate: float, seconds: float) -> dic
         time.sleep(1)  # requests wrk gave up on at its end are still being answered
         wait_drained(stack)
         after, window = cpu_by_part(pids, stack), time.monotonic() - started
-        acked = acknowledged(ingest.admin)
+        acked, per_job = acknowledged(ingest.admin), events_per_job(ingest.admin)
         consumer.stop()
         ingest.stop()
         stored = stack.rows()
         cpu = {name: after[name] - before[name] for name in after}
         return {"client": asdict(run), "window_s": round(window, 1), "acknowledged": acked,
-                "stored": stored, "cpu_s": {k: round(v, 2) for k, v in cpu.items()},
+                "stored": stored, "events_per_job": per_job,
+                "cpu_s": {k: round(v, 2) for k, v in cpu.items()},
                 **per_million(cpu, stored, run.requests_per_s)}  # fmt: skip
     finally:
         stack.close()
@@ -247,6 +263,11 @@ def bench_cost(work: Path, rate: float, seconds: float) -> dict[str, Any]:
     urls.write_text("".join(line + "\n" for line in traffic_lines(st_keyring(), count, "cost")))
     load_before = [round(v, 2) for v in os.getloadavg()]
     trackbuf = measure_trackbuf(work / "trackbuf", urls, rate, seconds)
+    # The same with every job put at once (the design before TRACKBUF_JOB_LINGER_MS): what
+    # holding a job open for more events saves, measured in the same run.
+    at_once = measure_trackbuf(
+        work / "trackbuf-at-once", urls, rate, seconds, TRACKBUF_JOB_LINGER_MS="0"
+    )
     naive = measure_naive(work / "naive", urls, rate, seconds)
     return {
         "target_rate": rate,
@@ -256,9 +277,13 @@ def bench_cost(work: Path, rate: float, seconds: float) -> dict[str, Any]:
         # Other work on the machine slows every process and inflates CPU per event.
         "load_average_after": [round(v, 2) for v in os.getloadavg()],
         "trackbuf": trackbuf,
+        "trackbuf_jobs_at_once": at_once,
         "naive_insert_per_request": naive,
         "trackbuf_vs_naive_total": round(
             trackbuf["total_cpu_s_per_million"] / max(naive["total_cpu_s_per_million"], 0.1), 3
+        ),
+        "linger_vs_at_once_total": round(
+            trackbuf["total_cpu_s_per_million"] / max(at_once["total_cpu_s_per_million"], 0.1), 3
         ),
     }
 

@@ -154,22 +154,37 @@ COST_PARTS = {
 
 
 def _cost_lines(c: dict[str, Any]) -> list[str]:
-    """CPU seconds per million stored events, per process, both designs side by side."""
+    """CPU seconds per million stored events, per process, both designs side by side
+    (and trackbuf with every job put at once, where the run measured it)."""
     t, n = c["trackbuf"], c["naive_insert_per_request"]
+    runs = [("trackbuf", t)]
+    if "trackbuf_jobs_at_once" in c:
+        runs.insert(0, ("trackbuf, jobs put at once", c["trackbuf_jobs_at_once"]))
+    runs.append(("naive", n))
     lines = [f"### CPU per million stored events (wrk paced at {c['target_rate']:,.0f} "
              f"events/s for {c['duration_s']:.0f} s; opens, repeat opens and clicks)", "",
-             "| process | trackbuf CPU s / million | naive CPU s / million |",
-             "|---|---|---|"]  # fmt: skip
+             "| process | " + " | ".join(f"{name} CPU s / million" for name, _ in runs) + " |",
+             "|---|" + "---|" * len(runs)]  # fmt: skip
+
+    def row(label: str, cells: list[str]) -> str:
+        return f"| {label} | " + " | ".join(cells) + " |"
+
     for part, label in COST_PARTS.items():
-        mine = t["cpu_s_per_million"].get(part)
-        theirs = n["cpu_s_per_million"].get(part)
-        lines.append(f"| {label} | {'-' if mine is None else f'{mine:,.1f}'} | "
-                     f"{'-' if theirs is None else f'{theirs:,.1f}'} |")  # fmt: skip
-    lines += [f"| **total** | **{t['total_cpu_s_per_million']:,.1f}** | "
-              f"**{n['total_cpu_s_per_million']:,.1f}** |",
-              f"| cores busy at 10,000 events/s | **{t['cores_at_10k_per_s']}** | "
-              f"**{n['cores_at_10k_per_s']}** |", "",
-              f"trackbuf: {t['client']['requests_per_s']:,.0f} requests/s answered, "
+        values = [r["cpu_s_per_million"].get(part) for _, r in runs]
+        lines.append(row(label, ["-" if v is None else f"{v:,.1f}" for v in values]))
+    lines += [
+        row("**total**", [f"**{r['total_cpu_s_per_million']:,.1f}**" for _, r in runs]),
+        row("cores busy at 10,000 events/s", [f"**{r['cores_at_10k_per_s']}**" for _, r in runs]),
+        "",
+    ]
+    if "trackbuf_jobs_at_once" in c:
+        a = c["trackbuf_jobs_at_once"]
+        lines += [f"Holding a job open for more events (`TRACKBUF_JOB_LINGER_MS`): "
+                  f"{t['events_per_job']} events per job against {a['events_per_job']} when "
+                  f"each job is put at once; total CPU {c['linger_vs_at_once_total']}x. "
+                  f"Client p99 {t['client']['p99_ms']} ms against {a['client']['p99_ms']} ms "
+                  "(wrk's, pacing included).", ""]  # fmt: skip
+    lines += [f"trackbuf: {t['client']['requests_per_s']:,.0f} requests/s answered, "
               f"{t['acknowledged']:,} events acknowledged, {t['stored']:,} stored. "
               f"Naive: {n['client']['requests_per_s']:,.0f} requests/s answered, "
               f"{n['stored']:,} stored. trackbuf / naive total CPU = "

@@ -20,6 +20,9 @@ ENV_PREFIX = "TRACKBUF_"
 # A tombstone kept longer than a century is a mistake, and far past it the date would
 # no longer fit PostgreSQL's timestamp range.
 MAX_FORGET_KEEP_DAYS = 36_500
+# Every event of a job may wait this long for the job to fill: a few milliseconds on an
+# answer that takes one is a trade; past this it would be a delay users notice.
+MAX_JOB_LINGER_MS = 50.0
 
 
 class SettingsError(ValueError):
@@ -60,6 +63,10 @@ class Settings:
     )
     job_ttr: int = field(
         default=120, metadata={"help": "seconds a consumer may hold a job before it returns"}
+    )
+    job_linger_ms: float = field(
+        default=2.0,
+        metadata={"help": "ingest: max wait of a job's first event for others to join it"},
     )
     max_job_bytes: int = field(
         default=60000,
@@ -117,6 +124,11 @@ class Settings:
             )
         if self.linger_ms < 0:
             raise SettingsError(f"{env_name('linger_ms')} must not be negative")
+        if not 0 <= self.job_linger_ms <= MAX_JOB_LINGER_MS:
+            raise SettingsError(
+                f"{env_name('job_linger_ms')} must be between 0 and {MAX_JOB_LINGER_MS} "
+                f"(milliseconds), got {self.job_linger_ms}"
+            )
         if self.ip_mode not in ("full", "anonymize", "drop"):
             raise SettingsError(f"{env_name('ip_mode')} must be full, anonymize or drop")
         if self.user_agent_mode not in ("full", "drop"):

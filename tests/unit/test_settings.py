@@ -54,6 +54,9 @@ def test_round_trip_through_the_environment() -> None:
         # ingest's spool must read back every job it holds: one job may not pass 1 MiB.
         ({"TRACKBUF_MAX_JOB_BYTES": "1048577"}, "TRACKBUF_MAX_JOB_BYTES must be at most 1048576"),
         ({"TRACKBUF_TUBE": "two words"}, "TRACKBUF_TUBE: bad tube name"),
+        ({"TRACKBUF_JOB_LINGER_MS": "-1"}, "TRACKBUF_JOB_LINGER_MS must be between 0 and 50"),
+        ({"TRACKBUF_JOB_LINGER_MS": "200"}, "TRACKBUF_JOB_LINGER_MS must be between 0 and 50"),
+        ({"TRACKBUF_JOB_LINGER_MS": "soon"}, "TRACKBUF_JOB_LINGER_MS must be a number"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:

@@ -1,0 +1,112 @@
+"""Holding a job open for more events (TRACKBUF_JOB_LINGER_MS), against a real beanstalkd.
+
+What a user of the setting expects: events that arrive within the linger share one job
+(one put, one reserve and delete in the consumer); no event waits much longer than the
+linger for its answer; a job that is full enough goes at once; 0 puts every job at once.
+Jobs are read back with greenstalk, not trackbuf's own client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import greenstalk
+import pytest
+from prometheus_client import CollectorRegistry
+
+from ingest.enqueue import Enqueuer, Outcome
+from ingest.linger import ENOUGH_EVENTS
+from ingest.metrics import IngestMetrics
+from ingest.pool import PoolEnqueuer
+from tests.servers import Beanstalkd
+from trackbuf import codec
+from trackbuf.events import new_event
+
+pytestmark = pytest.mark.integration
+
+TUBE = "trackbuf-events"
+LINGER_S = 0.05  # long next to a local put (~0.1 ms), so the test sees it clearly
+
+
+def jobs(servers: list[Beanstalkd]) -> list[list[str]]:
+    """The recipients of each job queued on ``servers``; the jobs are deleted."""
+    found = []
+    for server in servers:
+        with greenstalk.Client(("127.0.0.1", server.port), encoding=None, watch=TUBE) as c:
+            while True:
+                try:
+                    job = c.reserve(timeout=0)
+                except greenstalk.TimedOutError:
+                    break
+                found.append(sorted(e.recipient for e in codec.decode_job(bytes(job.body))))
+                c.delete(job)
+    return found
+
+
+def enqueuer(servers: list[Beanstalkd], linger_s: float) -> Enqueuer | PoolEnqueuer:
+    metrics = IngestMetrics.create(CollectorRegistry())
+    addresses = [("127.0.0.1", s.port) for s in servers]
+    if len(addresses) == 1:
+        return Enqueuer(addresses[0], TUBE, ttr=60, max_job_bytes=60000, metrics=metrics,
+                        linger_s=linger_s)  # fmt: skip
+    return PoolEnqueuer(addresses, TUBE, ttr=60, max_job_bytes=60000, metrics=metrics,
+                        linger_s=linger_s)  # fmt: skip
+
+
+def trickle(servers: list[Beanstalkd], linger_s: float, count: int, gap_s: float) -> list[float]:
+    """``count`` events, one every ``gap_s``; how long each waited for its answer."""
+
+    async def scenario() -> list[float]:
+        enq = enqueuer(servers, linger_s)
+        await enq.start()
+
+        async def one(i: int) -> float:
+            started = time.perf_counter()
+            encoded = codec.encode_event(new_event("open", "linger", f"r{i:03d}"))
+            assert await enq.submit(encoded) is Outcome.QUEUED
+            return time.perf_counter() - started
+
+        waits = []
+        for i in range(count):
+            waits.append(asyncio.ensure_future(one(i)))
+            await asyncio.sleep(gap_s)
+        done = await asyncio.gather(*waits)
+        assert await enq.close(5)
+        return list(done)
+
+    return asyncio.run(scenario())
+
+
+@pytest.fixture(params=[1, 3], ids=["one server", "pool of three"])
+def servers(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[list[Beanstalkd]]:
+    started = [Beanstalkd(tmp_path / f"binlog-{n}").start() for n in range(request.param)]
+    yield started
+    for server in started:
+        server.kill()
+
+
+def test_events_arriving_within_the_linger_share_a_job(servers: list[Beanstalkd]) -> None:
+    waits = trickle(servers, LINGER_S, count=5, gap_s=0.002)
+    assert jobs(servers) == [[f"r{i:03d}" for i in range(5)]]
+    # The first event waited the linger, not much more; the last one joined late.
+    assert LINGER_S * 0.8 <= waits[0] < LINGER_S + 0.04
+    assert waits[-1] < waits[0]
+
+
+def test_without_a_linger_each_job_is_put_at_once(servers: list[Beanstalkd]) -> None:
+    waits = trickle(servers, 0.0, count=5, gap_s=0.005)
+    assert sorted(jobs(servers)) == [[f"r{i:03d}"] for i in range(5)]
+    assert max(waits) < 0.04
+
+
+def test_a_job_with_enough_events_does_not_wait_out_the_linger(
+    servers: list[Beanstalkd],
+) -> None:
+    waits = trickle(servers, 5.0, count=ENOUGH_EVENTS, gap_s=0.0)
+    assert sorted(r for job in jobs(servers) for r in job) == [
+        f"r{i:03d}" for i in range(ENOUGH_EVENTS)
+    ]
+    assert max(waits) < 1.0  # not the 5 s linger
