@@ -3,9 +3,9 @@
 Requests hand encoded events to one task on the event loop and await a future. The
 task takes *everything* that arrived while the previous put was in flight and sends
 it as one job: natural batching. (What does not fit under the job-size limit goes
-first in the next round.) Under light load a job carries one event and adds no wait;
-under heavy load jobs fill up by themselves, so no fixed linger is needed: a linger
-would add its wait to every request (docs/ARCHITECTURE.md).
+first in the next round.) Under heavy load jobs fill up by themselves; at moderate
+rates a job's first event waits up to ``TRACKBUF_JOB_LINGER_MS`` for others to join it
+(``linger``), which makes for fewer, larger jobs at a cost of at most that wait.
 
 The parts, one job each:
 

@@ -1,17 +1,18 @@
 """How long a job stays open for more events before it is put.
 
 Natural batching alone (take whatever arrived while the previous put was in flight)
-puts about one event per job at moderate rates: a put on a nearby server answers in a
-tenth of a millisecond, and at 5,000 events/s the next event comes 0.2 ms later. Every
-job then costs its own put, its own reserve and delete in the consumer, and its own
-record in beanstalkd's memory and binlog. Holding the first event of a job for a
-millisecond or two lets the next ones join it.
+makes small jobs at moderate rates: a put on a nearby server answers in a tenth of a
+millisecond, and at 5,000 events/s the next event comes 0.2 ms later. Every job costs
+its own put, its own reserve and delete in the consumer, and its own records in
+beanstalkd's memory and binlog. Holding the first event of a job for a millisecond or
+two lets the next ones join it.
 
 The wait is counted from the arrival of the job's *first* event, so no event waits
 more than ``seconds`` for the linger, and a job that already waited (behind a put in
 flight, or handed back after a failed put) goes at once. It ends early once ``enough``
 events wait: under heavy load jobs fill while the previous put is in flight and the
-linger adds nothing. docs/ARCHITECTURE.md ("Fewer, larger jobs") has the figures.
+linger adds nothing. docs/ARCHITECTURE.md ("Natural batching, and a short linger") has
+the figures.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ ENOUGH_EVENTS = 16
 
 
 class Linger:
+    """The linger of one enqueuer: told of each arrival, awaited before each put."""
+
     def __init__(self, seconds: float, enough: int = ENOUGH_EVENTS) -> None:
         self.seconds = seconds
         self._enough = enough

@@ -7,16 +7,16 @@ servers and spreading jobs over them. Ingest does the same when
 spooler.)
 
 One delivery *lane* per server, all taking from one shared pending list: a lane that
-is free and whose server is healthy takes everything pending (natural batching, as
-with one server), puts the first job on its server and hands the rest back for the
-other lanes. So at most one put is in flight per server, a slow server delays only its
-own put, and the spreading is *least-outstanding* by construction: only a lane with
-nothing outstanding takes work, and idle lanes wait in line, so under light load jobs
-go round the servers in turn. Against one task putting round-robin over the pool (one
-put in flight in all), lanes answered about 30% more requests with a lower p99 when
-few requesters waited; with many, the event loop was the limit and the two were alike;
-and a stalled server holds only its own lane's put, not every request
-(docs/ARCHITECTURE.md, "The beanstalkd pool", has the figures).
+is free and whose server is healthy takes everything pending (natural batching and
+the linger, as with one server), puts the first job on its server and hands the rest
+back for the other lanes. So at most one put is in flight per server, a slow server
+delays only its own put, and the spreading is *least-outstanding* by construction:
+only a lane with nothing outstanding takes work, and idle lanes wait in line, so under
+light load jobs go round the servers in turn. Against one task putting round-robin
+over the pool (one put in flight in all), lanes answered about 30% more requests with
+a lower p99 when few requesters waited; with many, the event loop was the limit and
+the two were alike; and a stalled server holds only its own lane's put, not every
+request (docs/ARCHITECTURE.md, "The beanstalkd pool", has the figures).
 
 Turn-taking alone would give a server behind a slow link every third job, and its
 round trip to those requests. So each lane keeps a running average of its server's
