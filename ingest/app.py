@@ -120,6 +120,8 @@ class Ingest:
         self._flusher: asyncio.Task[None] | None = None
         self.shutdown = ShutdownClock()
         self._keep_user_agent = settings.user_agent_mode == "full"  # else stored as NULL
+        # Only behind a proxy of your own: X-Forwarded-For is the client's word otherwise.
+        self.trust_forwarded = settings.trust_forwarded
         spool = Spool(Path(settings.spool_path), settings.spool_max_bytes, settings.spool_fsync)
         addresses = settings.beanstalkd_addresses
         self.enqueuer: Enqueuer | PoolEnqueuer
@@ -207,7 +209,7 @@ class Ingest:
     async def open_pixel(self, request: web.BaseRequest, token: str) -> web.Response:
         started = time.perf_counter()
         outcome = await self._record_or_count_loss(request, "open", token)
-        self._observe("open", outcome, started)
+        self.observe("open", outcome, started)
         return web.Response(body=GIF, headers=PIXEL_HEADERS)
 
     async def click_redirect(self, request: web.BaseRequest, token: str) -> web.Response:
@@ -216,11 +218,11 @@ class Ingest:
             payload, target = click_target(self.keyring, self.redirect_hosts, token)
         except tokens.InvalidToken as exc:
             self.metrics.invalid_token_counter("click", exc.reason).inc()
-            self._observe("click", "invalid_token", started)
+            self.observe("click", "invalid_token", started)
             # Never redirect on a token we cannot trust: that would be an open redirect.
             return invalid_link_answer()
         outcome = await self._record_or_count_loss(request, "click", token, payload)
-        self._observe("click", outcome, started)
+        self.observe("click", outcome, started)
         return redirect_answer(target)
 
     async def _record_or_count_loss(
@@ -233,13 +235,16 @@ class Ingest:
         try:
             return await self._record(request, kind, token, payload)
         except Exception:
-            # Tracking must never break an email: whatever failed, the pixel loads and
-            # a valid click still redirects. The event is not stored, so it is counted
-            # and logged as lost.
-            log.exception(kv("request_failed", route=kind))
-            self.metrics.event_counter(kind, "lost").inc()
-            log.error(kv("event_lost", kind=kind, reason="request_failed"))
-            return "error"
+            return self.record_failed(kind)
+
+    def record_failed(self, kind: str) -> str:
+        """Called from an ``except`` block: whatever failed, tracking must never break
+        an email (the pixel loads and a valid click still redirects). The event is not
+        stored, so it is counted and logged as lost."""
+        log.exception(kv("request_failed", route=kind))
+        self.metrics.event_counter(kind, "lost").inc()
+        log.error(kv("event_lost", kind=kind, reason="request_failed"))
+        return "error"
 
     async def _record(
         self,
@@ -254,44 +259,64 @@ class Ingest:
         prefetchers, not from a person opening or clicking.
         """
         if payload is None:
-            try:
-                payload = tokens.verify(self.keyring, token, kind)
-            except tokens.InvalidToken as exc:
-                self.metrics.invalid_token_counter(kind, exc.reason).inc()
+            payload = self.verified(kind, token)
+            if payload is None:
                 return "invalid_token"
         if request.method == "HEAD":
             return "not_recorded"
-        event = codec.encode_new_event(
+        user_agent = request.headers.get("User-Agent")
+        forwarded = request.headers.getall("X-Forwarded-For", []) if self.trust_forwarded else []
+        event = self.encode(kind, payload, user_agent, self.client_ip(forwarded, request.remote))
+        # No timeout here: the enqueue task settles every future (its own I/O has
+        # timeouts), and wait_for would cost a task per request on the hot path.
+        outcome = await self.enqueuer.submit(event)
+        return self.settled(kind, outcome, payload)
+
+    def verified(self, kind: str, token: str) -> tokens.LinkPayload | None:
+        """The payload of a valid token; None (counted) for any other."""
+        try:
+            return tokens.verify(self.keyring, token, kind)
+        except tokens.InvalidToken as exc:
+            self.metrics.invalid_token_counter(kind, exc.reason).inc()
+            return None
+
+    def encode(
+        self, kind: str, payload: tokens.LinkPayload, user_agent: str | None, ip: str | None
+    ) -> bytes:
+        """The event of a request, encoded for a job."""
+        return codec.encode_new_event(
             kind,
             payload.campaign,
             payload.recipient,
             url=payload.url,
-            user_agent=request.headers.get("User-Agent") if self._keep_user_agent else None,
-            ip=self._client_ip(request),
+            user_agent=user_agent if self._keep_user_agent else None,
+            ip=ip,
         )
-        # No timeout here: the enqueue task settles every future (its own I/O has
-        # timeouts), and wait_for would cost a task per request on the hot path.
-        outcome = await self.enqueuer.submit(event)
+
+    def settled(self, kind: str, outcome: Outcome, payload: tokens.LinkPayload) -> str:
+        """Count what became of an event handed to the enqueuer; its outcome label."""
         if outcome is not Outcome.UNCONFIRMED:  # counted by the spool writer when it ends
             self.tally.event(kind, outcome.value)
         if outcome is Outcome.LOST:
             log.error(kv("event_lost", kind=kind, campaign=payload.campaign))
         return outcome.value
 
-    def _client_ip(self, request: web.BaseRequest) -> str | None:
-        settings = self.settings
-        if settings.trust_forwarded:
+    def client_ip(self, forwarded: list[str], remote: str | None) -> str | None:
+        """The address to store: from the socket or, with ``trust_forwarded``, the last
+        hop of ``forwarded`` (every X-Forwarded-For line); then the IP policy."""
+        mode = self.settings.ip_mode
+        if forwarded:
             # All header lines: a proxy may add its own line after one the client sent.
-            forwarded = ",".join(request.headers.getall("X-Forwarded-For", []))
-            if forwarded:
-                # The last hop is the one our own proxy appended; earlier ones are the
-                # client's word and can be forged.
-                return clean_ip(forwarded.rsplit(",", 1)[-1], settings.ip_mode)
-        if settings.ip_mode == "full":
-            return request.remote  # from the socket: already a valid address, no parsing
-        return clean_ip(request.remote, settings.ip_mode)
+            # The last hop is the one our own proxy appended; earlier ones are the
+            # client's word and can be forged.
+            joined = ",".join(forwarded)
+            if joined:
+                return clean_ip(joined.rsplit(",", 1)[-1], mode)
+        if mode == "full":
+            return remote  # from the socket: already a valid address, no parsing
+        return clean_ip(remote, mode)
 
-    def _observe(self, route: str, outcome: str, started: float) -> None:
+    def observe(self, route: str, outcome: str, started: float) -> None:
         self.tally.request(route, outcome, time.perf_counter() - started)
 
     def readyz(self) -> web.Response:

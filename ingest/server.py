@@ -19,6 +19,7 @@ from prometheus_client import multiprocess
 
 from ingest import listen
 from ingest.app import Ingest
+from ingest.fastpath import FastServer
 from ingest.metrics import IngestMetrics
 from ingest.supervisor import Supervisor
 from trackbuf.log import kv
@@ -116,10 +117,13 @@ async def _serve(
     ingest: Ingest,
 ) -> int:
     await ingest.start()
-    runner = web.ServerRunner(
-        web.Server(ingest.handle, access_log=None),  # a line per pixel costs more than it
-        shutdown_timeout=settings.shutdown_timeout,
+    # No access log: a line per pixel costs more than it tells.
+    server = (
+        FastServer(ingest, access_log=None)  # pixels and redirects without aiohttp's machinery
+        if settings.fast_path
+        else web.Server(ingest.handle, access_log=None)
     )
+    runner = web.ServerRunner(server, shutdown_timeout=settings.shutdown_timeout)
     await runner.setup()
     for sock in listeners:
         await web.SockSite(runner, sock, backlog=listen.BACKLOG).start()

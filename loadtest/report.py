@@ -158,8 +158,8 @@ def _cost_lines(c: dict[str, Any]) -> list[str]:
     (and trackbuf with every job put at once, where the run measured it)."""
     t, n = c["trackbuf"], c["naive_insert_per_request"]
     runs = [("trackbuf", t)]
-    if "trackbuf_jobs_at_once" in c:
-        runs.insert(0, ("trackbuf, jobs put at once", c["trackbuf_jobs_at_once"]))
+    if "trackbuf_before" in c:
+        runs.insert(0, ("trackbuf before", c["trackbuf_before"]))
     runs.append(("naive", n))
     lines = [f"### CPU per million stored events (wrk paced at {c['target_rate']:,.0f} "
              f"events/s for {c['duration_s']:.0f} s; opens, repeat opens and clicks)", "",
@@ -177,13 +177,15 @@ def _cost_lines(c: dict[str, Any]) -> list[str]:
         row("cores busy at 10,000 events/s", [f"**{r['cores_at_10k_per_s']}**" for _, r in runs]),
         "",
     ]
-    if "trackbuf_jobs_at_once" in c:
-        a = c["trackbuf_jobs_at_once"]
-        lines += [f"Holding a job open for more events (`TRACKBUF_JOB_LINGER_MS`): "
-                  f"{t['events_per_job']} events per job against {a['events_per_job']} when "
-                  f"each job is put at once; total CPU {c['linger_vs_at_once_total']}x. "
-                  f"Client p99 {t['client']['p99_ms']} ms against {a['client']['p99_ms']} ms "
-                  "(wrk's, pacing included).", ""]  # fmt: skip
+    if "trackbuf_before" in c:
+        b = c["trackbuf_before"]
+        lines += ["\"trackbuf before\" is the design before the fast path and the job linger "
+                  "(`TRACKBUF_FAST_PATH=0 TRACKBUF_JOB_LINGER_MS=0`: aiohttp answers every "
+                  "request, every job is put at once), run in the same process tree: total "
+                  f"CPU per stored event after / before = **{c['after_vs_before_total']}**. "
+                  f"Events per job {t['events_per_job']} after, {b['events_per_job']} "
+                  f"before; client p99 {t['client']['p99_ms']} ms after, "
+                  f"{b['client']['p99_ms']} ms before (wrk's, pacing included).", ""]  # fmt: skip
     lines += [f"trackbuf: {t['client']['requests_per_s']:,.0f} requests/s answered, "
               f"{t['acknowledged']:,} events acknowledged, {t['stored']:,} stored. "
               f"Naive: {n['client']['requests_per_s']:,.0f} requests/s answered, "

@@ -64,6 +64,13 @@ class Settings:
     job_ttr: int = field(
         default=120, metadata={"help": "seconds a consumer may hold a job before it returns"}
     )
+    fast_path: bool = field(
+        default=True,
+        metadata={
+            "help": "ingest: answer plain pixel and click GETs without aiohttp's "
+            "request machinery (off: aiohttp answers every request)"
+        },
+    )
     job_linger_ms: float = field(
         default=2.0,
         metadata={"help": "ingest: max wait of a job's first event for others to join it"},

@@ -399,8 +399,13 @@ def test_sigterm_ingest_stops_within_its_timeout_when_beanstalkd_hangs(
     finally:
         beanstalkd.proc.send_signal(signal.SIGCONT)
     report("SIGTERM ingest, beanstalkd hung", f"exit={code} took={took:.2f}s", "")
-    # The stop could not be graceful, and says so: exit 1 and a log line, in time.
-    assert code == 1 and "event=ingest_stop_timeout" in ingest.log()
+    # The stop could not be graceful, and says so: exit 1 and a log line, in time. Which
+    # line depends on where the deadline struck: in the server still waiting for its
+    # requests, or (the fast path closes their connections at the deadline) in the
+    # flush of what those requests had handed over.
+    log = ingest.log()
+    assert code == 1
+    assert "event=ingest_stop_timeout" in log or "event=enqueue_flush_timeout" in log, log
     assert took < settings.shutdown_timeout + 1.0, f"stop took {took:.2f}s"
 
 

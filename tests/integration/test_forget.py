@@ -99,7 +99,9 @@ def test_forget_erases_stored_queued_and_spooled_events_and_nobody_elses(
     with beanstalkd.client() as client:
         client.put(event_job(("a", R), ("a", "s@example.com"), ("c", "u@example.com")))
         client.put(poison_job("b", R))
-    assert beanstalkd.tube_stats()["current-jobs-ready"] >= 4
+    # The ingest's three concurrent opens share one job or more (the job linger), and
+    # the two jobs put by hand: at least three.
+    assert beanstalkd.tube_stats()["current-jobs-ready"] >= 3
 
     done = trackbuf(settings, "forget", "--recipient", R)
     assert done.returncode == 0, done.stderr

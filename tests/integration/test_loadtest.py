@@ -130,11 +130,16 @@ def test_cost_section_counts_every_process_per_stored_event(tmp_path: Path) -> N
     assert done.returncode == 0, done.stderr[-3000:]
     cost = json.loads((tmp_path / "results.json").read_text())["cost"]
     trackbuf, naive = cost["trackbuf"], cost["naive_insert_per_request"]
-    assert set(trackbuf["cpu_s"]) == {"ingest", "beanstalkd", "consumer",
+    before = cost["trackbuf_before"]  # no fast path, no job linger: the earlier design
+    for mine in (trackbuf, before):
+        assert set(mine["cpu_s"]) == {"ingest", "beanstalkd", "consumer",
                                       "postgresql_backends", "postgresql_background"}  # fmt: skip
+        # Every event ingest acknowledged is stored, and nothing else is.
+        assert mine["stored"] == mine["acknowledged"]
+        assert mine["events_per_job"] >= 1
     assert set(naive["cpu_s"]) == {"naive_tracker", "postgresql_backends",
                                    "postgresql_background"}  # fmt: skip
-    for result in (trackbuf, naive):
+    for result in (trackbuf, before, naive):
         assert all(v > 0 for v in result["cpu_s_per_million"].values()), result["cpu_s"]
         assert result["stored"] > 500
         parts = sum(result["cpu_s_per_million"].values())
@@ -142,11 +147,13 @@ def test_cost_section_counts_every_process_per_stored_event(tmp_path: Path) -> N
         assert result["cores_at_10k_per_s"] == pytest.approx(
             result["total_cpu_s_per_million"] / 100, abs=0.01
         )
-    # Every event ingest acknowledged is stored, and nothing else is.
-    assert trackbuf["stored"] == trackbuf["acknowledged"]
     assert trackbuf["client"]["requests"] <= trackbuf["acknowledged"]
     # The naive tracker answers after its INSERT: at most a request per connection
     # was still in flight (stored, not yet counted by wrk) when wrk stopped: 40 here.
     assert 0 <= naive["stored"] - naive["acknowledged"] <= 100
     assert trackbuf["client"]["non_2xx_3xx"] == naive["client"]["non_2xx_3xx"] == 0
-    assert "### CPU per million stored events" in markdown.read_text()
+    text = markdown.read_text()
+    assert "### CPU per million stored events" in text and "trackbuf before" in text
+    assert cost["after_vs_before_total"] == pytest.approx(
+        trackbuf["total_cpu_s_per_million"] / before["total_cpu_s_per_million"], abs=0.01
+    )

@@ -1,0 +1,379 @@
+"""The pixel and the click redirect without aiohttp's per-request machinery.
+
+Profiled under load, most of a pixel's CPU was aiohttp's, not trackbuf's: a request
+object and its header multidict, a response object whose headers are built and
+serialized anew for every answer, and the per-connection task that runs each handler.
+Yet almost every request ingest gets is the same simple thing: one ``GET /o/<token>``
+or ``GET /c/<token>`` whose headers arrive in one read, with no body. Those this module
+answers itself, from bytes prepared once; everything else (any other path or method, a
+body, a header block split over reads, pipelined requests, anything unusual) goes to
+aiohttp, which parses and answers it exactly as before.
+
+How: ``FastServer`` is the aiohttp ``web.Server`` that the listener's runner uses, and
+each connection starts as a ``FastConnection``. When a read is not one request the fast
+path takes, the connection is handed to aiohttp for good: a ``RequestHandler`` is made
+for it, the transport's protocol is switched to it, and the bytes read so far are fed
+to it as if they had just arrived. A client that sends anything aiohttp must judge (a
+header too long, a malformed line, a slow trickle) is therefore judged by aiohttp.
+
+The fast path is deliberately narrower than HTTP: request line ``GET <path> HTTP/1.x``
+with a path of unreserved characters only (no query, no escapes: aiohttp would decode
+those), header names that are tokens, values of printable ASCII, no
+``Transfer-Encoding``, ``Expect`` or ``Upgrade``, ``Content-Length`` at most 0. What it
+answers is what ``ingest.app`` answers: the same statuses, headers and bodies, the same
+durability (the answer is written only once the event is queued or spooled), the same
+counting. Keep-alive follows HTTP/1.1 (``Connection: close`` closes; HTTP/1.0 keeps the
+connection only when asked), and a connection idle for ``KEEPALIVE_S`` is closed, as
+aiohttp does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from email.utils import formatdate
+from typing import Any, cast
+
+from aiohttp import web
+
+from ingest.app import (
+    INVALID_LINK_PAGE,
+    NO_STORE,
+    Ingest,
+    click_target,
+)
+from ingest.outcomes import Outcome
+from ingest.pixel import GIF, PIXEL_HEADERS
+from trackbuf import tokens
+from trackbuf.links import CLICK_PREFIX, OPEN_PREFIX, OPEN_SUFFIX
+
+__all__ = ["FastServer", "Request", "parse"]
+
+# aiohttp's own limit for a request line or a header line: a request that could need
+# more is aiohttp's to judge.
+MAX_REQUEST_BYTES = 8190
+KEEPALIVE_S = 75.0  # aiohttp's keepalive_timeout default
+# Bytes a client may send ahead (pipelining) while its request is answered; past it,
+# reading pauses until the answer is written.
+AHEAD_MAX_BYTES = 64 * 1024
+
+# Checked with bytes.translate(None, allowed): what is left is what is not allowed.
+_ALNUM = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+_UNRESERVED = _ALNUM + b"-._~/"
+_TOKEN = _ALNUM + b"!#$%&'*+-.^_`|~"
+_PRINTABLE_LINES = bytes(range(0x20, 0x7F)) + b"\t\r\n"
+_OPEN = OPEN_PREFIX.encode()
+_CLICK = CLICK_PREFIX.encode()
+
+
+class Request:
+    """One request the fast path answers."""
+
+    __slots__ = ("forwarded", "http10", "keep_alive", "path", "user_agent")
+
+    def __init__(
+        self,
+        path: str,
+        http10: bool,
+        keep_alive: bool,
+        user_agent: str | None,
+        forwarded: list[str],
+    ) -> None:
+        self.path = path
+        self.http10 = http10
+        self.keep_alive = keep_alive
+        self.user_agent = user_agent
+        self.forwarded = forwarded
+
+
+def parse(data: bytes) -> Request | None:
+    """The request ``data`` holds if it is exactly one the fast path answers (one
+    complete ``GET`` of /o/ or /c/ with no body); None for anything else."""
+    end = data.find(b"\r\n\r\n")
+    if end != len(data) - 4 or end < 0 or len(data) > MAX_REQUEST_BYTES:
+        return None  # partial, pipelined, with a body, or long: aiohttp's
+    if not (data.startswith(b"GET /o/") or data.startswith(b"GET /c/")):
+        return None
+    block = data[:end]
+    if block.translate(None, _PRINTABLE_LINES):
+        return None  # a control or non-ASCII byte: aiohttp decodes (or refuses) it
+    lines = block.split(b"\r\n")
+    if block.count(b"\n") != len(lines) - 1 or block.count(b"\r") != len(lines) - 1:
+        return None  # a bare CR or LF
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or parts[1].translate(None, _UNRESERVED):
+        return None
+    version = parts[2]
+    if version == b"HTTP/1.1":
+        http10, keep_alive = False, True
+    elif version == b"HTTP/1.0":
+        http10, keep_alive = True, False
+    else:
+        return None
+    user_agent: str | None = None
+    forwarded: list[str] = []
+    for line in lines[1:]:
+        name, colon, raw = line.partition(b":")
+        if not colon or not name or name.translate(None, _TOKEN):
+            return None  # a folded or malformed line: aiohttp answers 400
+        value = raw.strip(b" \t")
+        key = name.lower()
+        if key == b"user-agent":
+            if user_agent is None:  # the first, as aiohttp's headers.get() gives it
+                user_agent = value.decode()
+        elif key == b"x-forwarded-for":
+            forwarded.append(value.decode())
+        elif key == b"connection":
+            options = {o.strip() for o in value.lower().split(b",")}
+            if b"upgrade" in options:
+                return None
+            if b"close" in options:
+                keep_alive = False
+            elif b"keep-alive" in options:
+                keep_alive = True
+        elif key == b"content-length":
+            if value != b"0":
+                return None
+        elif key in (b"transfer-encoding", b"expect", b"upgrade"):
+            return None
+    return Request(parts[1].decode(), http10, keep_alive, user_agent, forwarded)
+
+
+class _Date:
+    """The Date header's value, formatted once a second."""
+
+    __slots__ = ("_second", "_value")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._value = b""
+
+    def now(self) -> bytes:
+        second = int(time.time())
+        if second != self._second:
+            self._second = second
+            self._value = formatdate(second, usegmt=True).encode()
+        return self._value
+
+
+def _head(status: bytes, headers: dict[str, str], length: int) -> bytes:
+    """Status line (without the version) and headers, up to the Date header."""
+    lines = [f"{name}: {value}\r\n" for name, value in headers.items()]
+    return status + b"\r\n" + "".join(lines).encode() + f"Content-Length: {length}\r\n".encode()
+
+
+_PIXEL = _head(b" 200 OK", PIXEL_HEADERS, len(GIF))
+_INVALID_BODY = INVALID_LINK_PAGE.encode()
+_INVALID = _head(
+    b" 404 Not Found",
+    {"Content-Type": "text/html; charset=utf-8", **NO_STORE},
+    len(_INVALID_BODY),
+)
+_REDIRECT_REST = "".join(
+    f"{k}: {v}\r\n" for k, v in {"Referrer-Policy": "no-referrer", **NO_STORE}.items()
+).encode()
+
+
+class FastServer(web.Server):
+    """aiohttp's low-level server, whose connections start on the fast path."""
+
+    def __init__(self, ingest: Ingest, **kwargs: Any) -> None:
+        super().__init__(ingest.handle, **kwargs)
+        self.ingest = ingest
+        self.date = _Date()
+        self.fast: set[FastConnection] = set()
+        self.closing = False
+
+    def __call__(self) -> FastConnection:  # type: ignore[override]
+        return FastConnection(self)
+
+    def aiohttp_protocol(self) -> asyncio.Protocol:
+        """A connection handler of aiohttp's own, for a connection handed over."""
+        return super().__call__()
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """Close idle fast connections now; the others close once their answer is
+        written (within ``timeout``). Then aiohttp's connections, as aiohttp does."""
+        self.closing = True
+        for conn in list(self.fast):
+            conn.close_if_idle()
+        deadline = time.monotonic() + (timeout if timeout is not None else 60.0)
+        while self.fast and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for conn in list(self.fast):
+            conn.abort()
+        await super().shutdown(timeout)
+
+
+class FastConnection(asyncio.Protocol):
+    """One client connection, answered on the fast path until handed to aiohttp."""
+
+    __slots__ = (
+        "_ahead", "_busy", "_eof", "_idle", "_paused", "_remote", "_server", "_transport",
+    )  # fmt: skip
+
+    def __init__(self, server: FastServer) -> None:
+        self._server = server
+        self._transport: asyncio.Transport | None = None
+        self._remote: str | None = None
+        self._busy = False  # an answer is being prepared
+        self._ahead = b""  # bytes the client sent while it waited for that answer
+        self._paused = False
+        self._eof = False  # the client sent all it will send
+        self._idle: asyncio.TimerHandle | None = None
+
+    # asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        self._transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self._remote = peer[0] if isinstance(peer, tuple) else None
+        self._server.fast.add(self)
+        self._wait_idle()
+
+    def data_received(self, data: bytes) -> None:
+        if self._busy:
+            self._ahead += data
+            if len(self._ahead) > AHEAD_MAX_BYTES and self._transport is not None:
+                self._transport.pause_reading()
+                self._paused = True
+            return
+        self._take(data)
+
+    def eof_received(self) -> bool | None:
+        if self._busy:
+            self._eof = True
+            return True  # keep the transport open to write the answer, then close
+        return None  # nothing to answer: close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server.fast.discard(self)
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        self._transport = None
+
+    # The fast path ---------------------------------------------------------------------
+
+    def _take(self, data: bytes) -> None:
+        request = parse(data)
+        if request is None:
+            self._hand_over(data)
+            return
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        self._busy = True
+        ingest = self._server.ingest
+        started = time.perf_counter()
+        path = request.path
+        if path.startswith(OPEN_PREFIX):
+            kind, token = "open", path[len(OPEN_PREFIX) :].removesuffix(OPEN_SUFFIX)
+        else:
+            kind, token = "click", path[len(CLICK_PREFIX) :]
+        head = _PIXEL
+        body = GIF
+        try:
+            if kind == "click":
+                try:
+                    payload, target = click_target(ingest.keyring, ingest.redirect_hosts, token)
+                except tokens.InvalidToken as exc:
+                    ingest.metrics.invalid_token_counter("click", exc.reason).inc()
+                    ingest.observe("click", "invalid_token", started)
+                    # Never redirect on a token we cannot trust: an open redirect.
+                    self._answer(request, _INVALID, _INVALID_BODY)
+                    return
+                # click_target() gives only printable ASCII without spaces.
+                head = b" 302 Found\r\nLocation: " + target.encode() + b"\r\n" + _REDIRECT_REST
+                head += b"Content-Length: 0\r\n"
+                body = b""
+            else:
+                checked = ingest.verified("open", token)
+                if checked is None:
+                    ingest.observe("open", "invalid_token", started)
+                    self._answer(request, head, body)
+                    return
+                payload = checked
+            forwarded = request.forwarded if ingest.trust_forwarded else []
+            ip = ingest.client_ip(forwarded, self._remote)
+            event = ingest.encode(kind, payload, request.user_agent, ip)
+            future = ingest.enqueuer.submit(event)
+        except Exception:
+            ingest.observe(kind, ingest.record_failed(kind), started)
+            self._answer(request, head, body)
+            return
+
+        def durable(done: asyncio.Future[Outcome]) -> None:
+            try:
+                outcome = ingest.settled(kind, done.result(), payload)
+            except (Exception, asyncio.CancelledError):
+                outcome = ingest.record_failed(kind)
+            ingest.observe(kind, outcome, started)
+            self._answer(request, head, body)
+
+        future.add_done_callback(durable)
+
+    def _answer(self, request: Request, head: bytes, body: bytes) -> None:
+        """Write the answer, then go on with what the client sent meanwhile."""
+        self._busy = False
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        keep_alive = request.keep_alive and not self._server.closing and not self._eof
+        # As aiohttp: say so only where the version's default is the other way.
+        connection = b""
+        if keep_alive and request.http10:
+            connection = b"Connection: keep-alive\r\n"
+        elif not keep_alive and not request.http10:
+            connection = b"Connection: close\r\n"
+        version = b"HTTP/1.0" if request.http10 else b"HTTP/1.1"
+        date = self._server.date.now()
+        transport.write(b"".join((version, head, b"Date: ", date, b"\r\n", connection,
+                                  b"\r\n", body)))  # fmt: skip
+        if not keep_alive:
+            transport.close()
+            return
+        if self._paused:
+            self._paused = False
+            transport.resume_reading()
+        ahead, self._ahead = self._ahead, b""
+        if ahead:
+            self._take(ahead)
+        else:
+            self._wait_idle()
+
+    def _hand_over(self, data: bytes) -> None:
+        """From now on aiohttp serves this connection, starting with ``data``."""
+        transport = self._transport
+        self._server.fast.discard(self)
+        if transport is None or transport.is_closing():
+            return
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        if self._paused:
+            self._paused = False
+            transport.resume_reading()
+        handler = self._server.aiohttp_protocol()
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        handler.data_received(data)
+        self._transport = None
+
+    # Idle connections and shutdown -----------------------------------------------------
+
+    def _wait_idle(self) -> None:
+        if self._server.closing:
+            self.abort()
+            return
+        loop = asyncio.get_running_loop()
+        self._idle = loop.call_at(loop.time() + KEEPALIVE_S, self.close_if_idle)
+
+    def close_if_idle(self) -> None:
+        if not self._busy and self._transport is not None:
+            self._transport.close()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.close()

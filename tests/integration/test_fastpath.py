@@ -1,0 +1,234 @@
+"""Ingest's fast path, against real ingest processes and a real beanstalkd.
+
+What a user of ingest must not be able to tell: with the fast path on (the default) or
+off (``TRACKBUF_FAST_PATH=0``: aiohttp answers everything), the same request gets the
+same answer and queues the same event. And what the fast path must survive on one
+connection: requests it hands to aiohttp mid-connection, pipelined and split requests,
+many requests in a row, and a graceful stop with clients still connected.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import greenstalk
+import pytest
+
+from tests.procs import Process, start_ingest
+from tests.servers import Beanstalkd, free_port
+from trackbuf import codec, links
+from trackbuf.settings import Settings
+from trackbuf.tokens import Keyring
+
+pytestmark = pytest.mark.integration
+
+UA = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) AppleWebKit/605.1.15"
+
+
+class Answer:
+    def __init__(self, status: str, headers: dict[str, str], body: bytes) -> None:
+        self.status, self.headers, self.body = status, headers, body
+
+    def comparable(self) -> tuple[str, dict[str, str], bytes]:
+        """Without what differs between any two answers (Date) or names the server."""
+        kept = {k: v for k, v in self.headers.items() if k not in ("date", "server")}
+        return self.status, kept, self.body
+
+
+class Client:
+    """A raw HTTP/1.x connection: bytes out exactly as written, answers read back."""
+
+    def __init__(self, listen: str) -> None:
+        host, port = listen.rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=5)
+        self.buffer = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def answer(self, to_head: bool = False) -> Answer:
+        """The next answer; ``to_head``: to a HEAD request (no body, whatever the length)."""
+        while b"\r\n\r\n" not in self.buffer:
+            self._read()
+        top, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        status, *lines = top.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines:
+            name, value = line.split(":", 1)
+            headers[name.strip().lower()] = value.strip()
+        length = 0 if to_head else int(headers.get("content-length", "0"))
+        while len(self.buffer) < length:
+            self._read()
+        body, self.buffer = self.buffer[:length], self.buffer[length:]
+        return Answer(status, headers, body)
+
+    def closed_by_server(self) -> bool:
+        try:
+            return self.sock.recv(1) == b""
+        except (ConnectionResetError, TimeoutError):
+            return False
+
+    def _read(self) -> None:
+        chunk = self.sock.recv(65536)
+        assert chunk, "the server closed the connection before answering"
+        self.buffer += chunk
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def get(path: str, *headers: str, version: str = "HTTP/1.1", method: str = "GET") -> bytes:
+    lines = [f"{method} {path} {version}", "Host: t.example", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def path_of(url: str) -> str:
+    return "/" + url.split("/", 3)[3]
+
+
+def queued(server: Beanstalkd) -> list[tuple[str, str, str | None, str | None, str | None]]:
+    """(kind, recipient, url, user agent, ip) of every queued event, sorted; deleted.
+    Read with greenstalk, not trackbuf's own client."""
+    found = []
+    with greenstalk.Client(("127.0.0.1", server.port), encoding=None) as client:
+        client.watch("trackbuf-events")
+        while True:
+            try:
+                job = client.reserve(timeout=0)
+            except greenstalk.TimedOutError:
+                return sorted(found, key=repr)
+            for e in codec.decode_job(bytes(job.body)):
+                found.append((e.kind, e.recipient, e.url, e.user_agent, e.ip))
+            client.delete(job)
+
+
+@pytest.fixture
+def two_ingests(make_settings, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """The same settings twice, the fast path on in one and off in the other."""
+    started: list[tuple[Process, Settings]] = []
+    try:
+        for fast in (True, False):
+            name = "fast" if fast else "aiohttp"
+            settings: Settings = make_settings(
+                fast_path=fast, listen=f"127.0.0.1:{free_port()}",
+                admin_listen=f"127.0.0.1:{free_port()}", spool_dir=str(tmp_path / name),
+                redirect_hosts="shop.example",
+            )  # fmt: skip
+            started.append((start_ingest(settings, tmp_path / f"{name}.log"), settings))
+        yield [s for _, s in started]
+    finally:
+        for proc, _ in started:
+            assert proc.terminate() == 0, proc.log()
+
+
+def test_every_request_gets_the_same_answer_and_event_with_the_fast_path_or_without(
+    two_ingests: list[Settings], beanstalkd: Beanstalkd, keyring: Keyring
+) -> None:
+    base = "http://t.example"
+    pixel = path_of(links.open_url(base, keyring, "same", "r1"))
+    click = path_of(links.click_url(base, keyring, "same", "r2", "https://shop.example/a?b=1"))
+    elsewhere = path_of(links.click_url(base, keyring, "same", "r3", "https://evil.example/"))
+    requests = {
+        "pixel": get(pixel, f"User-Agent: {UA}"),
+        "pixel, HTTP/1.0": get(pixel, version="HTTP/1.0"),
+        "pixel, HTTP/1.0 keep-alive": get(pixel, "Connection: keep-alive", version="HTTP/1.0"),
+        "pixel, Connection: close": get(pixel, "Connection: close"),
+        "pixel, forwarded (not trusted)": get(pixel, "X-Forwarded-For: 198.51.100.7"),
+        "pixel, HEAD": get(pixel, method="HEAD"),
+        "pixel, forged": get("/o/k1.Zm9yZ2Vk.AAAAAAAAAAAAAAAAAAAAAA.gif"),
+        "pixel, not even a token": get("/o/nothing"),
+        "click": get(click, f"User-Agent: {UA}"),
+        "click, forged": get("/c/k1.Zm9yZ2Vk.AAAAAAAAAAAAAAAAAAAAAA"),
+        "click, host not allowed": get(elsewhere),
+        "health": get("/healthz"),
+    }
+    answers: list[dict[str, tuple[str, dict[str, str], bytes]]] = []
+    events = []
+    for settings in two_ingests:
+        seen = {}
+        for name, data in requests.items():
+            client = Client(settings.listen)
+            client.send(data)
+            seen[name] = client.answer(to_head=name.endswith("HEAD")).comparable()
+            client.close()
+        answers.append(seen)
+        events.append(queued(beanstalkd))
+    fast, plain = answers
+    for name in requests:
+        assert fast[name] == plain[name], name
+    assert fast["pixel"][0] == "HTTP/1.1 200 OK" and fast["click"][0] == "HTTP/1.1 302 Found"
+    assert fast["click"][1]["location"] == "https://shop.example/a?b=1"
+    assert fast["click, host not allowed"][0].startswith("HTTP/1.1 404")
+    assert fast["pixel, HTTP/1.0"][0] == "HTTP/1.0 200 OK"
+    # The same events, user agent and client address included: 5 opens, 1 click.
+    assert events[0] == events[1]
+    assert [e[0] for e in events[0]].count("open") == 5
+    assert ("click", "r2", "https://shop.example/a?b=1", UA, "127.0.0.1") in events[0]
+
+
+def test_one_connection_moves_to_aiohttp_and_keeps_every_answer_in_order(
+    make_settings, beanstalkd: Beanstalkd, keyring: Keyring, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    settings: Settings = make_settings()
+    ingest = start_ingest(settings, tmp_path / "ingest.log")
+    pixel = [path_of(links.open_url("http://t", keyring, "conn", f"r{i}")) for i in range(6)]
+    client = Client(settings.listen)
+    try:
+        client.send(get(pixel[0]))  # fast
+        first = client.answer()
+        client.send(get("/healthz"))  # handed to aiohttp mid-connection
+        health = client.answer()
+        client.send(get(pixel[1]) + get(pixel[2]))  # pipelined
+        piped = [client.answer(), client.answer()]
+        half = get(pixel[3])
+        client.send(half[:20])  # split over two writes
+        time.sleep(0.1)
+        client.send(half[20:])
+        split = client.answer()
+        client.send(get(pixel[4], "Connection: close"))
+        last = client.answer()
+        closed = client.closed_by_server()
+    finally:
+        client.close()
+        assert ingest.terminate() == 0
+    assert [a.status for a in (first, health, *piped, split, last)] == ["HTTP/1.1 200 OK"] * 6
+    assert health.body == b"ok\n" and first.headers["content-type"] == "image/gif"
+    assert closed
+    assert sorted(e[1] for e in queued(beanstalkd)) == ["r0", "r1", "r2", "r3", "r4"]
+
+
+def test_many_requests_on_one_fast_connection_are_each_answered_and_queued(
+    make_settings, beanstalkd: Beanstalkd, keyring: Keyring, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    settings: Settings = make_settings()
+    ingest = start_ingest(settings, tmp_path / "ingest.log")
+    client = Client(settings.listen)
+    try:
+        for i in range(300):
+            client.send(get(path_of(links.open_url("http://t", keyring, "many", f"r{i:03d}"))))
+            assert client.answer().status == "HTTP/1.1 200 OK"
+    finally:
+        client.close()
+        assert ingest.terminate() == 0
+    assert [e[1] for e in queued(beanstalkd)] == sorted(f"r{i:03d}" for i in range(300))
+
+
+def test_a_graceful_stop_closes_idle_fast_connections_and_exits_clean(
+    make_settings, beanstalkd: Beanstalkd, keyring: Keyring, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    settings: Settings = make_settings(shutdown_timeout=5.0)
+    ingest: Process = start_ingest(settings, tmp_path / "ingest.log")
+    clients = [Client(settings.listen) for _ in range(5)]
+    for i, client in enumerate(clients):
+        client.send(get(path_of(links.open_url("http://t", keyring, "stop", f"r{i}"))))
+        assert client.answer().status == "HTTP/1.1 200 OK"  # kept alive, now idle
+    started = time.monotonic()
+    code = ingest.terminate()
+    took = time.monotonic() - started
+    assert code == 0, ingest.log()
+    assert took < 3, f"the stop waited {took:.1f} s for idle connections"
+    assert all(client.closed_by_server() for client in clients)
+    for client in clients:
+        client.close()
