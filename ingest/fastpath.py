@@ -101,8 +101,8 @@ def parse(data: bytes) -> Request | None:
     if block.count(b"\n") != len(lines) - 1 or block.count(b"\r") != len(lines) - 1:
         return None  # a bare CR or LF
     parts = lines[0].split(b" ")
-    if len(parts) != 3 or parts[1].translate(None, _UNRESERVED):
-        return None
+    if len(parts) != 3 or parts[1].translate(None, _UNRESERVED) or b"/." in parts[1]:
+        return None  # "/." may be a dot segment, which aiohttp's URL parser resolves
     version = parts[2]
     if version == b"HTTP/1.1":
         http10, keep_alive = False, True

@@ -142,6 +142,7 @@ def test_every_request_gets_the_same_answer_and_event_with_the_fast_path_or_with
         "pixel, HEAD": get(pixel, method="HEAD"),
         "pixel, forged": get("/o/k1.Zm9yZ2Vk.AAAAAAAAAAAAAAAAAAAAAA.gif"),
         "pixel, not even a token": get("/o/nothing"),
+        "pixel, dot segment": get("/o/../c/k1.Zm9yZ2Vk.AAAAAAAAAAAAAAAAAAAAAA"),
         "click": get(click, f"User-Agent: {UA}"),
         "click, forged": get("/c/k1.Zm9yZ2Vk.AAAAAAAAAAAAAAAAAAAAAA"),
         "click, host not allowed": get(elsewhere),

@@ -70,6 +70,7 @@ LEFT_TO_AIOHTTP = {
     "another path": request("GET /ox/abc HTTP/1.1"),
     "query string": request(f"GET /o/{TOKEN}.gif?utm=1 HTTP/1.1"),
     "percent escape": request("GET /o/k1%2Eabc.gif HTTP/1.1"),
+    "dot segment (aiohttp resolves it)": request("GET /o/../c/abc HTTP/1.1"),
     "absolute form": request(f"GET http://t.example/o/{TOKEN}.gif HTTP/1.1"),
     "HTTP/2.0 line": request(f"GET /o/{TOKEN}.gif HTTP/2.0"),
     "HTTP/0.9 style": f"GET /o/{TOKEN}.gif\r\n\r\n".encode(),
