@@ -27,6 +27,7 @@ hypothesis_settings.register_profile("trackbuf", deadline=None)
 hypothesis_settings.load_profile("trackbuf")
 
 TEMPLATE = "trackbuf_template"
+FAST_PATH_VARIABLE = "TRACKBUF_TEST_FAST_PATH"
 KEYS = "k2:second-signing-key-for-tests-00000000,k1:first-signing-key-for-tests-000000000"
 _db_names = itertools.count()
 
@@ -142,6 +143,9 @@ def make_settings(beanstalkd: Beanstalkd, database_url: str, tmp_path: Path):  #
             "linger_ms": 50,
             "spool_dir": str(tmp_path / "spool"),
             "shutdown_timeout": 10.0,
+            # ./dev test runs the ingest suites a second time with aiohttp answering
+            # every request (TRACKBUF_FAST_PATH=0), the path the fast one must match.
+            "fast_path": os.environ.get(FAST_PATH_VARIABLE, "1") != "0",
         }
         base.update(overrides)
         return tsettings.load({}, overrides=base)
