@@ -52,7 +52,7 @@ __all__ = ["FastServer", "Request", "parse"]
 # aiohttp's own limit for a request line or a header line: a request that could need
 # more is aiohttp's to judge.
 MAX_REQUEST_BYTES = 8190
-KEEPALIVE_S = 75.0  # aiohttp's keepalive_timeout default
+KEEPALIVE_S = 75.0  # aiohttp's keepalive_timeout default, unless the server is given one
 # Bytes a client may send ahead (pipelining) while its request is answered; past it,
 # reading pauses until the answer is written.
 AHEAD_MAX_BYTES = 64 * 1024
@@ -180,6 +180,8 @@ class FastServer(web.Server):
     def __init__(self, ingest: Ingest, **kwargs: Any) -> None:
         super().__init__(ingest.handle, **kwargs)
         self.ingest = ingest
+        # aiohttp's own setting, so a connection handed over keeps the same rule.
+        self.keepalive_s = float(kwargs.get("keepalive_timeout", KEEPALIVE_S))
         self.date = _Date()
         self.fast: set[FastConnection] = set()
         self.closing = False
@@ -368,7 +370,7 @@ class FastConnection(asyncio.Protocol):
             self.abort()
             return
         loop = asyncio.get_running_loop()
-        self._idle = loop.call_at(loop.time() + KEEPALIVE_S, self.close_if_idle)
+        self._idle = loop.call_at(loop.time() + self._server.keepalive_s, self.close_if_idle)
 
     def close_if_idle(self) -> None:
         if not self._busy and self._transport is not None:

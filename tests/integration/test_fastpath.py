@@ -9,6 +9,7 @@ many requests in a row, and a graceful stop with clients still connected.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from pathlib import Path
@@ -16,6 +17,9 @@ from pathlib import Path
 import greenstalk
 import pytest
 
+from ingest.app import Ingest
+from ingest.fastpath import FastServer
+from ingest.pixel import GIF
 from tests.procs import Process, start_ingest
 from tests.servers import Beanstalkd, free_port
 from trackbuf import codec, links
@@ -236,3 +240,50 @@ def test_a_graceful_stop_closes_idle_fast_connections_and_exits_clean(
     assert all(client.closed_by_server() for client in clients)
     for client in clients:
         client.close()
+
+
+def test_an_idle_keep_alive_connection_is_closed_after_the_keepalive_timeout(
+    make_settings, beanstalkd: Beanstalkd, keyring: Keyring
+) -> None:  # type: ignore[no-untyped-def]
+    """In this process, with a short keepalive_timeout (aiohttp's setting, which the
+    fast path follows too): a fast connection left idle is closed, one that keeps
+    asking is not, and a connection handed to aiohttp obeys the same timeout."""
+    settings: Settings = make_settings()
+    pixel = path_of(links.open_url("http://t", keyring, "idle", "r"))
+
+    async def scenario() -> tuple[bytes, bytes]:
+        ingest = Ingest(settings)
+        await ingest.start()
+        server = FastServer(ingest, access_log=None, keepalive_timeout=0.3)
+        listener = await asyncio.get_running_loop().create_server(server, "127.0.0.1", 0)
+        port = listener.sockets[0].getsockname()[1]
+
+        async def ask(path: str, then_wait: float) -> bytes:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(get(path))
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 OK"), head
+            for _ in range(4):  # still open while it keeps asking within the timeout
+                await asyncio.sleep(0.15)
+                writer.write(get(path))
+                await reader.readuntil(b"\r\n\r\n")
+            await asyncio.sleep(then_wait)
+            try:
+                rest = await asyncio.wait_for(reader.read(), 1.0)  # b"..." up to EOF
+            finally:
+                writer.close()
+            return rest
+
+        try:
+            fast = await ask(pixel, then_wait=0.6)
+            handed = await ask("/healthz", then_wait=0.6)
+            listener.close()
+            await server.shutdown(1.0)
+        finally:
+            await ingest.close()
+        return fast, handed
+
+    fast, handed = asyncio.run(scenario())
+    # Closed by the server: read() reached EOF (after the last answer's body).
+    assert fast.endswith(GIF)
+    assert handed.endswith(b"ok\n")
