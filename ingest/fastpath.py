@@ -30,11 +30,13 @@ aiohttp does.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from email.utils import formatdate
 from typing import Any, cast
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from ingest.app import (
     INVALID_LINK_PAGE,
@@ -52,7 +54,14 @@ __all__ = ["FastServer", "Request", "parse"]
 # aiohttp's own limit for a request line or a header line: a request that could need
 # more is aiohttp's to judge.
 MAX_REQUEST_BYTES = 8190
-KEEPALIVE_S = 75.0  # aiohttp's keepalive_timeout default, unless the server is given one
+# aiohttp's own default for closing an idle connection (75 s up to 3.10.5, then 3630 s,
+# to outlast the idle timeout of a proxy in front): fast connections and connections
+# handed to aiohttp keep the same rule.
+KEEPALIVE_S = float(
+    inspect.signature(RequestHandler.__init__).parameters["keepalive_timeout"].default
+)
+# More header lines than this go to aiohttp, which refuses more than 128.
+MAX_HEADERS = 100
 # Bytes a client may send ahead (pipelining) while its request is answered; past it,
 # reading pauses until the answer is written.
 AHEAD_MAX_BYTES = 64 * 1024
@@ -62,6 +71,9 @@ _ALNUM = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 _UNRESERVED = _ALNUM + b"-._~/"
 _TOKEN = _ALNUM + b"!#$%&'*+-.^_`|~"
 _PRINTABLE_LINES = bytes(range(0x20, 0x7F)) + b"\t\r\n"
+# Headers that make a request more than a plain GET (a body, a protocol switch, or the
+# old WebSocket handshake aiohttp's parser refuses).
+_REFUSED = frozenset((b"transfer-encoding", b"expect", b"upgrade", b"sec-websocket-key1"))
 _OPEN = OPEN_PREFIX.encode()
 _CLICK = CLICK_PREFIX.encode()
 
@@ -110,23 +122,30 @@ def parse(data: bytes) -> Request | None:
         http10, keep_alive = True, False
     else:
         return None
+    if len(lines) > MAX_HEADERS + 1:
+        return None
     user_agent: str | None = None
     forwarded: list[str] = []
+    seen: set[bytes] = set()
     for line in lines[1:]:
         name, colon, raw = line.partition(b":")
         if not colon or not name or name.translate(None, _TOKEN):
             return None  # a folded or malformed line: aiohttp answers 400
         value = raw.strip(b" \t")
         key = name.lower()
+        if key in seen and key != b"x-forwarded-for":
+            # aiohttp refuses some repeated headers (Host, User-Agent, Content-Length...)
+            # and its releases differ on which: whatever it decides, it decides.
+            return None
+        seen.add(key)
         if key == b"user-agent":
-            if user_agent is None:  # the first, as aiohttp's headers.get() gives it
-                user_agent = value.decode()
+            user_agent = value.decode()
         elif key == b"x-forwarded-for":
             forwarded.append(value.decode())
         elif key == b"connection":
             options = {o.strip() for o in value.lower().split(b",")}
-            if b"upgrade" in options:
-                return None
+            if b"upgrade" in options or {b"close", b"keep-alive"} <= options:
+                return None  # an upgrade, or a contradiction: aiohttp's rules decide
             if b"close" in options:
                 keep_alive = False
             elif b"keep-alive" in options:
@@ -134,8 +153,10 @@ def parse(data: bytes) -> Request | None:
         elif key == b"content-length":
             if value != b"0":
                 return None
-        elif key in (b"transfer-encoding", b"expect", b"upgrade"):
+        elif key in _REFUSED:
             return None
+    if not http10 and b"host" not in seen:
+        return None  # HTTP/1.1 requires Host; newer aiohttp answers 400 without it
     return Request(parts[1].decode(), http10, keep_alive, user_agent, forwarded)
 
 
@@ -212,6 +233,7 @@ class FastConnection(asyncio.Protocol):
 
     __slots__ = (
         "_ahead", "_busy", "_eof", "_idle", "_paused", "_remote", "_server", "_transport",
+        "_write_paused",
     )  # fmt: skip
 
     def __init__(self, server: FastServer) -> None:
@@ -220,7 +242,10 @@ class FastConnection(asyncio.Protocol):
         self._remote: str | None = None
         self._busy = False  # an answer is being prepared
         self._ahead = b""  # bytes the client sent while it waited for that answer
-        self._paused = False
+        self._paused = False  # reading paused by us
+        # The transport's buffer is full (a client that does not read its answers):
+        # no new answer until it drains, as aiohttp waits for the drain after each one.
+        self._write_paused = False
         self._eof = False  # the client sent all it will send
         self._idle: asyncio.TimerHandle | None = None
 
@@ -235,13 +260,21 @@ class FastConnection(asyncio.Protocol):
         self._wait_idle()
 
     def data_received(self, data: bytes) -> None:
-        if self._busy:
+        if self._busy or self._write_paused:
             self._ahead += data
-            if len(self._ahead) > AHEAD_MAX_BYTES and self._transport is not None:
-                self._transport.pause_reading()
-                self._paused = True
+            if len(self._ahead) > AHEAD_MAX_BYTES:
+                self._pause_reading()
             return
         self._take(data)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if not self._busy:
+            self._go_on()
 
     def eof_received(self) -> bool | None:
         if self._busy:
@@ -285,6 +318,12 @@ class FastConnection(asyncio.Protocol):
                     ingest.observe("click", "invalid_token", started)
                     # Never redirect on a token we cannot trust: an open redirect.
                     self._answer(request, _INVALID, _INVALID_BODY)
+                    return
+                except Exception:
+                    # Whatever aiohttp's path does with it (an error answer, logged),
+                    # never the pixel on a click.
+                    self._busy = False
+                    self._hand_over(data)
                     return
                 # click_target() gives only printable ASCII without spaces.
                 head = b" 302 Found\r\nLocation: " + target.encode() + b"\r\n" + _REDIRECT_REST
@@ -336,6 +375,14 @@ class FastConnection(asyncio.Protocol):
         if not keep_alive:
             transport.close()
             return
+        if not self._write_paused:  # else resume_writing() goes on
+            self._go_on()
+
+    def _go_on(self) -> None:
+        """Between answers: read again, and take what the client sent meanwhile."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
         if self._paused:
             self._paused = False
             transport.resume_reading()
@@ -344,6 +391,11 @@ class FastConnection(asyncio.Protocol):
             self._take(ahead)
         else:
             self._wait_idle()
+
+    def _pause_reading(self) -> None:
+        if not self._paused and self._transport is not None:
+            self._transport.pause_reading()
+            self._paused = True
 
     def _hand_over(self, data: bytes) -> None:
         """From now on aiohttp serves this connection, starting with ``data``."""
@@ -360,6 +412,10 @@ class FastConnection(asyncio.Protocol):
         handler = self._server.aiohttp_protocol()
         transport.set_protocol(handler)
         handler.connection_made(transport)
+        if self._write_paused:
+            # The transport tells only its protocol of the time; aiohttp must know the
+            # buffer is full, or it would not wait for the drain.
+            cast(asyncio.BaseProtocol, handler).pause_writing()
         handler.data_received(data)
         self._transport = None
 
@@ -369,6 +425,8 @@ class FastConnection(asyncio.Protocol):
         if self._server.closing:
             self.abort()
             return
+        if self._idle is not None:
+            self._idle.cancel()
         loop = asyncio.get_running_loop()
         self._idle = loop.call_at(loop.time() + self._server.keepalive_s, self.close_if_idle)
 

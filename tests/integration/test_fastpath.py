@@ -287,3 +287,69 @@ def test_an_idle_keep_alive_connection_is_closed_after_the_keepalive_timeout(
     # Closed by the server: read() reached EOF (after the last answer's body).
     assert fast.endswith(GIF)
     assert handed.endswith(b"ok\n")
+
+
+def test_a_client_that_never_reads_its_answers_is_not_answered_into_memory(
+    make_settings, beanstalkd: Beanstalkd, keyring: Keyring
+) -> None:  # type: ignore[no-untyped-def]
+    """A client sends request after request, each on its own (so the fast path takes
+    them), and reads nothing. As aiohttp does, the fast path stops answering while the
+    connection's write buffer is full, and stops reading while it cannot answer: the
+    client's sends block, and the server's buffer of answers stays small. The server's
+    socket buffers are made small so that this shows within a second or two."""
+    settings: Settings = make_settings()
+    # A 404 page, answered at once; 4 kB, so that the kernel's buffers cannot hold all
+    # the requests a server that keeps reading would take.
+    request = get("/c/k1.Zm9yZ2Vk.AAAAAAAAAAAAAAAAAAAAAA", "X-Pad: " + "p" * 4000)
+    limit = 8_000  # 32 MB of requests, 3.8 MB of answers
+
+    def flood(port: int) -> int:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.connect(("127.0.0.1", port))
+        sock.settimeout(0.5)
+        sent = 0
+        try:
+            while sent < limit:
+                sock.sendall(request)
+                sent += 1
+                time.sleep(0.0002)  # one request per read on the server's side
+        except TimeoutError:
+            pass  # the server stopped reading: what the test hopes for
+        finally:
+            sock.close()
+        return sent
+
+    async def scenario() -> tuple[int, int, int]:
+        ingest = Ingest(settings)
+        await ingest.start()
+        server = FastServer(ingest, access_log=None)
+        listener = await asyncio.get_running_loop().create_server(server, "127.0.0.1", 0)
+        largest, handed = 0, 0
+        transports: dict[object, asyncio.Transport] = {}
+        sending = asyncio.ensure_future(
+            asyncio.to_thread(flood, listener.sockets[0].getsockname()[1])
+        )
+        while not sending.done():
+            for conn in list(server.fast):
+                transport = conn._transport  # the buffer under test
+                if transport is not None and conn not in transports:
+                    sock = transport.get_extra_info("socket")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                    transports[conn] = transport
+            for conn, transport in transports.items():
+                if transport.get_protocol() is not conn and not transport.is_closing():
+                    handed += 1  # now aiohttp's: not what this test is about
+                largest = max(largest, transport.get_write_buffer_size())
+            await asyncio.sleep(0.002)
+        listener.close()
+        await server.shutdown(1.0)
+        await ingest.close()
+        return sending.result(), largest, handed
+
+    sent, largest, handed = asyncio.run(scenario())
+    assert handed == 0, "the test meant the fast path to answer, but aiohttp did"
+    assert sent < limit, "the server read every request, answering into its memory"
+    assert largest < 512 * 1024, f"the server buffered {largest} bytes of answers"
