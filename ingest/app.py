@@ -120,8 +120,6 @@ class Ingest:
         self._flusher: asyncio.Task[None] | None = None
         self.shutdown = ShutdownClock()
         self._keep_user_agent = settings.user_agent_mode == "full"  # else stored as NULL
-        # Only behind a proxy of your own: X-Forwarded-For is the client's word otherwise.
-        self.trust_forwarded = settings.trust_forwarded
         spool = Spool(Path(settings.spool_path), settings.spool_max_bytes, settings.spool_fsync)
         addresses = settings.beanstalkd_addresses
         self.enqueuer: Enqueuer | PoolEnqueuer
@@ -265,7 +263,7 @@ class Ingest:
         if request.method == "HEAD":
             return "not_recorded"
         user_agent = request.headers.get("User-Agent")
-        forwarded = request.headers.getall("X-Forwarded-For", []) if self.trust_forwarded else []
+        forwarded = request.headers.getall("X-Forwarded-For", [])
         event = self.encode(kind, payload, user_agent, self.client_ip(forwarded, request.remote))
         # No timeout here: the enqueue task settles every future (its own I/O has
         # timeouts), and wait_for would cost a task per request on the hot path.
@@ -304,8 +302,10 @@ class Ingest:
     def client_ip(self, forwarded: list[str], remote: str | None) -> str | None:
         """The address to store: from the socket or, with ``trust_forwarded``, the last
         hop of ``forwarded`` (every X-Forwarded-For line); then the IP policy."""
-        mode = self.settings.ip_mode
-        if forwarded:
+        settings = self.settings
+        mode = settings.ip_mode
+        # Only behind a proxy of your own: X-Forwarded-For is the client's word otherwise.
+        if forwarded and settings.trust_forwarded:
             # All header lines: a proxy may add its own line after one the client sent.
             # The last hop is the one our own proxy appended; earlier ones are the
             # client's word and can be forged.

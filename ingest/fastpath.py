@@ -74,8 +74,8 @@ _PRINTABLE_LINES = bytes(range(0x20, 0x7F)) + b"\t\r\n"
 # Headers that make a request more than a plain GET (a body, a protocol switch, or the
 # old WebSocket handshake aiohttp's parser refuses).
 _REFUSED = frozenset((b"transfer-encoding", b"expect", b"upgrade", b"sec-websocket-key1"))
-_OPEN = OPEN_PREFIX.encode()
-_CLICK = CLICK_PREFIX.encode()
+# The starts of the two requests the fast path takes.
+_GETS = (b"GET " + OPEN_PREFIX.encode(), b"GET " + CLICK_PREFIX.encode())
 
 
 class Request:
@@ -104,7 +104,7 @@ def parse(data: bytes) -> Request | None:
     end = data.find(b"\r\n\r\n")
     if end != len(data) - 4 or end < 0 or len(data) > MAX_REQUEST_BYTES:
         return None  # partial, pipelined, with a body, or long: aiohttp's
-    if not (data.startswith(b"GET /o/") or data.startswith(b"GET /c/")):
+    if not data.startswith(_GETS):
         return None
     block = data[:end]
     if block.translate(None, _PRINTABLE_LINES):
@@ -177,10 +177,15 @@ class _Date:
         return self._value
 
 
+def _header_lines(headers: dict[str, str], length: int) -> bytes:
+    """Header lines, Content-Length last (the Date header follows, per answer)."""
+    lines = [f"{name}: {value}\r\n" for name, value in headers.items()]
+    return ("".join(lines) + f"Content-Length: {length}\r\n").encode()
+
+
 def _head(status: bytes, headers: dict[str, str], length: int) -> bytes:
     """Status line (without the version) and headers, up to the Date header."""
-    lines = [f"{name}: {value}\r\n" for name, value in headers.items()]
-    return status + b"\r\n" + "".join(lines).encode() + f"Content-Length: {length}\r\n".encode()
+    return status + b"\r\n" + _header_lines(headers, length)
 
 
 _PIXEL = _head(b" 200 OK", PIXEL_HEADERS, len(GIF))
@@ -190,9 +195,8 @@ _INVALID = _head(
     {"Content-Type": "text/html; charset=utf-8", **NO_STORE},
     len(_INVALID_BODY),
 )
-_REDIRECT_REST = "".join(
-    f"{k}: {v}\r\n" for k, v in {"Referrer-Policy": "no-referrer", **NO_STORE}.items()
-).encode()
+# What follows a redirect's Location line.
+_REDIRECT_REST = _header_lines({"Referrer-Policy": "no-referrer", **NO_STORE}, 0)
 
 
 class FastServer(web.Server):
@@ -284,9 +288,7 @@ class FastConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.fast.discard(self)
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
+        self._stop_idle()
         self._transport = None
 
     # The fast path ---------------------------------------------------------------------
@@ -296,9 +298,7 @@ class FastConnection(asyncio.Protocol):
         if request is None:
             self._hand_over(data)
             return
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
+        self._stop_idle()
         self._busy = True
         ingest = self._server.ingest
         started = time.perf_counter()
@@ -327,7 +327,6 @@ class FastConnection(asyncio.Protocol):
                     return
                 # click_target() gives only printable ASCII without spaces.
                 head = b" 302 Found\r\nLocation: " + target.encode() + b"\r\n" + _REDIRECT_REST
-                head += b"Content-Length: 0\r\n"
                 body = b""
             else:
                 checked = ingest.verified("open", token)
@@ -336,8 +335,7 @@ class FastConnection(asyncio.Protocol):
                     self._answer(request, head, body)
                     return
                 payload = checked
-            forwarded = request.forwarded if ingest.trust_forwarded else []
-            ip = ingest.client_ip(forwarded, self._remote)
+            ip = ingest.client_ip(request.forwarded, self._remote)
             event = ingest.encode(kind, payload, request.user_agent, ip)
             future = ingest.enqueuer.submit(event)
         except Exception:
@@ -403,9 +401,7 @@ class FastConnection(asyncio.Protocol):
         self._server.fast.discard(self)
         if transport is None or transport.is_closing():
             return
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
+        self._stop_idle()
         if self._paused:
             self._paused = False
             transport.resume_reading()
@@ -425,10 +421,14 @@ class FastConnection(asyncio.Protocol):
         if self._server.closing:
             self.abort()
             return
-        if self._idle is not None:
-            self._idle.cancel()
+        self._stop_idle()
         loop = asyncio.get_running_loop()
         self._idle = loop.call_at(loop.time() + self._server.keepalive_s, self.close_if_idle)
+
+    def _stop_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
 
     def close_if_idle(self) -> None:
         if not self._busy and self._transport is not None:

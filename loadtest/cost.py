@@ -166,29 +166,23 @@ def wait_drained(stack: st.Stack, timeout: float = 300) -> None:
     raise TimeoutError("the consumer did not drain the queue")
 
 
-def acknowledged(admin: str) -> int:
-    """Events ingest answered after they were durable: queued in beanstalkd or spooled."""
+def ingest_figures(admin: str) -> tuple[int, float]:
+    """From one read of ingest's /metrics: the events it answered after they were durable
+    (queued in beanstalkd or spooled), and the mean events per job it put (its job-size
+    histogram)."""
     with urllib.request.urlopen(f"http://{admin}/metrics", timeout=5) as response:
         text = response.read().decode()
-    total = 0.0
+    acked = 0.0
+    job = {"_sum": 0.0, "_count": 0.0}
     for line in text.splitlines():
-        if line.startswith("trackbuf_ingest_events_total{") and (
+        if line.startswith(names.INGEST_EVENTS + "_total{") and (
             'outcome="queued"' in line or 'outcome="spooled"' in line
         ):
-            total += float(line.rsplit(" ", 1)[1])
-    return round(total)
-
-
-def events_per_job(admin: str) -> float:
-    """Mean events per beanstalkd job ingest put (its job-size histogram)."""
-    with urllib.request.urlopen(f"http://{admin}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    total = {"_sum": 0.0, "_count": 0.0}
-    for line in text.splitlines():
-        for suffix in total:
+            acked += float(line.rsplit(" ", 1)[1])
+        for suffix in job:
             if line.startswith(names.INGEST_JOB_EVENTS + suffix):
-                total[suffix] += float(line.rsplit(" ", 1)[1])
-    return round(total["_sum"] / max(total["_count"], 1), 2)
+                job[suffix] += float(line.rsplit(" ", 1)[1])
+    return round(acked), round(job["_sum"] / max(job["_count"], 1), 2)
 
 
 def per_million(cpu: dict[str, float], stored: int, rate: float) -> dict[str, Any]:
@@ -219,7 +213,7 @@ def measure_trackbuf(
         time.sleep(1)  # requests wrk gave up on at its end are still being answered
         wait_drained(stack)
         after, window = cpu_by_part(pids, stack), time.monotonic() - started
-        acked, per_job = acknowledged(ingest.admin), events_per_job(ingest.admin)
+        acked, per_job = ingest_figures(ingest.admin)
         consumer.stop()
         ingest.stop()
         stored = stack.rows()
