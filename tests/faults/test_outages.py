@@ -108,9 +108,11 @@ def test_database_outage_becomes_backlog_and_drains(
     )
     assert result.failed == 0 and audit.acked == 2400
     assert audit.lost == 0 and audit.duplicated == 0 and audit.dead_letters == 0
-    # Ingest never touches the database: its latency does not notice the outage (the
-    # floor absorbs scheduling noise on a small shared machine).
-    assert during < max(3 * normal, 0.05), "ingest slowed down while the database was down"
+    # Ingest never touches the database: no request failed (above) and none waited on
+    # it. The p99s are printed; the bound is 10x the 50 ms goal, so a machine twice as
+    # slow with a core busy still meets it, while a request that waited on a database
+    # connect or query through the 2 s outage would not.
+    assert during < 0.5, "ingest slowed down while the database was down"
     assert status(f"http://{settings.metrics_listen}/readyz") == 200
     assert consumer.terminate() == 0 and ingest.terminate() == 0
     log = (tmp_path / "consumer.log").read_text()
