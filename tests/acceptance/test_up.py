@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import os
 import shutil
@@ -46,9 +47,16 @@ def test_up_serves_signed_links_and_rows_appear(data_dir: Path, tmp_path: Path) 
     env.update(
         TRACKBUF_DATA_DIR=str(data_dir),
         TRACKBUF_LISTEN=listen,
+        TRACKBUF_ADMIN_LISTEN=f"127.0.0.1:{free_port()}",
         TRACKBUF_METRICS_LISTEN=f"127.0.0.1:{free_port()}",
         PYTHONPATH=str(ROOT),
     )
+    # beanstalkd's default port taken, as Debian's package takes it: up moves off it
+    # and says so (whoever holds it: this test, or a server already running there).
+    squatter = socket.socket()
+    with contextlib.suppress(OSError):
+        squatter.bind(("127.0.0.1", 11300))
+        squatter.listen()
     log = open(tmp_path / "up.log", "wb")  # noqa: SIM115
     up = subprocess.Popen(
         [sys.executable, "-m", "trackbuf", "up"],
@@ -56,6 +64,8 @@ def test_up_serves_signed_links_and_rows_appear(data_dir: Path, tmp_path: Path) 
     )  # fmt: skip
     try:
         urls = read_banner(up)
+        said = (tmp_path / "up.log").read_text()
+        assert "trackbuf up: 127.0.0.1:11300 is taken by another server" in said, said
         with urllib.request.urlopen(urls["sample open pixel"], timeout=5) as response:
             assert response.status == 200 and response.read()[:6] == b"GIF89a"
         opener = urllib.request.build_opener(NoRedirect)
@@ -78,6 +88,7 @@ def test_up_serves_signed_links_and_rows_appear(data_dir: Path, tmp_path: Path) 
             time.sleep(0.3)
         assert sorted(line.split("\t")[1] for line in rows) == ["click", "open"]
     finally:
+        squatter.close()
         up.send_signal(signal.SIGTERM)
         code = up.wait(60)
         log.close()
@@ -111,6 +122,7 @@ def up_env(data_dir: Path, **extra: str) -> dict[str, str]:
     env.update(
         TRACKBUF_DATA_DIR=str(data_dir),
         TRACKBUF_LISTEN=f"127.0.0.1:{free_port()}",
+        TRACKBUF_ADMIN_LISTEN=f"127.0.0.1:{free_port()}",
         TRACKBUF_METRICS_LISTEN=f"127.0.0.1:{free_port()}",
         PYTHONPATH=str(ROOT),
         COLUMNS="300",  # argparse would wrap --help lines at the terminal's width

@@ -18,12 +18,22 @@ from trackbuf import envfile, up
 from trackbuf.settings import load
 
 
+def free_address() -> str:
+    """A port nothing listens on now: these checks must not meet whatever holds a
+    default port (8080, 9107, 9108) on the machine running the tests."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{probe.getsockname()[1]}"
+
+
 def test_an_address_in_use_is_named_with_the_setting_that_moves_it() -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         address = f"127.0.0.1:{busy.getsockname()[1]}"
-        settings = load({}, overrides={"metrics_listen": address})
+        settings = load({}, overrides={
+            "listen": free_address(), "admin_listen": free_address(), "metrics_listen": address,
+        })  # fmt: skip
         with pytest.raises(up.UpError) as error:
             up.check_addresses(settings)
     assert str(error.value) == (
@@ -33,8 +43,11 @@ def test_an_address_in_use_is_named_with_the_setting_that_moves_it() -> None:
 
 
 def test_ingest_and_consumer_on_one_address_is_refused() -> None:
-    settings = load({}, overrides={"listen": "127.0.0.1:9999", "metrics_listen": "127.0.0.1:9999"})
-    with pytest.raises(up.UpError, match=re.escape("both on 127.0.0.1:9999")):
+    shared = free_address()
+    settings = load({}, overrides={
+        "listen": shared, "admin_listen": free_address(), "metrics_listen": shared,
+    })  # fmt: skip
+    with pytest.raises(up.UpError, match=re.escape(f"both on {shared}")):
         up.check_addresses(settings)
 
 
