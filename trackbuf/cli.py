@@ -17,6 +17,7 @@ from typing import Any
 
 from trackbuf import envfile
 from trackbuf import log as tlog
+from trackbuf.cliparse import SuggestingParser
 from trackbuf.redact import masked, masked_dsn
 from trackbuf.settings import Settings, SettingsError, env_name, flag_name, load
 from trackbuf.tokens import MAX_FIELD, MAX_URL, KeyringError, LinkError
@@ -132,7 +133,7 @@ def _duration(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = SuggestingParser(
         prog="trackbuf", description="Email open and click tracking through a beanstalkd buffer."
     )
     parser.add_argument("--log-level", default=os.environ.get("TRACKBUF_LOG_LEVEL", "INFO"))
@@ -266,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     events = sub.add_parser("events", help="show recently stored events")
     events.add_argument("--limit", type=int, default=20)
-    events.add_argument("--tail", action="store_true", help="keep printing new events")
+    events.add_argument(
+        "--tail", "--follow", action="store_true", help="keep printing new events (like tail -f)"
+    )
     _add_settings(events, ("database_url",), beside_up)
     events.set_defaults(func=_cmd_events)
     return parser
@@ -416,9 +419,26 @@ def _cmd_status(args: argparse.Namespace) -> int:
     consumer = (
         f"http://{settings.metrics_listen}" if args.consumer_url is None else args.consumer_url
     )
+    checked = [f"beanstalkd {settings.beanstalkd}"]
+    checked += [f"ingest {ingest}"] if ingest else []
+    checked += [f"consumer {consumer}"] if consumer else []
+    source = f"{', '.join(checked)} (from {_where_from(args, 'beanstalkd')})"
     return status.run(
-        settings, args.json, args.watch, args.interval, args.max_age, ingest, consumer
+        settings, args.json, args.watch, args.interval, args.max_age, ingest, consumer, source
     )
+
+
+def _where_from(args: argparse.Namespace, name: str) -> str:
+    """Where an operator command's value of ``name`` came from, as _settings chose it."""
+    if getattr(args, name, None) is not None:
+        return f"the {flag_name(name)} flag"
+    if env_name(name) in os.environ:
+        return f"${env_name(name)}"
+    found = _env_file()
+    if env_name(name) in found.values:
+        return f"{found.path}, written by a running trackbuf up"
+    return (f"the default: no {env_name(name)} and no running trackbuf up's {found.path}; "
+            f"set {env_name('data_dir')} to its data dir")  # fmt: skip
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
@@ -463,9 +483,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     tlog.setup(args.log_level)
     try:
         result: int = args.func(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at interpreter exit
     except (SettingsError, KeyringError, LinkError, UpError) as exc:
         print(f"trackbuf {args.command}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `trackbuf events | head -1`: the reader has what it wanted. Point stdout at
+        # /dev/null so the interpreter's final flush does not raise again, and exit 0
+        # quietly, as head's other writers (cat, grep) do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except OSError as exc:
+        # A server that cannot be reached (no such host, refused, unreachable) is the
+        # operator's to fix, not a bug: one line naming it, no traceback.
+        print(f"trackbuf {args.command}: cannot reach a server it needs ({exc.strerror or exc}); "
+              f"`trackbuf {args.command} --help` shows the addresses in use",
+              file=sys.stderr)  # fmt: skip
+        return 1
     return result

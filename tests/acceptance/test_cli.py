@@ -122,3 +122,94 @@ def test_stats_for_a_campaign_without_events_says_so(database_url: str, tmp_path
     report = orjson.loads(as_json.stdout)
     assert report["campaign"] == "never-sent"
     assert report["open"]["total"] == 0 and report["click"]["total"] == 0
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(
+    database_url: str, tmp_path: Path
+) -> None:
+    """`trackbuf events | head -1`: the reader closes the pipe; the command exits 0 and
+    says nothing (no traceback, no CRITICAL log line), as cat or grep would."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKBUF_")}
+    env.update(PYTHONPATH=str(ROOT), TRACKBUF_DATABASE_URL=database_url)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # a reader that is already gone: the first line meets EPIPE
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "trackbuf", "events"], env=env, stdout=write_end,
+            stderr=subprocess.PIPE, text=True, cwd=tmp_path, timeout=60,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+
+
+@pytest.mark.parametrize(
+    ("argv", "usage", "said"),
+    [
+        (["stats", "--campain", "spring"], "usage: trackbuf stats",
+         "unrecognized option --campain (did you mean --campaign?)"),
+        (["events", "--folow"], "usage: trackbuf events",
+         "unrecognized option --folow (did you mean --follow?)"),
+        (["link", "open", "--recipent", "r", "--campaign", "c"], "usage: trackbuf link open",
+         "unrecognized option --recipent (did you mean --recipient?)"),
+        (["evnts"], "usage: trackbuf ", "invalid choice: 'evnts'"),
+        (["dead", "lst"], "usage: trackbuf dead", "(did you mean list?)"),
+    ],
+)  # fmt: skip
+def test_a_typo_is_named_with_what_was_meant(
+    tmp_path: Path, argv: list[str], usage: str, said: str
+) -> None:
+    done = cli(*argv, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.startswith(usage), done.stderr
+    assert said in done.stderr, done.stderr
+
+
+def test_events_follows_with_tail_or_follow(tmp_path: Path) -> None:
+    helped = cli("events", "--help", cwd=tmp_path)
+    assert "--tail, --follow" in helped.stdout
+
+
+def test_help_never_breaks_a_value_inside_a_word(tmp_path: Path) -> None:
+    dsn = "postgresql://trackbuf@db-primary.example.internal:5432/trackbuf-production"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKBUF_")}
+    env.update(PYTHONPATH=str(ROOT), COLUMNS="80", TRACKBUF_DATABASE_URL=dsn)
+    helped = subprocess.run(
+        [sys.executable, "-m", "trackbuf", "consume", "--help"],
+        env=env, capture_output=True, text=True, cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert dsn in helped.stdout, helped.stdout
+
+
+def test_an_unreachable_server_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    nowhere = f"postgresql://trackbuf@127.0.0.1:{free_port()}/trackbuf"
+    done = cli("events", cwd=tmp_path, TRACKBUF_DATABASE_URL=nowhere)
+    assert done.returncode == 1
+    assert done.stderr.startswith("trackbuf events: cannot reach a server it needs"), done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) == 1
+
+
+def test_status_says_which_servers_it_checks_and_where_it_found_them(tmp_path: Path) -> None:
+    """Away from `up`, status checks the default address and says so; beside a
+    running `up` it names the env file; an exported address is named as such."""
+    from trackbuf import envfile
+
+    def source(**extra: str) -> str:
+        done = cli("status", "--json", "--interval", "0.1", "--ingest-url", "",
+                   "--consumer-url", "", cwd=tmp_path, **extra)  # fmt: skip
+        assert done.returncode in (0, 1), done.stderr
+        found: str = orjson.loads(done.stdout)["source"]
+        return found
+
+    away = source()
+    assert away.startswith("beanstalkd 127.0.0.1:11300 (from the default")
+    assert "TRACKBUF_DATA_DIR" in away
+    ours = f"127.0.0.1:{free_port()}"
+    envfile.write(tmp_path / ENV_FILE, {"TRACKBUF_BEANSTALKD": ours})
+    beside_up = source(TRACKBUF_DATA_DIR=str(tmp_path))
+    assert beside_up.startswith(f"beanstalkd {ours} (from {tmp_path / ENV_FILE}")
+    exported = f"127.0.0.1:{free_port()}"
+    assert source(TRACKBUF_BEANSTALKD=exported) == (
+        f"beanstalkd {exported} (from $TRACKBUF_BEANSTALKD)"
+    )
