@@ -63,6 +63,9 @@ class Status:
     database_up: bool | None = None
     servers: list[ServerStatus] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    # Where the addresses checked came from (a flag, the environment, a running `up`'s
+    # env file, or the defaults), so a status of the wrong server cannot pass for ours.
+    source: str = ""
 
     @property
     def ok(self) -> bool:
@@ -232,6 +235,7 @@ def render(status: Status) -> str:
     jobs = status.jobs or dict.fromkeys(STATES, 0)
     lines = [
         f"trackbuf status  {status.at}",
+        *([f"checking  {status.source}"] if status.source else []),
         f"queue     beanstalkd {status.beanstalkd} ({_pool_state(status)})  tube {status.tube}",
         "          "
         + "  ".join(f"{k} {v:,}" for k, v in jobs.items())
@@ -273,9 +277,11 @@ def run(
     max_age_s: int,
     ingest_url: str,
     consumer_url: str,
+    source: str = "",
 ) -> int:
     while True:
         status = gather(settings, ingest_url, consumer_url, interval, max_age_s)
+        status.source = source
         if as_json:
             out = orjson.dumps({**asdict(status), "ok": status.ok}).decode()
         else:

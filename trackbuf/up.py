@@ -244,7 +244,17 @@ def _local_beanstalkd(data_dir: Path, wanted: str) -> Iterator[str]:
         raise UpError("beanstalkd is not installed: apt-get install -y beanstalkd")
     host, port = parse_hostport(wanted, env_name("beanstalkd"))
     if not _port_free(host, port):
-        port = _free_port(host)
+        taken, port = port, _free_port(host)
+        # Said out loud: Debian's beanstalkd package runs a server on 11300, and a
+        # command run away from this data dir would otherwise check that one instead.
+        print(
+            f"trackbuf up: {host}:{taken} is taken by another server (Debian's beanstalkd "
+            f"package runs one there); up's own beanstalkd listens on {host}:{port}. "
+            f"Commands run here find it through {data_dir / envfile.ENV_FILE}; elsewhere, "
+            f"set {env_name('data_dir')}={data_dir} or {env_name('beanstalkd')}={host}:{port}",
+            file=sys.stderr,
+            flush=True,
+        )
     binlog = data_dir / "binlog"
     binlog.mkdir(exist_ok=True)
     # -b: without a binlog every queued event dies with the process.
