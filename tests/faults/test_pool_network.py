@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from prometheus_client.utils import floatToGoString
 
 from ingest.putter import PUT_STALL_S
 from loadtest.bench import histogram_quantile, scrape
@@ -207,9 +208,11 @@ def slow_count(c: Cluster, buckets: dict[str, float], over_s: float) -> int:
     """Answers over ``over_s`` (a bucket bound of the histogram) since the warm-up."""
     name = names.INGEST_REQUEST_DURATION
     slow = 0.0
-    for le, sign in (("+Inf", 1), (f"{over_s:g}", -1)):
+    # The label as the client library writes it ("1.0", "0.25"); a missing bucket
+    # is an error, never a silent zero.
+    for le, sign in (("+Inf", 1), (floatToGoString(over_s), -1)):
         key = f'{name}_bucket{{le="{le}"}}'
-        slow += sign * (buckets.get(key, 0.0) - c.warm_buckets.get(key, 0.0))
+        slow += sign * (buckets[key] - c.warm_buckets[key])
     return round(slow)
 
 
