@@ -20,6 +20,7 @@ from __future__ import annotations
 import binascii
 import hashlib
 import hmac
+import ipaddress
 import re
 import secrets
 import time
@@ -36,11 +37,20 @@ MAX_FIELD = 256
 MAX_URL = 2048
 # A secret shorter than the MAC's 32-byte output would be the weakest part of it.
 MIN_SECRET_BYTES = 32
-# Expiry is an integer that JavaScript numbers hold exactly, so any sender can write it.
-MAX_EXPIRES = 2**53 - 1
+# Every integer in a payload is one that JavaScript numbers (IEEE doubles) hold exactly,
+# so any sender's JSON library reads and writes it the same: a larger one is refused as
+# malformed whatever its size, rather than as whatever orjson's 64-bit range makes it.
+MAX_SAFE_INTEGER = 2**53 - 1
+MAX_EXPIRES = MAX_SAFE_INTEGER
 _KID = re.compile(r"^[A-Za-z0-9_-]{1,16}$")
 # Control characters, space, DEL and backslash: never in a target (is_safe_target).
 _UNSAFE_URL_CHAR = re.compile(r"[\x00-\x20\x7f\\]")
+# A target's authority after its user info: a host (a bracketed IPv6 address, or a name
+# with no ':', '[' or ']'), then an optional port of at most five digits.
+_HOST_PORT = re.compile(r"(?:\[([0-9A-Fa-f:.]+)\]|[^\[\]:]+)(?::([0-9]{0,5}))?")
+# ascii_url percent-encodes only non-ASCII characters: an ASCII control character or
+# space stays, so is_safe_target refuses it whether or not the URL also has an 'é'.
+_ASCII = "".join(map(chr, range(0x80)))
 _KIND_CODES = {"open": "o", "click": "c"}
 _CODE_KINDS = {code: kind for kind, code in _KIND_CODES.items()}
 
@@ -151,6 +161,8 @@ class LinkPayload:
 
 def sign(keyring: Keyring, payload: LinkPayload) -> str:
     if payload.url is not None:
+        if not _is_text(payload.url):  # a lone surrogate: no UTF-8 to percent-encode
+            raise LinkError("bad_url")
         payload = LinkPayload(payload.kind, payload.campaign, payload.recipient,
                               ascii_url(payload.url), payload.expires)  # fmt: skip
     _check_payload(payload, error=LinkError)
@@ -203,8 +215,9 @@ def verify(keyring: Keyring, token: str, kind: str, now: float | None = None) ->
 
 
 def _decode_fields(body: str) -> list[int | str]:
-    """The payload's JSON list, if it is one of integers and strings only (no bools,
-    floats or nesting: those have spellings the canonical check could not rule out)."""
+    """The payload's JSON list, if it is one of integers (within +-(2**53 - 1)) and
+    strings only (no bools, floats or nesting: those have spellings the canonical check
+    could not rule out)."""
     try:
         fields = orjson.loads(_b64decode(body))
     except ValueError:  # binascii.Error and orjson.JSONDecodeError are ValueErrors
@@ -212,7 +225,10 @@ def _decode_fields(body: str) -> list[int | str]:
     if not isinstance(fields, list):
         raise InvalidToken("malformed")
     for f in fields:  # a loop, not all() over a generator: half the time on every request
-        if type(f) is not str and type(f) is not int:
+        if type(f) is int:
+            if not -MAX_SAFE_INTEGER <= f <= MAX_SAFE_INTEGER:
+                raise InvalidToken("malformed")
+        elif type(f) is not str:
             raise InvalidToken("malformed")
     return fields
 
@@ -272,14 +288,18 @@ def ascii_url(url: str) -> str:
     into a Location header as it is; ASCII URLs are left exactly as given."""
     if url.isascii():
         return url
-    return quote(url, safe="".join(chr(c) for c in range(0x21, 0x7F)))
+    return quote(url, safe=_ASCII)
 
 
 def is_safe_target(url: str) -> bool:
     """Only absolute http(s) URLs with a host, no control characters, whitespace or
     backslashes: anything else could turn the redirect into header injection or a
     javascript: link. A backslash is refused because browsers read it as '/' in http(s)
-    URLs and Python does not, so the two would disagree on the host."""
+    URLs and Python does not, so the two would disagree on the host.
+
+    The host and port are checked here rather than left to urlsplit, whose checks
+    differ between Python releases (3.11.4 began refusing a bracketed host that is not
+    an IP address): docs/TOKENS.md states the rule, and every verifier must agree."""
     # One regex scan, not a Python loop over characters: a click's target is checked on
     # every click, and the loop was a third of verify()'s time for a typical URL.
     if len(url) > MAX_URL or not url.isascii() or _UNSAFE_URL_CHAR.search(url):
@@ -288,7 +308,21 @@ def is_safe_target(url: str) -> bool:
         parts = urlsplit(url)
     except ValueError:
         return False
-    return parts.scheme in ("http", "https") and bool(parts.hostname)
+    if parts.scheme not in ("http", "https"):
+        return False
+    userinfo, _, host_port = parts.netloc.rpartition("@")
+    found = _HOST_PORT.fullmatch(host_port)
+    if found is None or "[" in userinfo or "]" in userinfo:
+        return False
+    ipv6, port = found.groups()
+    if port and int(port) > 65535:
+        return False
+    if ipv6 is not None:
+        try:
+            ipaddress.IPv6Address(ipv6)  # no zone: the pattern has no '%'
+        except ValueError:
+            return False
+    return True
 
 
 def _tag(mac: HmacSha256, signed: str) -> bytes:
@@ -307,7 +341,10 @@ def _b64encode(raw: bytes) -> str:
 
 
 def _b64decode(text: str) -> bytes:
-    """Unpadded base64url, as lenient as ``base64.urlsafe_b64decode`` (characters
-    outside the alphabet are skipped); the canonical check refuses every such token."""
-    data = text.encode().translate(_FROM_URLSAFE) + b"=" * (-len(text) % 4)
-    return binascii.a2b_base64(data)
+    """Base64url, also read in the standard alphabet ('+', '/') and with any '=' at the
+    end, ignoring the spare bits: every such spelling is then refused as non_canonical.
+    Any other character, or a length no base64 has, is a ValueError (malformed). Strict,
+    not binascii's lenient default, whose answer for stray characters depended on where
+    they stood and how many there were: no other language's decoder could match it."""
+    data = text.encode().translate(_FROM_URLSAFE).rstrip(b"=")
+    return binascii.a2b_base64(data + b"=" * (-len(data) % 4), strict_mode=True)

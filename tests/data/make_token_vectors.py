@@ -26,6 +26,8 @@ KEYS = {
     "k2": "k2-secret-for-the-token-test-vectors-0002",
 }
 OTHER_SECRET = "not-the-k1-secret-but-as-long-as-one-000"
+MAX_TOKEN = 4096
+MAX_URL = 2048
 
 
 def b64url(raw: bytes) -> str:
@@ -79,6 +81,30 @@ def from_json(text: str) -> str:
     return b64url(text.encode("utf-8"))
 
 
+def signed_json(kind_code: str, tail: str) -> str:
+    """A k1 token for the JSON text ``[1,"<kind_code>",<tail>]``, spelled exactly so."""
+    return token_for("k1", from_json(f'[1,"{kind_code}",{tail}]'))
+
+
+def url_json(url: str) -> str:
+    """A k1 token for a click to ``url`` (raw in the JSON), campaign "s", recipient "r"."""
+    return token_for("k1", from_json(canonical_json([1, "c", "s", "r", url])))
+
+
+def longest_click(extra: int) -> dict[str, Any]:
+    """A click whose token is 4096 + ``extra`` characters long: its URL has the longest
+    allowed 2048, its campaign 256 three-byte characters, its recipient what is left."""
+    url = "https://shop.example/" + "p" * (MAX_URL - len("https://shop.example/"))
+    campaign = "\u20ac" * 256  # the euro sign: three bytes in UTF-8
+    for size in range(256):
+        recipient = "r" * size
+        v = valid("-", "k1", "click", campaign, recipient, url)
+        if len(v["token"]) == MAX_TOKEN + extra:
+            return valid(f"click of exactly {MAX_TOKEN + extra} characters, its URL of "
+                         f"{MAX_URL}", "k1", "click", campaign, recipient, url)  # fmt: skip
+    raise AssertionError(f"no recipient makes a token of {MAX_TOKEN + extra} characters")
+
+
 def invalid_vectors(open_: dict[str, Any], click: dict[str, Any]) -> list[dict[str, str]]:
     ot, ct = open_["token"], click["token"]
     kid, payload, good_tag = ot.split(".")
@@ -88,6 +114,8 @@ def invalid_vectors(open_: dict[str, Any], click: dict[str, Any]) -> list[dict[s
     last = payload[-1]
     spare = payload[:-1] + chr(ord(last) + 1)  # same bytes: only spare low bits differ
     assert base64.urlsafe_b64decode(spare + "==") == open_["json"].encode()
+    spare_tag = good_tag[:-1] + chr(ord(good_tag[-1]) + 1)
+    assert base64.urlsafe_b64decode(spare_tag + "==") == base64.urlsafe_b64decode(good_tag + "==")
     dashed = valid("-", "k1", "open", "spring", "user??>>")  # its payload holds '_' or '-'
     standard = dashed["payload"].replace("-", "+").replace("_", "/")
     assert standard != dashed["payload"]
@@ -155,7 +183,167 @@ def invalid_vectors(open_: dict[str, Any], click: dict[str, Any]) -> list[dict[s
         invalid("expired a second ago", "click", gone["token"], "expired"),
         invalid("longer than 4096 characters", "open", token_for("k1", "A" * 4100),
                 "too_long"),
+        # The length is counted first, in characters, whatever they are.
+        invalid("4097 non-ASCII characters", "open", "\u00e9" * 4097, "too_long"),
+        invalid("4096 non-ASCII characters", "open", "\u00e9" * 4096, "malformed"),
+        invalid("a valid click one character over the limit", "click",
+                longest_click(1)["token"], "too_long"),
+        invalid("a non-ASCII character in the payload", "open",
+                f"{kid}.{payload[:5]}\u00e9{payload[5:]}.{good_tag}", "malformed"),
+        # The kid is looked up as it is: any text that is not a configured kid.
+        invalid("empty kid", "open", token_for("", payload), "unknown_kid"),
+        invalid("kid in another case", "open", token_for("K1", payload), "unknown_kid"),
+        # The tag is compared as text: another spelling of the same 16 bytes is wrong.
+        invalid("tag with other spare bits in its last character", "open",
+                f"{kid}.{payload}.{spare_tag}", "bad_signature"),
+        # Base64: '+', '/' and trailing '=' are read, then refused as another spelling;
+        # anything else that is not base64url makes the payload unreadable.
+        invalid("payload with more '=' padding than base64 needs", "open",
+                token_for("k1", padded + "=="), "non_canonical"),
+        invalid("payload with '=' inside it", "open",
+                token_for("k1", f"{payload[:4]}=={payload[4:]}"), "malformed"),
+        invalid("payload with a character of neither base64 alphabet", "open",
+                token_for("k1", f"{payload[:4]}*{payload[4:]}"), "malformed"),
+        invalid("payload whose length is 1 more than a multiple of 4", "open",
+                token_for("k1", payload[: len(payload) - (len(payload) - 1) % 4]),
+                "malformed"),
+        # Text: UTF-8 and JSON as RFC 8259 has them, with no lone surrogate.
+        invalid("JSON string with an escaped lone surrogate", "open",
+                signed_json("o", '"\\ud800","r"'), "malformed"),
+        invalid("a lone surrogate as UTF-8 bytes (ED A0 80)", "open",
+                token_for("k1", b64url(b'[1,"o","\xed\xa0\x80","r"]')), "malformed"),
+        invalid("bytes that are not UTF-8", "open",
+                token_for("k1", b64url(b'[1,"o","\xff","r"]')), "malformed"),
+        invalid("a byte order mark before the JSON", "open",
+                token_for("k1", b64url(b'\xef\xbb\xbf[1,"o","s","r"]')), "malformed"),
+        invalid("a raw control character in a JSON string", "open",
+                signed_json("o", '"s\u0001","r"'), "malformed"),
+        invalid("JSON with an escaped surrogate pair", "open",
+                signed_json("o", '"\\ud83d\\ude42","r"'), "non_canonical"),
+        invalid("JSON with upper-case hex in \\u001F", "open",
+                signed_json("o", '"s\\u001F","r"'), "non_canonical"),
+        invalid("JSON with DEL escaped", "open",
+                signed_json("o", '"s\\u007f","r"'), "non_canonical"),
+        # Integers: only -?(0|[1-9][0-9]*) within +-(2^53 - 1).
+        invalid("expiry with a fraction", "open", signed_json("o", '"s","r",1767312000.0'),
+                "malformed"),
+        invalid("expiry with an exponent", "open", signed_json("o", '"s","r",2e9'),
+                "malformed"),
+        invalid("expiry with a leading zero", "open", signed_json("o", '"s","r",01767312000'),
+                "malformed"),
+        invalid("expiry with a '+' sign", "open", signed_json("o", '"s","r",+1767312000'),
+                "malformed"),
+        invalid("expiry true", "open", signed_json("o", '"s","r",true'), "malformed"),
+        invalid("expiry 2^53", "open", signed_json("o", '"s","r",9007199254740992'),
+                "malformed"),
+        invalid("expiry 2^64", "open", signed_json("o", '"s","r",18446744073709551616'),
+                "malformed"),
+        invalid("expiry -0", "open", signed_json("o", '"s","r",-0'), "non_canonical"),
+        invalid("expiry -1", "open", signed_json("o", '"s","r",-1'), "bad_expires"),
+        invalid("format 01", "open", token_for("k1", from_json('[01,"o","s","r"]')),
+                "malformed"),
+        # Which reason wins: the first failing step of the verification algorithm.
+        invalid("JSON with spaces and an unknown kind: the spelling is checked first",
+                "open", token_for("k1", from_json('[1, "x", "s", "r"]')), "non_canonical"),
+        invalid("a number for the recipient and an empty campaign: structure first",
+                "open", signed_json("o", '"",5'), "malformed"),
+        invalid("kind in upper case", "open", signed_json("O", '"s","r"'), "malformed"),
+        invalid("open with an expiry and one element more", "open",
+                signed_json("o", '"s","r",1767312000,1'), "malformed"),
+        invalid("click with an expiry before its URL", "click",
+                signed_json("c", '"s","r",1767312000,"https://shop.example/"'), "malformed"),
+        invalid("empty campaign and a javascript: target: campaign first", "click",
+                signed_json("c", '"","r","javascript:alert(1)",0'), "bad_campaign"),
+        invalid("empty recipient", "open", signed_json("o", '"s",""'), "bad_recipient"),
+        invalid("recipient of 257 characters", "open",
+                signed_json("o", canonical_json(["s", "r" * 257])[1:-1]), "bad_recipient"),
+        invalid("campaign of 257 four-byte characters", "open",
+                signed_json("o", canonical_json(["\U0001f642" * 257, "r"])[1:-1]),
+                "bad_campaign"),
+        invalid("a click with a bad target at the open route: bad_url first", "open",
+                url_json("javascript:alert(1)"), "bad_url"),
+        invalid("an expired click at the open route: wrong_kind first", "open",
+                gone["token"], "wrong_kind"),
+        # The target: what "an absolute http(s) URL with a host" admits.
+        invalid("target scheme ftp", "click", url_json("ftp://shop.example/"), "bad_url"),
+        invalid("target with no '//' after the scheme", "click",
+                url_json("https:shop.example/"), "bad_url"),
+        invalid("target with an empty host", "click", url_json("https://:443/"), "bad_url"),
+        invalid("target with user info and an empty host", "click",
+                url_json("https://user@/"), "bad_url"),
+        invalid("target with a port that is not digits", "click",
+                url_json("https://shop.example:http/"), "bad_url"),
+        invalid("target with port 65536", "click", url_json("https://shop.example:65536/"),
+                "bad_url"),
+        invalid("target with a port of six digits", "click",
+                url_json("https://shop.example:000443/"), "bad_url"),
+        invalid("target with a bracketed host that is not IPv6", "click",
+                url_json("https://[shop.example]/"), "bad_url"),
+        invalid("target with an IPv6 zone identifier", "click",
+                url_json("https://[fe80::1%25eth0]/"), "bad_url"),
+        invalid("target with a '[' in its user info", "click",
+                url_json("https://a[@shop.example/"), "bad_url"),
+        invalid("target with a space", "click", url_json("https://shop.example/a b"),
+                "bad_url"),
+        invalid("target with DEL", "click", url_json("https://shop.example/\x7f"), "bad_url"),
+        invalid("target with CR LF and a non-ASCII character", "click",
+                url_json("https://shop.example/\u00e9\r\nSet-Cookie: x=1"), "bad_url"),
+        invalid("target of 2049 characters", "click",
+                url_json("https://shop.example/" + "p" * (MAX_URL + 1 - 21)), "bad_url"),
+        invalid("target over 2048 characters once percent-encoded", "click",
+                url_json("https://shop.example/" + "\u00e9" * 340), "bad_url"),
     ]  # fmt: skip
+
+
+def iri_targets() -> list[dict[str, str]]:
+    """Clicks signed with a non-ASCII target, as a sender may: they verify, and the
+    target is the URL with each non-ASCII character percent-encoded (UTF-8, upper-case
+    hex), everything else as signed."""
+    cases = [
+        ("non-ASCII path and query", "https://shop.example/caf\u00e9?q=\u00fc",
+         "https://shop.example/caf%C3%A9?q=%C3%BC"),
+        ("escapes already there are kept as written", "https://shop.example/%c3%a9/\u00fc",
+         "https://shop.example/%c3%a9/%C3%BC"),
+        ("a four-byte character", "https://shop.example/\U0001f642",
+         "https://shop.example/%F0%9F%99%82"),
+        ("a non-ASCII host", "https://b\u00fccher.example/",
+         "https://b%C3%BCcher.example/"),
+    ]  # fmt: skip
+    return [
+        {"name": name, "kind": "click", "json": canonical_json([1, "c", "s", "r", url]),
+         "token": url_json(url), "target": target}
+        for name, url, target in cases
+    ]  # fmt: skip
+
+
+# TRACKBUF_REDIRECT_HOSTS: a setting, targets it lets a click go to and targets it
+# refuses (host_not_allowed), and settings ingest refuses to start with.
+REDIRECT_HOSTS = {
+    "setting": " Shop.Example ,*.example.org,, 192.0.2.1",
+    "allowed": [
+        "https://shop.example/", "HTTPS://SHOP.EXAMPLE:8443/x", "https://user@shop.example/",
+        "https://a.example.org/", "https://a.b.example.org/", "http://192.0.2.1/",
+    ],
+    "refused": [
+        "https://example.org/", "https://shop.example.net/", "https://myshop.example/",
+        "https://shop.example./", "https://[::1]/", "https://sh%6Fp.example/",
+        "https://sh_op.example/", "https://shop.example@evil.example/",
+        "https://b%C3%BCcher.example/", "https://192.0.2.10/",
+    ],
+    "bad_settings": [
+        "https://shop.example", "shop.example:443", "shop.example/path", "*", "*.",
+        "*example.org", "a.*.example.org", "sh_op.example", "[::1]", "shop..example",
+        ".example.org", "shop.example.",
+    ],
+}  # fmt: skip
+
+# kid:secret entries that every signer and verifier refuses, and the shortest accepted.
+KEY_ENTRIES = {
+    "accepted": ["k3:" + "s" * 32, "k3:" + "\u00e9" * 16, "k-_3:" + "s" * 32,
+                 "k3:a:b:" + "s" * 28],
+    "refused": ["k3:" + "s" * 31, "k3:" + "\u00e9" * 15 + "s", "k3", ":" + "s" * 32,
+                "k.3:" + "s" * 32, "k3456789012345678:" + "s" * 32],
+}  # fmt: skip
 
 
 def vectors() -> dict[str, Any]:
@@ -173,6 +361,17 @@ def vectors() -> dict[str, Any]:
         valid("quotes, backslash, slash, controls", "k1", "open", 'say "hi" \\ a/b',
               "tab\there\u0001\u001f\u007f"),
         valid("open with the longest fields", "k1", "open", "c" * 256, "r" * 256),
+        valid("open with 256 four-byte characters in each field", "k1", "open",
+              "\U0001f642" * 256, "\U0001f642" * 256),
+        valid("open expiring at 2^53 - 1", "k1", "open", "spring", "user-42",
+              expires=2**53 - 1),
+        valid("target with upper-case scheme and host, user info and a port", "k1",
+              "click", "spring", "user-42", "HTTPS://user:pw@Shop.Example:8443/a?b#c"),
+        valid("target with an IPv6 host and a port", "k1", "click", "spring", "user-42",
+              "http://[2001:db8::1]:8080/"),
+        valid("target with an empty port and lower-case escapes", "k1", "click", "spring",
+              "user-42", "https://shop.example:/caf%c3%a9"),
+        longest_click(0),
     ]  # fmt: skip
     return {
         "about": "Link token test vectors; see docs/TOKENS.md. Regenerate with "
@@ -182,6 +381,9 @@ def vectors() -> dict[str, Any]:
         "keys": KEYS,
         "valid": good,
         "invalid": invalid_vectors(good[0], good[1]),
+        "iri_targets": iri_targets(),
+        "redirect_hosts": REDIRECT_HOSTS,
+        "key_entries": KEY_ENTRIES,
     }
 
 

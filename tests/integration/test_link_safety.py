@@ -164,6 +164,22 @@ def test_a_short_key_stops_ingest_at_start_naming_the_kid(
     assert "sEcReT" not in done.stderr + done.stdout and "Traceback" not in done.stderr
 
 
+def test_signers_refuse_a_short_key_too_even_one_that_does_not_sign(make_settings) -> None:
+    # docs/TOKENS.md: signers and verifiers alike refuse a secret under 32 bytes, in
+    # every key of the list, not only the first (the one that signs).
+    settings: Settings = make_settings()
+    keys = f"{K1},k0:sEcReT-of-20-bytes!!"
+    html = '<a href="https://shop.example/">x</a>'
+    for command, stdin in (
+        (["link", "open", "--campaign", "c", "--recipient", "r"], None),
+        (["rewrite", "--campaign", "c", "--recipient", "r"], html),
+    ):
+        done = trackbuf(settings, *command, input=stdin, TRACKBUF_SIGNING_KEYS=keys)
+        assert done.returncode == 2, done.stderr
+        assert "key 'k0': the secret is 20 bytes, at least 32 are needed" in done.stderr
+        assert done.stdout == "" and "sEcReT" not in done.stderr
+
+
 def test_keys_never_show_in_help(make_settings, tmp_path: Path) -> None:
     settings: Settings = make_settings()
     for command in (["ingest"], ["link", "click"], ["rewrite"], ["up"]):

@@ -14,7 +14,8 @@ import pytest
 
 from tests.data import make_token_vectors
 from trackbuf import links, tokens
-from trackbuf.tokens import InvalidToken, Keyring, LinkPayload
+from trackbuf.redirect_hosts import RedirectHosts, RedirectHostsError
+from trackbuf.tokens import InvalidToken, Keyring, KeyringError, LinkPayload
 
 ROOT = Path(__file__).resolve().parents[2]
 VECTORS: dict[str, Any] = json.loads(
@@ -100,3 +101,35 @@ def test_the_node_example_in_the_spec_makes_the_vector_links(tmp_path: Path) -> 
     # The example's own output: the first two vectors, an open and a click link.
     assert example_lines == [VALID[0]["link"], VALID[1]["link"]]
     assert json.loads(harness_line) == [v["link"] for v in VALID]
+
+
+IRI_TARGETS = VECTORS["iri_targets"]
+
+
+@pytest.mark.parametrize("v", IRI_TARGETS, ids=names(IRI_TARGETS))
+def test_a_non_ascii_target_verifies_percent_encoded(v: dict[str, Any]) -> None:
+    assert json.loads(v["json"])[4] != v["target"]  # signed raw, not as redirected to
+    payload = tokens.verify(ALL_KEYS, v["token"], v["kind"], now=VECTORS["now"])
+    assert payload.url == v["target"]
+
+
+def test_the_redirect_hosts_vectors() -> None:
+    hosts = VECTORS["redirect_hosts"]
+    allowlist = RedirectHosts.parse(hosts["setting"])
+    for url in hosts["allowed"] + hosts["refused"]:
+        assert tokens.is_safe_target(url), url  # a target a click may carry...
+    assert [u for u in hosts["allowed"] if not allowlist.allows(u)] == []
+    assert [u for u in hosts["refused"] if allowlist.allows(u)] == []  # ...but not here
+    for setting in hosts["bad_settings"]:
+        with pytest.raises(RedirectHostsError):
+            RedirectHosts.parse(setting)
+
+
+def test_the_key_entry_vectors() -> None:
+    entries = VECTORS["key_entries"]
+    for entry in entries["accepted"]:
+        kid, _, secret = entry.partition(":")  # the secret: all after the first ':'
+        assert Keyring.parse(entry).keys == {kid: secret.encode()}
+    for entry in entries["refused"]:
+        with pytest.raises(KeyringError):
+            Keyring.parse(entry)

@@ -340,3 +340,100 @@ def test_durations(text: str, seconds: int) -> None:
 def test_bad_durations_say_what_a_duration_is(text: str) -> None:
     with pytest.raises(LinkError, match="positive number and a unit"):
         links.parse_duration(text)
+
+
+def test_a_control_character_is_refused_in_a_target_with_non_ascii_too() -> None:
+    # Only non-ASCII characters are percent-encoded: an 'é' elsewhere in the URL must
+    # not turn a CR LF or a space into %0D%0A or %20 and let it through.
+    keys = Keyring.parse(OLD)
+    for url in ("https://é.example/\r\nSet-Cookie: x=1", "https://shop.example/é b"):
+        assert tokens.ascii_url(url) == url.replace("é", "%C3%A9")
+        with pytest.raises(LinkError, match="bad_url"):
+            tokens.sign(keys, click(url))
+        token = signed_by_hand(keys, [tokens.FORMAT, "c", "camp", "r", url])
+        with pytest.raises(InvalidToken, match="bad_url"):
+            tokens.verify(keys, token, "click")
+
+
+def test_a_target_with_a_lone_surrogate_is_a_link_error() -> None:
+    with pytest.raises(LinkError, match="bad_url"):
+        tokens.sign(Keyring.parse(OLD), click("https://shop.example/\ud800"))
+
+
+@pytest.mark.parametrize(
+    ("url", "safe"),
+    [
+        ("HTTPS://SHOP.EXAMPLE/", True),  # the scheme and host in any case
+        ("https://user:pw@shop.example/", True),  # user info, up to the last '@'
+        ("https://a@b@shop.example/", True),
+        ("https://shop.example:8443/x", True),
+        ("https://shop.example:/", True),  # an empty port: the default
+        ("https://shop.example:65535/", True),
+        ("https://[::1]:8080/x", True),
+        ("https://[::ffff:192.0.2.1]/", True),
+        ("https://shop.example:65536/", False),
+        ("https://shop.example:000080/", False),  # more than five digits
+        ("https://shop.example:http/", False),
+        ("https://a:b:c/", False),
+        ("https://user@/", False),  # an empty host
+        ("https://:443/", False),
+        ("https://[not-an-ip]/", False),  # accepted by Python before 3.11.4
+        ("https://[v1.fe]/", False),  # an IPvFuture literal
+        ("https://[fe80::1%25eth0]/", False),  # a zone identifier
+        ("https://x[::1]/", False),
+        ("https://a[b@shop.example/", False),
+        ("https:shop.example", False),  # no "//": no host at all
+    ],
+)
+def test_what_a_url_with_a_host_admits(url: str, safe: bool) -> None:
+    assert tokens.is_safe_target(url) is safe
+
+
+def test_any_integer_past_2_53_is_malformed_whatever_its_size() -> None:
+    # orjson reads integers up to 2**64 - 1 and fails past them: the reason must not
+    # depend on that, so every integer a JavaScript number cannot hold is malformed.
+    keys = Keyring.parse(OLD)
+    for number in (2**53, 2**64 - 1, 2**64, 10**30, -(2**53)):
+        body = tokens._b64encode(f'[1,"o","camp","r",{number}]'.encode())
+        with pytest.raises(InvalidToken) as info:
+            tokens.verify(keys, mac_by_hand(keys, body), "open")
+        assert info.value.reason == "malformed", number
+    for number, reason in ((2**53 - 1, None), (0, "bad_expires"), (-(2**53 - 1), "bad_expires")):
+        token = signed_by_hand(keys, [tokens.FORMAT, "o", "camp", "r", number])
+        if reason is None:
+            assert tokens.verify(keys, token, "open", now=0).expires == number
+            continue
+        with pytest.raises(InvalidToken) as info:
+            tokens.verify(keys, token, "open")
+        assert info.value.reason == reason
+
+
+@pytest.mark.parametrize("at", [0, 1, 2, 3, 4, 9, 10, 11, 12, 13])
+@pytest.mark.parametrize("stray", ["=", "==", "!", " ", "%", "*"])
+def test_a_stray_character_in_the_payload_is_malformed_wherever_it_stands(
+    at: int, stray: str
+) -> None:
+    # binascii's lenient decoder skipped such characters and then refused or accepted
+    # the rest depending on where they stood and how many there were.
+    keys = Keyring.parse(OLD)
+    body = CANONICAL[:at] + stray + CANONICAL[at:]
+    with pytest.raises(InvalidToken) as info:
+        tokens.verify(keys, mac_by_hand(keys, body), "open")
+    assert info.value.reason == "malformed"
+
+
+@pytest.mark.parametrize("padding", ["=", "==", "===", "===="])
+def test_any_trailing_padding_is_non_canonical(padding: str) -> None:
+    keys = Keyring.parse(OLD)
+    with pytest.raises(InvalidToken) as info:
+        tokens.verify(keys, mac_by_hand(keys, CANONICAL + padding), "open")
+    assert info.value.reason == "non_canonical"
+
+
+def test_a_payload_length_no_base64_has_is_malformed() -> None:
+    keys = Keyring.parse(OLD)
+    body = CANONICAL[: len(CANONICAL) - (len(CANONICAL) - 1) % 4]
+    assert len(body) % 4 == 1
+    with pytest.raises(InvalidToken) as info:
+        tokens.verify(keys, mac_by_hand(keys, body), "open")
+    assert info.value.reason == "malformed"
