@@ -132,7 +132,7 @@ def snapshots(
 
 class QueueFamilies(NamedTuple):
     """The queue metrics of one scrape, empty until filled (also what the metric
-    reference in docs/OPERATIONS.md is generated from)."""
+    reference in docs/MONITORING.md is generated from)."""
 
     up: GaugeMetricFamily
     jobs: GaugeMetricFamily

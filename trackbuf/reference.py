@@ -1,7 +1,7 @@
 """The reference tables in the docs, generated from the code they describe.
 
 ``docs/CONFIGURATION.md`` holds the settings table (from ``Settings``' help text) and
-the command table (from the argument parser); ``docs/OPERATIONS.md`` holds the metric
+the command table (from the argument parser); ``docs/MONITORING.md`` holds the metric
 table (from the metric registries of ingest and the consumer). Each table sits between
 ``<!-- generated:NAME:start -->`` and ``<!-- generated:NAME:end -->``; everything
 outside those markers is written by hand.
@@ -192,7 +192,7 @@ def _cell(text: str) -> str:
 TABLES: tuple[tuple[str, str, Callable[[], str]], ...] = (
     ("docs/CONFIGURATION.md", "settings", settings_table),
     ("docs/CONFIGURATION.md", "commands", commands_table),
-    ("docs/OPERATIONS.md", "metrics", metrics_table),
+    ("docs/MONITORING.md", "metrics", metrics_table),
 )
 
 
