@@ -24,7 +24,15 @@ from trackbuf.settings import Settings, env_name, flag_name
 ROOT = Path(__file__).resolve().parent.parent
 # Pages written for people: measured figures live only in BENCHMARKS.md and
 # benchmarks/results.json, and these pages link there instead of copying them.
-LINKING_PAGES = ("README.md", "docs/CONFIGURATION.md", "docs/MONITORING.md")
+LINKING_PAGES = (
+    "README.md",
+    "docs/CONFIGURATION.md",
+    "docs/CONTRIBUTING.md",
+    "docs/DATA.md",
+    "docs/MONITORING.md",
+    "docs/OPERATIONS.md",
+    "docs/UPGRADING.md",
+)
 SETTING = re.compile(r"\bTRACKBUF_[A-Z0-9_]+")
 METRIC = re.compile(r"\btrackbuf_[a-z0-9_]+")
 METRIC_PREFIXES = ("trackbuf_ingest_", "trackbuf_consumer_", "trackbuf_queue_")
@@ -33,7 +41,7 @@ SPAN = re.compile(r"`([^`\n]+)`")
 # "trackbuf <command>" at a command's position: the start, or after a shell separator,
 # `$(`, `exec`, `env` assignments or a prompt. Not "trackbuf never buries" in prose
 # (prose is not scanned) and not "trackbuf rewrite: ..." (a message it prints).
-COMMAND = re.compile(r"(?:^|[\s;|&(]|\$\()trackbuf\s+([a-z][a-z-]*)(?![:\w-])")
+COMMAND = re.compile(r"(?:^|[\s;|&(]|\$\()trackbuf\s+([a-z][a-z-]*)(?![:\w/.-])")
 # A throughput figure: "41.5k requests/s", "55,000 events/s", "1.28x".
 FIGURE = re.compile(
     r"\b\d[\d,.]*k?\s?(?:req|requests|events|rows|jobs)/s\b|\b\d+\.\d+x\b", re.IGNORECASE
@@ -59,7 +67,8 @@ def known_variables() -> set[str]:
     ).stdout.decode()
     for name in filter(None, listed.split("\0")):
         path = ROOT / name
-        if path.is_file():
+        # This file names made-up variables on purpose, to see them refused.
+        if path.is_file() and path != Path(__file__).resolve():
             known |= set(SETTING.findall(path.read_text()))
     return known
 
@@ -213,6 +222,7 @@ def test_the_checks_see_what_they_look_for() -> None:
         "`trackbuf_consumer_request_duration_seconds_bucket`, `trackbuf_queue_*`.\n"
         "Run `trackbuf consume --threads 4`, `trackbuf consume --thread 4`,\n"
         "`trackbuf dead kick --all`, `trackbuf dead --all`, `trackbuf frobnicate now`;\n"
+        "`install -g trackbuf deploy/systemd/trackbuf.env /etc/trackbuf/`;\n"
         "trackbuf never buries a job (prose).\n"
         "```sh\n"
         "trackbuf --log-level DEBUG ingest --no-fast-path | tee log  # trackbuf nothing\n"
@@ -230,7 +240,7 @@ def test_the_checks_see_what_they_look_for() -> None:
         "page.md:4: `trackbuf consume` has no flag --thread",
         "page.md:5: `trackbuf dead` needs a subcommand before its flags",
         "page.md:5: no command `trackbuf frobnicate`",
-        "page.md:9: `trackbuf link click` has no flag --uri",
+        "page.md:10: `trackbuf link click` has no flag --uri",
     ]
     assert FIGURE.findall("at 41.5k requests/s, 1.28x bare; 55,000 events/s") == [
         "41.5k requests/s",
