@@ -207,6 +207,10 @@ def test_ingest_probes_grace_and_one_spool_volume_per_pod() -> None:
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     spool = configmap()["data"]["TRACKBUF_SPOOL_DIR"]
     assert mounts[spool] in claims
+    # The data dir (the workers' metrics files) is writable too: a volume of its own,
+    # since the pod does not run as the image's user.
+    data = configmap()["data"]["TRACKBUF_DATA_DIR"]
+    assert data in mounts and spool.startswith(data + "/")
     check_command(container["args"])
 
 
