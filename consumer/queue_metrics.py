@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -130,6 +130,47 @@ def snapshots(
         return list(pool.map(one, addresses))
 
 
+class QueueFamilies(NamedTuple):
+    """The queue metrics of one scrape, empty until filled (also what the metric
+    reference in docs/MONITORING.md is generated from)."""
+
+    up: GaugeMetricFamily
+    jobs: GaugeMetricFamily
+    age: GaugeMetricFamily
+    consumers: GaugeMetricFamily
+    put: CounterMetricFamily
+    span: GaugeMetricFamily
+
+
+def families() -> QueueFamilies:
+    return QueueFamilies(
+        up=GaugeMetricFamily(
+            names.QUEUE_UP, "1 if this beanstalkd server answered the scrape", labels=["server"]
+        ),
+        jobs=GaugeMetricFamily(
+            names.QUEUE_JOBS, "Jobs in the tube by state", labels=["server", "tube", "state"]
+        ),
+        age=GaugeMetricFamily(
+            names.QUEUE_OLDEST_READY_AGE,
+            "Age of the oldest ready job (how far behind the consumer is)",
+            labels=["server", "tube"],
+        ),
+        consumers=GaugeMetricFamily(
+            names.QUEUE_CONSUMERS, "Connections watching the tube", labels=["server", "tube"]
+        ),
+        put=CounterMetricFamily(
+            names.QUEUE_JOBS_PUT,
+            "Jobs put into the tube since beanstalkd started",
+            labels=["server", "tube"],
+        ),
+        span=GaugeMetricFamily(
+            names.QUEUE_BINLOG_SPAN,
+            "binlog-current-index minus binlog-oldest-index; grows when old files are pinned",
+            labels=["server"],
+        ),
+    )
+
+
 class QueueCollector(Collector):
     def __init__(self, addresses: Sequence[tuple[str, int]], tube: str) -> None:
         self.addresses = list(addresses)
@@ -161,30 +202,7 @@ class QueueCollector(Collector):
         return []  # values come from a server at scrape time; skip the probe on register
 
     def collect(self) -> Iterator[Metric]:
-        up = GaugeMetricFamily(
-            names.QUEUE_UP, "1 if this beanstalkd server answered the scrape", labels=["server"]
-        )
-        jobs = GaugeMetricFamily(
-            names.QUEUE_JOBS, "Jobs in the tube by state", labels=["server", "tube", "state"]
-        )
-        age = GaugeMetricFamily(
-            names.QUEUE_OLDEST_READY_AGE,
-            "Age of the oldest ready job (how far behind the consumer is)",
-            labels=["server", "tube"],
-        )
-        consumers = GaugeMetricFamily(
-            names.QUEUE_CONSUMERS, "Connections watching the tube", labels=["server", "tube"]
-        )
-        put = CounterMetricFamily(
-            names.QUEUE_JOBS_PUT,
-            "Jobs put into the tube since beanstalkd started",
-            labels=["server", "tube"],
-        )
-        span = GaugeMetricFamily(
-            names.QUEUE_BINLOG_SPAN,
-            "binlog-current-index minus binlog-oldest-index; grows when old files are pinned",
-            labels=["server"],
-        )
+        up, jobs, age, consumers, put, span = families()
         for address, snap in zip(self.addresses, snapshots(self.addresses, self.tube), strict=True):
             server = server_name(address)
             if not isinstance(snap, QueueSnapshot):

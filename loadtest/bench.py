@@ -1,6 +1,6 @@
 """The benchmark runner: every figure measured against its baseline in the same run.
 
-    python -m loadtest bench            # full run (~15 minutes), rewrites BENCHMARKS.md
+    python -m loadtest bench            # full run (about 30 minutes), rewrites BENCHMARKS.md
     python -m loadtest bench --quick    # seconds, tiny counts: checks the machinery
 
 Sections: ingest (nginx empty_gif, bare aiohttp, naive INSERT-per-request tracker,

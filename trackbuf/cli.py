@@ -29,7 +29,7 @@ QUEUE = ("beanstalkd", "tube")
 INGEST = ("listen", "admin_listen", "workers", *QUEUE, "signing_keys", "signing_keys_file",
           "redirect_hosts", "job_ttr", "max_job_bytes", "ip_mode", "user_agent_mode",
           "trust_forwarded", "data_dir", "spool_dir", "spool_max_bytes", "spool_fsync",
-          "shutdown_timeout")  # fmt: skip
+          "shutdown_timeout", "fast_path", "job_linger_ms")  # fmt: skip
 CONSUME = ("database_url", *QUEUE, "threads", "batch_size", "linger_ms", "burst",
            "metrics_listen", "shutdown_timeout")  # fmt: skip
 LINKS = ("public_url", "signing_keys", "signing_keys_file")
@@ -136,7 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = SuggestingParser(
         prog="trackbuf", description="Email open and click tracking through a beanstalkd buffer."
     )
-    parser.add_argument("--log-level", default=os.environ.get("TRACKBUF_LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("TRACKBUF_LOG_LEVEL", "INFO"),
+        help="DEBUG, INFO, WARNING or ERROR, before the command [env TRACKBUF_LOG_LEVEL; "
+        "default INFO]",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     plain = dict(os.environ)
     beside_up = {**_env_file().values, **plain}  # what OPERATOR commands will use

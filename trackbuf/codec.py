@@ -12,8 +12,9 @@ A job body is one JSON object, version 1::
   null. Short keys matter: every queued byte sits in beanstalkd's RAM.
 
 The body is written so that PostgreSQL can read it as-is (``jsonb_to_recordset``); the
-consumer's fast path never builds Python rows. ``decode_job`` below is the one decoder
-every Python reader uses (dead-letter inspection, the consumer's slow path, tests).
+consumer never builds Python rows (it adds its verdicts with orjson,
+consumer/verdicts.py). ``decode_job`` below decodes a body into ``Event`` objects, for
+tests and tools that read what beanstalkd holds.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A link that still holds one must not be signed into a click token: the service could
 no longer fill it in, and every recipient would be sent to the same literal text. The
-syntaxes below are those the common services document for links (see README, "rewrite").
+syntaxes below are those the common services document for links (see docs/REWRITE.md).
 """
 
 from __future__ import annotations

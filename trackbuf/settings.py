@@ -37,7 +37,10 @@ class Settings:
         metadata={"help": "beanstalkd host:port, or a pool: host:port,host:port,..."},
     )
     tube: str = field(default="trackbuf-events", metadata={"help": "beanstalkd tube"})
-    listen: str = field(default="127.0.0.1:8080", metadata={"help": "ingest host:port"})
+    listen: str = field(
+        default="127.0.0.1:8080",
+        metadata={"help": "ingest's public host:port: /o/, /c/, /healthz, /readyz, /robots.txt"},
+    )
     workers: int = field(default=1, metadata={"help": "ingest worker processes (one socket)"})
     public_url: str = field(
         default="http://127.0.0.1:8080", metadata={"help": "base URL printed in links"}
@@ -49,7 +52,13 @@ class Settings:
         default="",
         metadata={"help": "file of kid:secret entries instead (ingest re-reads it on SIGHUP)"},
     )
-    data_dir: str = field(default="./trackbuf-data", metadata={"help": "where `up` keeps state"})
+    data_dir: str = field(
+        default="./trackbuf-data",
+        metadata={
+            "help": "where `up` keeps its servers' data and ingest its spool (unless "
+            "--spool-dir); operator commands read the trackbuf.env of `up` there"
+        },
+    )
     threads: int = field(default=4, metadata={"help": "consumer worker threads"})
     batch_size: int = field(default=1000, metadata={"help": "events per database batch"})
     linger_ms: int = field(default=200, metadata={"help": "max wait to fill a batch"})
@@ -73,7 +82,10 @@ class Settings:
     )
     job_linger_ms: float = field(
         default=2.0,
-        metadata={"help": "ingest: max wait of a job's first event for others to join it"},
+        metadata={
+            "help": "ingest: max wait of a job's first event for others to join it "
+            "(0 to 50; 0 puts each job at once)"
+        },
     )
     max_job_bytes: int = field(
         default=60000,
@@ -87,7 +99,10 @@ class Settings:
     )
     trust_forwarded: bool = field(
         default=False,
-        metadata={"help": "take the client IP from the last X-Forwarded-For hop"},
+        metadata={
+            "help": "take the client IP from the last X-Forwarded-For hop (only behind "
+            "a proxy that appends it)"
+        },
     )
     redirect_hosts: str = field(
         default="",
@@ -103,7 +118,8 @@ class Settings:
         default="always", metadata={"help": "always (sync before answering) or never"}
     )
     shutdown_timeout: float = field(
-        default=10.0, metadata={"help": "seconds allowed for a graceful stop"}
+        default=10.0,
+        metadata={"help": "seconds allowed for a graceful stop; past it the process exits 1"},
     )
     forget_keep_days: int = field(
         default=30,

@@ -1,4 +1,4 @@
-"""``trackbuf ingest --workers N``: a stop always stops, with the exit code the README
+"""``trackbuf ingest --workers N``: a stop always stops, with the exit code docs/OPERATIONS.md
 gives, even when it lands while a worker is being replaced.
 
 The supervisor and its workers are real ``trackbuf ingest`` processes against a real
