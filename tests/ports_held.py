@@ -21,6 +21,8 @@ def hold(ports: tuple[int, ...]) -> tuple[list[socket.socket], list[int]]:
     held, taken = [], []
     for port in ports:
         sock = socket.socket()
+        # Connections of an earlier server in TIME_WAIT must not make this bind fail.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
             sock.listen()

@@ -53,10 +53,15 @@ def test_up_serves_signed_links_and_rows_appear(data_dir: Path, tmp_path: Path) 
     )
     # beanstalkd's default port taken, as Debian's package takes it: up moves off it
     # and says so (whoever holds it: this test, or a server already running there).
+    # SO_REUSEADDR: an earlier beanstalkd's connections in TIME_WAIT must not make the
+    # bind fail while nothing listens there.
     squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     with contextlib.suppress(OSError):
         squatter.bind(("127.0.0.1", 11300))
         squatter.listen()
+    with socket.create_connection(("127.0.0.1", 11300), timeout=5):
+        pass  # held: by this test, or by a server already there
     log = open(tmp_path / "up.log", "wb")  # noqa: SIM115
     up = subprocess.Popen(
         [sys.executable, "-m", "trackbuf", "up"],
