@@ -127,14 +127,14 @@ class Ingest:
             self.enqueuer = Enqueuer(
                 addresses[0], settings.tube, ttr=settings.job_ttr,
                 max_job_bytes=settings.max_job_bytes, metrics=self.metrics, spool=spool,
-                linger_s=settings.job_linger_ms / 1000,
+                linger_s=settings.job_linger_ms / 1000, queue_max_bytes=settings.queue_max_bytes,
             )  # fmt: skip
         else:
             # Several servers: one delivery lane each (ingest/pool.py).
             self.enqueuer = PoolEnqueuer(
                 addresses, settings.tube, ttr=settings.job_ttr,
                 max_job_bytes=settings.max_job_bytes, metrics=self.metrics, spool=spool,
-                linger_s=settings.job_linger_ms / 1000,
+                linger_s=settings.job_linger_ms / 1000, queue_max_bytes=settings.queue_max_bytes,
             )  # fmt: skip
 
     async def start(self) -> None:

@@ -87,18 +87,21 @@ class Connection:
 
     async def max_job_size(self) -> int:
         """The server's ``-z`` limit, from ``stats``."""
+        limit = (await self.stats()).get("max-job-size")
+        return limit if isinstance(limit, int) else SERVER_DEFAULT_MAX_JOB
+
+    async def stats(self) -> dict[str, int | str]:
+        """The server-wide ``stats``."""
         reply = await self._command(beanstalk.STATS)
         try:
             size = beanstalk.ok_reply(reply)
             async with asyncio.timeout(IO_TIMEOUT_S):
                 data = await self._reader.readexactly(size + 2)
-            stats = beanstalk.parse_stats(beanstalk.body(data, size))
+            return beanstalk.parse_stats(beanstalk.body(data, size))
         except TimeoutError:
             raise TimedOut(f"stats: no answer in {IO_TIMEOUT_S} s") from None
         except (OSError, asyncio.IncompleteReadError, BeanstalkError) as exc:
             raise ConnectionLost(repr(exc)) from None
-        limit = stats.get("max-job-size")
-        return limit if isinstance(limit, int) else SERVER_DEFAULT_MAX_JOB
 
     async def ping(self, tube: str) -> None:
         """``use`` the tube (again): a cheap command that proves the server answers."""

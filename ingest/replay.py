@@ -5,7 +5,8 @@ live batches (``Putter.put_job``). A record leaves the spool only after its put
 succeeded; a failed put leaves it for the next round (and a job put twice this way is
 dropped by the consumer, by ``event_id``). Live requests come first: once they wait, a
 round stops after ``REPLAY_SLICE_S`` (having put one job at least, so a spool drains
-even under steady traffic).
+even under steady traffic). Nothing is replayed onto a server above its high-water
+mark: replay waits until the consumer has drained it below the low-water mark.
 """
 
 from __future__ import annotations
@@ -42,12 +43,14 @@ class Replayer:
 
     async def round(self) -> None:
         spool = self._writer.spool
-        if spool is None or spool.empty or not self._putter.connected:
+        if spool is None or spool.empty or not self._putter.connected or self._putter.full:
             return
         replayed = 0
         started = time.monotonic()
         try:
             for _ in range(REPLAY_CHUNK):
+                if self._putter.full:
+                    return  # back above the high-water mark: the rest waits for low water
                 late = time.monotonic() - started > REPLAY_SLICE_S
                 if replayed and late and self._live_waiting():
                     self._come_back()  # the rest after the live batch
