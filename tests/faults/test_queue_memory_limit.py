@@ -31,8 +31,8 @@ from trackbuf.tokens import Keyring
 
 pytestmark = pytest.mark.faults
 
-LIMIT = 24 << 20  # beanstalkd's memory, as in a small container
-HIGH_WATER = 8 << 20  # a third of it: room for the binlog's page cache and the estimate
+LIMIT = 16 << 20  # beanstalkd's memory, as in a small container
+HIGH_WATER = 5 << 20  # a third of it: room for the binlog's page cache and the estimate
 URL_PAD = "q" * 1800  # events of about 2 kB: several times the limit in a short run
 
 
@@ -172,7 +172,7 @@ def test_an_outage_beyond_beanstalkds_memory_spills_to_disk_and_loses_nothing(
     own_postgres.stop("fast")
     ingest = start_ingest(settings, tmp_path / "ingest.log")
     consumer = start_consumer(settings, tmp_path / "consumer.log")
-    count = 36_000  # about 70 MB of events: three times the limit
+    count = 24_000  # about 48 MB of events: three times the limit
     try:
         load = Load(f"http://{settings.listen}", keyring, "memlimit", count=count, rate=1500,
                     concurrency=32, plan=big_click)  # fmt: skip
@@ -196,7 +196,7 @@ def test_an_outage_beyond_beanstalkds_memory_spills_to_disk_and_loses_nothing(
     pairs = len(order) * (len(order) - 1) // 2
     inverted = inversions(order) / max(pairs, 1)
     report(
-        "beanstalkd under a 24 MB memory limit, database down",
+        "beanstalkd under a 16 MB memory limit, database down",
         f"sent={result.sent} failed={result.failed} pushed_in={pushed_s:.1f}s "
         f"p99={result.p99() * 1000:.1f}ms spooled_events_at_end={spooled_events:.0f} "
         f"jobs_in_beanstalkd={held} cgroup_max_usage={usage_during / 2**20:.1f}MB "
@@ -226,7 +226,7 @@ def test_a_binlog_larger_than_the_memory_limit_cannot_be_replayed_under_it(
     is left as it was) and a restart with more memory brings every job back."""
     binlog = tmp_path / "binlog"
     free = LimitedBeanstalkd(binlog, None).start()
-    jobs, body = 15_000, b"x" * 2000  # 30 MB of bodies: more than the 24 MB limit
+    jobs, body = 12_000, b"x" * 2000  # 24 MB of bodies: more than the 16 MB limit
     with free.client() as client:
         for _ in range(jobs):
             client.put(body)
