@@ -45,7 +45,7 @@ from ingest.linger import Linger
 from ingest.metrics import IngestMetrics
 from ingest.outcomes import Outcome
 from ingest.putter import PUT_STALL_S, PutFailed, Putter
-from ingest.replay import Replayer
+from ingest.replay import Replayer, replay_before_exit
 from ingest.spool import Spool
 from ingest.spool_writer import SpoolWriter
 from trackbuf.log import kv
@@ -152,6 +152,7 @@ class Enqueuer:
         if tasks:
             # Cancelled tasks end at their next await; let them, so none is left pending.
             await asyncio.wait(tasks, timeout=0.1)
+        await replay_before_exit(self._writer, [self._replayer], deadline)
         await self._putter.close()
         await self._writer.close()
         return finished

@@ -59,7 +59,7 @@ from ingest.linger import Linger
 from ingest.metrics import IngestMetrics
 from ingest.outcomes import Outcome
 from ingest.putter import PUT_STALL_S, PutFailed, Putter
-from ingest.replay import Replayer
+from ingest.replay import Replayer, replay_before_exit
 from ingest.spool import Spool
 from ingest.spool_writer import SpoolWriter
 from trackbuf.log import kv
@@ -240,6 +240,7 @@ class PoolEnqueuer:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=0.1)
+        await replay_before_exit(self._writer, [lane.replayer for lane in self._lanes], deadline)
         await asyncio.gather(*(lane.putter.close() for lane in self._lanes))
         await self._writer.close()
         return finished

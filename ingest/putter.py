@@ -217,6 +217,11 @@ class Putter:
         except bsproto.ConnectionLost as exc:
             self.link.drop(conn, exc)
             raise PutFailed(str(exc)) from None
+        except asyncio.CancelledError:
+            # Cancelled mid-command (a stop): its answer may still come and would be
+            # read as the next command's, so nothing more may go over this connection.
+            self.link.drop(conn, None)
+            raise
         finally:
             stall.cancel()
             if self.stalled:

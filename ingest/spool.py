@@ -79,6 +79,7 @@ class Spool:
         # Events in damaged records that replay had to skip; only ever grows, so the
         # event loop can read it while the disk thread replays (see Enqueuer).
         self.lost_events = 0
+        self.left_at_close = 0
 
     # Setup ----------------------------------------------------------------------------
 
@@ -119,6 +120,8 @@ class Spool:
         self._replay.append(_ReplayFile(target, handle, records, size, events))
 
     def close(self) -> None:
+        # What was still waiting, for whoever reports on the stop.
+        self.left_at_close = self.pending_events
         if self._active is not None:
             self._active.close()
             self._active = None
