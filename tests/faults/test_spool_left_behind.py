@@ -15,6 +15,7 @@ from pathlib import Path
 import greenstalk
 import pytest
 
+from consumer import status
 from tests.faults.test_outages import metric
 from tests.load import Load
 from tests.procs import start_ingest, trackbuf
@@ -63,6 +64,12 @@ def test_a_clean_stop_replays_the_spool_before_exit(
     assert done.failed == 0
     spooled = metric(settings, "trackbuf_ingest_spool_events")
     assert spooled > 0, "nothing was spooled: the mark was never reached"
+    # What an operator sees meanwhile: the events on this ingest's disk, and why.
+    seen = status.gather(settings, f"http://{settings.admin_listen}", "", 0.1, max_age_s=3600)
+    assert seen.spool_events == spooled and seen.servers_full == 1
+    assert seen.spool_bytes == metric(settings, "trackbuf_ingest_spool_bytes") > 0
+    assert any("above the high-water mark" in problem for problem in seen.problems)
+    assert f"{spooled:,.0f} event(s)" in status.render(seen)
     taken: list[str] = []
     stop = threading.Event()
 
