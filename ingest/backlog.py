@@ -154,7 +154,7 @@ class Backlog:
         asked = self._put_bytes
         stats = await conn.stats()
         jobs = sum(_int(stats.get(f"current-jobs-{state}")) for state in JOB_STATES)
-        self._answered()
+        self._clear_hung()
         self.observe(jobs, asked)
 
     async def _run(self) -> None:
@@ -165,13 +165,16 @@ class Backlog:
                     if conn is None:
                         conn = await bsproto.Connection.open(self._address, self._tube)
                     await self.poll_once(conn)
+                except bsproto.ConnectTimedOut:
+                    # No handshake at all: unreachable (the put path reports it), not hung.
+                    self._clear_hung()
                 except bsproto.TimedOut as exc:
                     self._no_answer(exc)
                     _close(conn)
                     conn = None
                 except bsproto.ConnectionLost:
                     # Down or restarting, which the put path reports; not hung.
-                    self._answered()
+                    self._clear_hung()
                     _close(conn)
                     conn = None
                 except Exception:
@@ -188,7 +191,7 @@ class Backlog:
             self._metrics.beanstalkd_hung.labels(self.server).set(1)
             log.error(kv("beanstalkd_hung", server=self.server, error=exc))
 
-    def _answered(self) -> None:
+    def _clear_hung(self) -> None:
         if self.hung:
             self.hung = False
             self._metrics.beanstalkd_hung.labels(self.server).set(0)

@@ -51,6 +51,11 @@ class TimedOut(ConnectionLost):
     whoever reconnects should back off instead of paying the timeout again at once."""
 
 
+class ConnectTimedOut(TimedOut):
+    """No answer to the TCP handshake (a blackholed or dead host): unreachable, not a
+    server that took the connection and went quiet."""
+
+
 class Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
@@ -62,7 +67,7 @@ class Connection:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
                 reader, writer = await asyncio.open_connection(*address)
         except TimeoutError:
-            raise TimedOut(f"connect {address[0]}:{address[1]}: no answer") from None
+            raise ConnectTimedOut(f"connect {address[0]}:{address[1]}: no answer") from None
         except OSError as exc:
             raise ConnectionLost(f"connect {address[0]}:{address[1]}: {exc!r}") from None
         sock = writer.get_extra_info("socket")
