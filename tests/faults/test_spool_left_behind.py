@@ -12,15 +12,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import greenstalk
 import pytest
 
 from consumer import status
 from tests.faults.test_outages import metric
 from tests.load import Load
 from tests.procs import start_ingest, trackbuf
-from tests.servers import Beanstalkd
-from trackbuf import codec
+from tests.servers import Beanstalkd, take_in_order
 from trackbuf.log import parse
 from trackbuf.settings import Settings
 from trackbuf.tokens import Keyring
@@ -28,19 +26,6 @@ from trackbuf.tokens import Keyring
 pytestmark = pytest.mark.faults
 
 TUBE = "trackbuf-events"
-
-
-def take_all(server: Beanstalkd) -> list[str]:
-    """The recipients of every queued event; the jobs are deleted."""
-    found: list[str] = []
-    with greenstalk.Client(("127.0.0.1", server.port), encoding=None, watch=TUBE) as client:
-        while True:
-            try:
-                job = client.reserve(timeout=0)
-            except greenstalk.TimedOutError:
-                return found
-            found += [event.recipient for event in codec.decode_job(bytes(job.body))]
-            client.delete(job)
 
 
 def log_line(text: str, event: str) -> dict[str, str]:
@@ -75,7 +60,7 @@ def test_a_clean_stop_replays_the_spool_before_exit(
 
     def consume() -> None:
         while not stop.is_set():
-            taken.extend(take_all(beanstalkd))
+            taken.extend(take_in_order(beanstalkd))
             time.sleep(0.05)
 
     consumer = threading.Thread(target=consume)
@@ -85,7 +70,7 @@ def test_a_clean_stop_replays_the_spool_before_exit(
     finally:
         stop.set()
         consumer.join()
-    taken += take_all(beanstalkd)
+    taken += take_in_order(beanstalkd)
     assert sorted(taken) == sorted(sent.recipient for sent in done.acked)
     # Put there at the stop (the server stayed above its mark until the drain began).
     assert int(log_line(ingest.log(), "spool_replayed_at_exit")["events"]) > 0
@@ -116,7 +101,7 @@ def test_a_spool_left_behind_is_logged_and_replayed_from_another_host(
     replayed = trackbuf(settings, "spool", "replay", "--dir", str(moved))
     assert replayed.returncode == 0, replayed.stderr
     assert "replayed 300 event(s), 0 left" in replayed.stdout
-    assert sorted(take_all(beanstalkd)) == sorted(sent.recipient for sent in done.acked)
+    assert sorted(take_in_order(beanstalkd)) == sorted(sent.recipient for sent in done.acked)
     assert not list(moved.glob("*.spool"))
     missing = trackbuf(settings, "spool", "replay", "--dir", str(tmp_path / "nowhere"))
     assert missing.returncode == 2 and "is not a directory" in missing.stderr

@@ -13,7 +13,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import greenstalk
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -22,7 +21,7 @@ from ingest.metrics import IngestMetrics
 from ingest.outcomes import Outcome
 from ingest.pool import PoolEnqueuer
 from ingest.spool import Spool
-from tests.servers import Beanstalkd
+from tests.servers import Beanstalkd, take_in_order
 from trackbuf import codec
 from trackbuf.events import new_event
 
@@ -30,19 +29,6 @@ pytestmark = pytest.mark.integration
 
 TUBE = "trackbuf-events"
 HIGH_WATER = 200_000
-
-
-def take_in_order(server: Beanstalkd) -> list[str]:
-    """Every queued event's recipient in the order a consumer gets them; deleted."""
-    found: list[str] = []
-    with greenstalk.Client(("127.0.0.1", server.port), encoding=None, watch=TUBE) as client:
-        while True:
-            try:
-                job = client.reserve(timeout=0)
-            except greenstalk.TimedOutError:
-                return found
-            found += [event.recipient for event in codec.decode_job(bytes(job.body))]
-            client.delete(job)
 
 
 def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
