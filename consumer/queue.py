@@ -31,6 +31,7 @@ __all__ = [
     "Client",
     "DeadlineSoon",
     "Job",
+    "NotAnswering",
     "NotFound",
     "ReserveTimedOut",
     "connect",
@@ -51,6 +52,12 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     beanstalk.ProtocolError,
     beanstalk.Refused,
 )
+
+
+class NotAnswering(TimeoutError):
+    """The server holds the connection but did not answer a command in time: it is
+    hung (memory pressure, a stuck disk, stopped), not down. Still a connection error
+    (TimeoutError is an OSError): the connection goes either way."""
 
 
 class Client:
@@ -177,16 +184,27 @@ class Client:
     def _stats(self, command: bytes) -> dict[str, int | str]:
         self._send(command)
         size = beanstalk.ok_reply(self._line())
-        return beanstalk.parse_stats(beanstalk.body(self._reader.read(size + 2), size))
+        return beanstalk.parse_stats(beanstalk.body(self._read(size + 2), size))
 
     def _job(self, job_id: int, size: int) -> Job:
-        return Job(job_id, beanstalk.body(self._reader.read(size + 2), size))
+        return Job(job_id, beanstalk.body(self._read(size + 2), size))
+
+    def _read(self, size: int) -> bytes:
+        try:
+            return self._reader.read(size)
+        except TimeoutError as exc:
+            raise NotAnswering(f"beanstalkd sent no reply body in time: {exc}") from None
 
     def _send(self, data: bytes) -> None:
         self._sock.sendall(data)
 
     def _line(self) -> bytes:
-        line = self._reader.readline()
+        try:
+            line = self._reader.readline()
+        except TimeoutError as exc:
+            # Connected and no answer: hung, which an operator must hear about apart
+            # from a server that is down.
+            raise NotAnswering(f"beanstalkd did not answer in time: {exc}") from None
         if not line.endswith(b"\r\n"):
             raise ConnectionError("connection closed by beanstalkd")
         return line[:-2]

@@ -60,7 +60,9 @@ class _Deadline:
     def left(self) -> float:
         remaining = self.end - time.monotonic()
         if remaining <= 0:
-            raise TimeoutError("beanstalkd did not answer within the snapshot deadline")
+            # Only ever after the connection is made (the first call starts the clock):
+            # commands answered too slowly to finish in time, which is hung all the same.
+            raise queue.NotAnswering("beanstalkd did not answer within the snapshot deadline")
         return remaining
 
     def arm(self, client: queue.Client) -> queue.Client:
@@ -135,6 +137,7 @@ class QueueFamilies(NamedTuple):
     reference in docs/MONITORING.md is generated from)."""
 
     up: GaugeMetricFamily
+    hung: GaugeMetricFamily
     jobs: GaugeMetricFamily
     age: GaugeMetricFamily
     consumers: GaugeMetricFamily
@@ -146,6 +149,12 @@ def families() -> QueueFamilies:
     return QueueFamilies(
         up=GaugeMetricFamily(
             names.QUEUE_UP, "1 if this beanstalkd server answered the scrape", labels=["server"]
+        ),
+        hung=GaugeMetricFamily(
+            names.QUEUE_HUNG,
+            "1 if this beanstalkd server took the connection but did not answer in time "
+            "(memory pressure, a stuck disk, stopped)",
+            labels=["server"],
         ),
         jobs=GaugeMetricFamily(
             names.QUEUE_JOBS, "Jobs in the tube by state", labels=["server", "tube", "state"]
@@ -190,7 +199,10 @@ class QueueCollector(Collector):
         if not changed:
             return
         if failing:
-            log.warning(kv("queue_scrape_failed", beanstalkd=where, error=repr(exc)))
+            # hung: it took the connection and did not answer, which a restart under
+            # more memory (or a look at its disk) cures, and reconnecting does not.
+            hung = isinstance(exc, queue.NotAnswering)
+            log.warning(kv("queue_scrape_failed", beanstalkd=where, hung=hung, error=repr(exc)))
         else:
             log.info(kv("queue_scrape_recovered", beanstalkd=where))
 
@@ -202,15 +214,17 @@ class QueueCollector(Collector):
         return []  # values come from a server at scrape time; skip the probe on register
 
     def collect(self) -> Iterator[Metric]:
-        up, jobs, age, consumers, put, span = families()
+        up, hung, jobs, age, consumers, put, span = families()
         for address, snap in zip(self.addresses, snapshots(self.addresses, self.tube), strict=True):
             server = server_name(address)
             if not isinstance(snap, QueueSnapshot):
                 self._outage(server, True, snap)
                 up.add_metric([server], 0)
+                hung.add_metric([server], 1 if isinstance(snap, queue.NotAnswering) else 0)
                 continue
             self._outage(server, False)
             up.add_metric([server], 1)
+            hung.add_metric([server], 0)
             for state, count in snap.jobs.items():
                 jobs.add_metric([server, self.tube, state], count)
             age.add_metric([server, self.tube], snap.oldest_ready_age_s)
@@ -218,6 +232,7 @@ class QueueCollector(Collector):
             put.add_metric([server, self.tube], snap.jobs_put)
             span.add_metric([server], snap.binlog_span)
         yield up
+        yield hung
         # A family with no samples (every server down) is left out, as before.
         for family in (jobs, age, consumers, put, span):
             if family.samples:

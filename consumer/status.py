@@ -24,6 +24,7 @@ from typing import Generic, TypeVar
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
+from consumer.queue import NotAnswering
 from consumer.queue_metrics import STATES, QueueSnapshot, server_name, snapshots
 from trackbuf import metric_names as names
 from trackbuf.settings import Settings
@@ -35,6 +36,8 @@ class ServerStatus:
 
     address: str
     up: bool
+    # Took the connection and did not answer: memory pressure, a stuck disk, stopped.
+    hung: bool = False
     jobs: dict[str, int] = field(default_factory=dict)
     oldest_ready_age_s: int = 0
     consumers: int = 0
@@ -60,6 +63,9 @@ class Status:
     events_out_per_s: float | None = None
     spool_jobs: float | None = None
     spool_bytes: float | None = None
+    spool_events: float | None = None
+    # Servers ingest keeps above their high-water mark (new events go to its disk).
+    servers_full: float | None = None
     database_up: bool | None = None
     servers: list[ServerStatus] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
@@ -95,12 +101,9 @@ def per_second(before: float, after: float, first: Sample[T], second: Sample[T])
     return max(after - before, 0.0) / elapsed
 
 
-def _queue(settings: Settings) -> list[QueueSnapshot | None]:
-    """A snapshot of every server of the pool, None for one that did not answer."""
-    return [
-        snap if isinstance(snap, QueueSnapshot) else None
-        for snap in snapshots(settings.beanstalkd_addresses, settings.tube)
-    ]
+def _queue(settings: Settings) -> list[QueueSnapshot | BaseException]:
+    """A snapshot of every server of the pool, or why it could not be had."""
+    return snapshots(settings.beanstalkd_addresses, settings.tube)
 
 
 def scrape(url: str) -> dict[str, float] | None:
@@ -149,8 +152,16 @@ def gather(
     ):
         server = ServerStatus(server_name(address), up=False)
         status.servers.append(server)
-        if first is None or second is None:
-            status.problems.append(f"beanstalkd {server.address} is unreachable")
+        if not isinstance(first, QueueSnapshot) or not isinstance(second, QueueSnapshot):
+            failed = second if not isinstance(second, QueueSnapshot) else first
+            server.hung = isinstance(failed, NotAnswering)
+            if server.hung:
+                status.problems.append(
+                    f"beanstalkd {server.address} accepts connections but does not answer "
+                    "(hung: out of memory, a stuck disk, or stopped)"
+                )
+            else:
+                status.problems.append(f"beanstalkd {server.address} is unreachable")
             continue
         server.up = True
         server.jobs = second.jobs
@@ -183,13 +194,28 @@ def gather(
     else:
         status.spool_jobs = ingest_after.get(names.INGEST_SPOOL_JOBS, 0.0)
         status.spool_bytes = ingest_after.get(names.INGEST_SPOOL_BYTES, 0.0)
+        status.spool_events = ingest_after.get(names.INGEST_SPOOL_EVENTS, 0.0)
+        status.servers_full = ingest_after.get(names.INGEST_QUEUE_FULL, 0.0)
         if ingest_before is not None:
             status.events_in_per_s = per_second(
                 ingest_before.get(events_in, 0.0), ingest_after.get(events_in, 0.0),
                 ingest_1, ingest_2,
             )  # fmt: skip
         if status.spool_jobs:
-            status.problems.append(f"ingest is spooling: {status.spool_jobs:.0f} job(s) on disk")
+            status.problems.append(
+                f"ingest is spooling: {status.spool_events:,.0f} event(s) in "
+                f"{status.spool_jobs:,.0f} job(s), {status.spool_bytes:,.0f} bytes on disk"
+            )
+        if status.servers_full:
+            status.problems.append(
+                f"{status.servers_full:.0f} beanstalkd server(s) above the high-water mark: "
+                "new events go to ingest's disk until the consumer drains them"
+            )
+        hung = ingest_after.get(names.INGEST_BEANSTALKD_HUNG, 0.0)
+        if hung:
+            status.problems.append(
+                f"ingest finds {hung:.0f} beanstalkd server(s) hung (connected, no answers)"
+            )
     if consumer_after is None:
         if consumer_url:
             status.problems.append(f"consumer metrics unreachable at {consumer_url}")
@@ -223,6 +249,8 @@ def _pool_state(status: Status) -> str:
     down = sum(not server.up for server in status.servers)
     if status.beanstalkd_up:
         return "up"
+    if len(status.servers) == 1 and status.servers[0].hung:
+        return "HUNG"
     if len(status.servers) > 1 and down < len(status.servers):
         return f"{down} of {len(status.servers)} DOWN"
     return "DOWN"
@@ -247,7 +275,7 @@ def render(status: Status) -> str:
         # The lines above are the pool's totals; one line per server follows.
         for server in status.servers:
             if not server.up:
-                lines.append(f"server    {server.address}  DOWN")
+                lines.append(f"server    {server.address}  {'HUNG' if server.hung else 'DOWN'}")
                 continue
             lines.append(
                 f"server    {server.address}  "
@@ -259,7 +287,9 @@ def render(status: Status) -> str:
         f"events    in {rate(status.events_in_per_s)}  stored {rate(status.events_out_per_s)}",
         "ingest    spool "
         + ("?" if status.spool_jobs is None else f"{status.spool_jobs:,.0f} job(s)")
-        + ("" if status.spool_bytes is None else f", {status.spool_bytes:,.0f} bytes"),
+        + ("" if status.spool_events is None else f", {status.spool_events:,.0f} event(s)")
+        + ("" if status.spool_bytes is None else f", {status.spool_bytes:,.0f} bytes")
+        + ("" if not status.servers_full else f"  above high water {status.servers_full:.0f}"),
         "consumer  database " + {None: "?", True: "up", False: "DOWN"}[status.database_up],
     ]
     if status.ok:

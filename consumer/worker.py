@@ -191,7 +191,7 @@ class Worker:
             except queue.CONNECTION_ERRORS as exc:
                 # The server returns our reserved jobs to ready when the connection drops,
                 # so the partial batch is simply forgotten, not written.
-                log.warning(kv("beanstalkd_lost", worker=self.index, error=repr(exc),
+                log.warning(kv(lost_or_hung(exc), worker=self.index, error=repr(exc),
                                beanstalkd=where(self._current.address)))  # fmt: skip
                 self._drop_client()
                 return Batch(self.settings.batch_size, 0)
@@ -413,8 +413,10 @@ class Worker:
         try:
             server.client = queue.connect(server.address, self.settings.tube)
         except queue.CONNECTION_ERRORS as exc:
-            log.error(kv("beanstalkd_unreachable", worker=self.index,
-                         beanstalkd=where(server.address), error=repr(exc)))  # fmt: skip
+            hung = isinstance(exc, queue.NotAnswering)
+            event = "beanstalkd_hung" if hung else "beanstalkd_unreachable"
+            log.error(kv(event, worker=self.index, beanstalkd=where(server.address),
+                         error=repr(exc)))  # fmt: skip
             server.retry_at = time.monotonic() + jittered(server.backoff)
             server.backoff = min(server.backoff * 2, BACKOFF_MAX_S)
             server.empty = False
@@ -436,7 +438,7 @@ class Worker:
         except queue.NotFound:
             return  # the tube does not exist yet: nothing was ever put
         except queue.CONNECTION_ERRORS as exc:
-            log.warning(kv("beanstalkd_lost", worker=self.index, error=repr(exc)))
+            log.warning(kv(lost_or_hung(exc), worker=self.index, error=repr(exc)))
             self._drop_client()
             return
         self.metrics.kicked_jobs.inc(kicked)
@@ -454,3 +456,10 @@ class Worker:
         for server in self._servers:
             self._current = server
             self._drop_client()
+
+
+def lost_or_hung(exc: BaseException) -> str:
+    """The log event for a connection given up: a server that holds the connection and
+    does not answer (memory pressure, a stuck disk, stopped) is not one that went away,
+    and reconnecting does not cure it."""
+    return "beanstalkd_hung" if isinstance(exc, queue.NotAnswering) else "beanstalkd_lost"

@@ -20,10 +20,10 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
-from ingest.enqueue import Enqueuer, Outcome
+from ingest.enqueuers import AnyEnqueuer, make_enqueuer
 from ingest.metrics import IngestMetrics
+from ingest.outcomes import Outcome
 from ingest.pixel import GIF, PIXEL_HEADERS
-from ingest.pool import PoolEnqueuer
 from ingest.spool import Spool
 from ingest.tally import RequestTally
 from trackbuf import codec, tokens
@@ -121,21 +121,7 @@ class Ingest:
         self.shutdown = ShutdownClock()
         self._keep_user_agent = settings.user_agent_mode == "full"  # else stored as NULL
         spool = Spool(Path(settings.spool_path), settings.spool_max_bytes, settings.spool_fsync)
-        addresses = settings.beanstalkd_addresses
-        self.enqueuer: Enqueuer | PoolEnqueuer
-        if len(addresses) == 1:
-            self.enqueuer = Enqueuer(
-                addresses[0], settings.tube, ttr=settings.job_ttr,
-                max_job_bytes=settings.max_job_bytes, metrics=self.metrics, spool=spool,
-                linger_s=settings.job_linger_ms / 1000,
-            )  # fmt: skip
-        else:
-            # Several servers: one delivery lane each (ingest/pool.py).
-            self.enqueuer = PoolEnqueuer(
-                addresses, settings.tube, ttr=settings.job_ttr,
-                max_job_bytes=settings.max_job_bytes, metrics=self.metrics, spool=spool,
-                linger_s=settings.job_linger_ms / 1000,
-            )  # fmt: skip
+        self.enqueuer: AnyEnqueuer = make_enqueuer(settings, self.metrics, spool)
 
     async def start(self) -> None:
         await self.enqueuer.start()

@@ -51,6 +51,11 @@ class TimedOut(ConnectionLost):
     whoever reconnects should back off instead of paying the timeout again at once."""
 
 
+class ConnectTimedOut(TimedOut):
+    """No answer to the TCP handshake (a blackholed or dead host): unreachable, not a
+    server that took the connection and went quiet."""
+
+
 class Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
@@ -62,7 +67,7 @@ class Connection:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
                 reader, writer = await asyncio.open_connection(*address)
         except TimeoutError:
-            raise TimedOut(f"connect {address[0]}:{address[1]}: no answer") from None
+            raise ConnectTimedOut(f"connect {address[0]}:{address[1]}: no answer") from None
         except OSError as exc:
             raise ConnectionLost(f"connect {address[0]}:{address[1]}: {exc!r}") from None
         sock = writer.get_extra_info("socket")
@@ -87,18 +92,21 @@ class Connection:
 
     async def max_job_size(self) -> int:
         """The server's ``-z`` limit, from ``stats``."""
+        limit = (await self.stats()).get("max-job-size")
+        return limit if isinstance(limit, int) else SERVER_DEFAULT_MAX_JOB
+
+    async def stats(self) -> dict[str, int | str]:
+        """The server-wide ``stats``."""
         reply = await self._command(beanstalk.STATS)
         try:
             size = beanstalk.ok_reply(reply)
             async with asyncio.timeout(IO_TIMEOUT_S):
                 data = await self._reader.readexactly(size + 2)
-            stats = beanstalk.parse_stats(beanstalk.body(data, size))
+            return beanstalk.parse_stats(beanstalk.body(data, size))
         except TimeoutError:
             raise TimedOut(f"stats: no answer in {IO_TIMEOUT_S} s") from None
         except (OSError, asyncio.IncompleteReadError, BeanstalkError) as exc:
             raise ConnectionLost(repr(exc)) from None
-        limit = stats.get("max-job-size")
-        return limit if isinstance(limit, int) else SERVER_DEFAULT_MAX_JOB
 
     async def ping(self, tube: str) -> None:
         """``use`` the tube (again): a cheap command that proves the server answers."""

@@ -45,7 +45,7 @@ from ingest.linger import Linger
 from ingest.metrics import IngestMetrics
 from ingest.outcomes import Outcome
 from ingest.putter import PUT_STALL_S, PutFailed, Putter
-from ingest.replay import Replayer
+from ingest.replay import Replayer, replay_before_exit
 from ingest.spool import Spool
 from ingest.spool_writer import SpoolWriter
 from trackbuf.log import kv
@@ -70,6 +70,7 @@ class Enqueuer:
         metrics: IngestMetrics,
         spool: Spool | None = None,
         linger_s: float = 0.0,
+        queue_max_bytes: int = 1 << 62,
     ) -> None:
         self._metrics = metrics
         self._pending: list[Pending] = []
@@ -79,6 +80,7 @@ class Enqueuer:
         self._putter = Putter(
             address, tube, ttr, max_job_bytes, metrics,
             on_stall=self._on_stall, on_resume=self._wake.set, on_link_change=self._link_changed,
+            high_water=queue_max_bytes,
         )  # fmt: skip
         # The series exists (at 0) from the start, as an unlabelled gauge would.
         metrics.beanstalkd_up.labels(self._putter.server).set(0)
@@ -108,7 +110,7 @@ class Enqueuer:
         await self._writer.open()
         # /readyz is right from the start, and a healthy beanstalkd takes the first
         # requests rather than the spool.
-        await self._putter.link.start(wait=bsproto.CONNECT_TIMEOUT_S)
+        await self._putter.start(wait=bsproto.CONNECT_TIMEOUT_S)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="enqueue")
 
     def submit(self, encoded: bytes) -> asyncio.Future[Outcome]:
@@ -150,7 +152,8 @@ class Enqueuer:
         if tasks:
             # Cancelled tasks end at their next await; let them, so none is left pending.
             await asyncio.wait(tasks, timeout=0.1)
-        await self._putter.link.close()
+        await replay_before_exit(self._writer, [self._replayer], deadline)
+        await self._putter.close()
         await self._writer.close()
         return finished
 
@@ -202,10 +205,14 @@ class Enqueuer:
             self._wake.set()
         self._holding_requests = True
         try:
-            if self.connected:
-                await self._put_chunk(first)
-            else:
+            if not self.connected:
                 await self._spool_chunk(first, "beanstalkd unreachable")
+            elif self._putter.full:
+                # Above the high-water mark: disk takes the overflow, in order, until
+                # the consumer has drained the server below the low-water mark.
+                await self._spool_chunk(first, "beanstalkd above its high-water mark")
+            else:
+                await self._put_chunk(first)
         finally:
             self._holding_requests = False
 

@@ -42,6 +42,10 @@ class IngestMetrics:
     spool_bytes: Gauge
     spool_jobs: Gauge
     spool_replayed: Counter
+    spool_events: Gauge
+    queue_held_bytes: Gauge
+    queue_full: Gauge
+    beanstalkd_hung: Gauge
     buried_on_put: Counter
     http_errors: Counter
     # Label children resolved once: labels() takes a lock and hashes on every call,
@@ -170,6 +174,36 @@ class IngestMetrics:
                 names.INGEST_SPOOL_REPLAYED,
                 "Spooled jobs put into beanstalkd after an outage",
                 registry=registry,
+            ),
+            spool_events=Gauge(
+                names.INGEST_SPOOL_EVENTS,
+                "Events in the local spool waiting for beanstalkd",
+                registry=registry,
+                multiprocess_mode="livesum",
+            ),
+            queue_held_bytes=Gauge(
+                names.INGEST_QUEUE_HELD_BYTES,
+                "What ingest estimates this beanstalkd server holds, in bytes of memory "
+                "(jobs from stats weighed at the mean job size, plus puts since)",
+                ["server"],
+                registry=registry,
+                multiprocess_mode="livemax",
+            ),
+            queue_full=Gauge(
+                names.INGEST_QUEUE_FULL,
+                "1 while this beanstalkd server is above its high-water mark "
+                "(TRACKBUF_QUEUE_MAX_BYTES) or refused a put as out of memory: new "
+                "events go to the spool",
+                ["server"],
+                registry=registry,
+                multiprocess_mode="livemax",
+            ),
+            beanstalkd_hung=Gauge(
+                names.INGEST_BEANSTALKD_HUNG,
+                "1 while this beanstalkd server accepts connections but does not answer",
+                ["server"],
+                registry=registry,
+                multiprocess_mode="livemax",
             ),
             buried_on_put=Counter(
                 names.INGEST_BURIED_ON_PUT,

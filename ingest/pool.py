@@ -28,6 +28,8 @@ A server leaves rotation when it:
 
 - drops the connection, or cannot be reached: its link reconnects in the background
   with backoff (``bsproto.Link``), and the server rejoins at the first connection;
+- holds more than its high-water mark (``backlog``): no live jobs and no replay until
+  the consumer has drained it below the low-water mark;
 - refuses a put (DRAINING, OUT_OF_MEMORY): the lane rests for ``REST_S``, doubling to
   ``REST_MAX_S`` while refusals go on, then tries again with live traffic;
 - stalls: a command still in flight after ``POOL_STALL_S``. The requests inside that
@@ -57,7 +59,7 @@ from ingest.linger import Linger
 from ingest.metrics import IngestMetrics
 from ingest.outcomes import Outcome
 from ingest.putter import PUT_STALL_S, PutFailed, Putter
-from ingest.replay import Replayer
+from ingest.replay import Replayer, replay_before_exit
 from ingest.spool import Spool
 from ingest.spool_writer import SpoolWriter
 from trackbuf.log import kv
@@ -103,10 +105,11 @@ class _Lane:
 
     @property
     def healthy(self) -> bool:
-        """Connected, not stalled, not resting after a refusal."""
+        """Connected, not stalled, not resting after a refusal, under its high water."""
         return (
             self.putter.connected
             and not self.putter.stalled
+            and not self.putter.full
             and (not self.rest_until or time.monotonic() >= self.rest_until)
         )
 
@@ -116,6 +119,8 @@ class _Lane:
         for a moment is more often this machine short of CPU than three hung servers:
         the spool waits for the single-server bound, as it would with one server."""
         if not self.putter.connected or (self.rest_until and now < self.rest_until):
+            return False
+        if self.putter.full:
             return False
         return not self.putter.stalled or now - self.stalled_at < PUT_STALL_S - POOL_STALL_S
 
@@ -145,6 +150,7 @@ class PoolEnqueuer:
         metrics: IngestMetrics,
         spool: Spool | None = None,
         linger_s: float = 0.0,
+        queue_max_bytes: int = 1 << 62,
     ) -> None:
         self._metrics = metrics
         self._pending: list[Pending] = []
@@ -154,6 +160,7 @@ class PoolEnqueuer:
         self._closing = False
         self._writer = SpoolWriter(spool, metrics)
         self._replaying = asyncio.Lock()  # one replay round at a time, on any lane
+        self._high_water = queue_max_bytes
         self._lanes = [self._lane(a, tube, ttr, max_job_bytes) for a in addresses]
         self._spooler: asyncio.Task[None] | None = None
         self._spooler_holds: list[Pending] = []
@@ -166,6 +173,7 @@ class PoolEnqueuer:
             address, tube, ttr, max_job_bytes, self._metrics,
             on_stall=lambda: self._on_stall(lane), on_resume=lambda: self._changed(lane),
             on_link_change=lambda up: self._link_changed(lane, up), stall_s=POOL_STALL_S,
+            high_water=self._high_water,
         )  # fmt: skip
         replayer = Replayer(
             self._writer, putter, self._metrics,
@@ -191,7 +199,7 @@ class PoolEnqueuer:
         await self._writer.open()
         # All first attempts at once: a hung server holds the start no longer than one.
         await asyncio.gather(
-            *(lane.putter.link.start(wait=bsproto.CONNECT_TIMEOUT_S) for lane in self._lanes)
+            *(lane.putter.start(wait=bsproto.CONNECT_TIMEOUT_S) for lane in self._lanes)
         )
         loop = asyncio.get_running_loop()
         for lane in self._lanes:
@@ -232,7 +240,8 @@ class PoolEnqueuer:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=0.1)
-        await asyncio.gather(*(lane.putter.link.close() for lane in self._lanes))
+        await replay_before_exit(self._writer, [lane.replayer for lane in self._lanes], deadline)
+        await asyncio.gather(*(lane.putter.close() for lane in self._lanes))
         await self._writer.close()
         return finished
 
@@ -276,7 +285,7 @@ class PoolEnqueuer:
         lane.changed.clear()
         if not lane.healthy:
             wait = IDLE_CHECK_S
-            if lane.putter.connected and not lane.putter.stalled:
+            if lane.putter.connected and not lane.putter.stalled and not lane.putter.full:
                 wait = max(lane.rest_until - time.monotonic(), 0.001)  # resting
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
@@ -439,9 +448,14 @@ class PoolEnqueuer:
                 async with asyncio.timeout(min(wait, IDLE_CHECK_S)):
                     await self._nudge.wait()
 
+    def _why_spool(self) -> str:
+        if any(lane.putter.connected and lane.putter.full for lane in self._lanes):
+            return "beanstalkd above its high-water mark"
+        return "no beanstalkd up"
+
     async def _spool(self, batch: list[Pending]) -> None:
         try:
-            outcomes = await self._writer.write([item[0] for item in batch], "no beanstalkd up")
+            outcomes = await self._writer.write([item[0] for item in batch], self._why_spool())
         except Exception:
             # A request whose future nobody settles waits forever: answer it, with the
             # loss counted and logged.

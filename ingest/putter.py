@@ -11,6 +11,10 @@ put that was handed to beanstalkd may still be stored, and spooling them too wou
 store them twice); it calls ``on_stall`` so its owner can answer later requests
 elsewhere (the spool, or another server of a pool), and ``on_resume`` once the
 command has ended either way.
+
+It also keeps the server under its high-water mark (``backlog.Backlog``): ``full``
+says the server holds more than it should be given, and the owner then sends live
+events to the spool and holds replay back.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any, TypeVar
 import orjson
 
 from ingest import bsproto
+from ingest.backlog import Backlog
 from ingest.metrics import IngestMetrics
 from ingest.outcomes import Outcome
 from trackbuf import codec
@@ -57,6 +62,7 @@ class Putter:
         on_resume: Callable[[], None],
         on_link_change: Callable[[bool], None],
         stall_s: float = PUT_STALL_S,
+        high_water: int = 1 << 62,
     ) -> None:
         self._tube = tube
         self._stall_s = stall_s
@@ -70,6 +76,9 @@ class Putter:
         self._on_resume = on_resume
         self._on_link_change = on_link_change
         self.link = bsproto.Link(address, tube, self._link_changed)
+        # Crossing a water mark wakes the owner like a stall ending: the server may
+        # take work again, or must stop getting it.
+        self.backlog = Backlog(address, tube, high_water, metrics, on_change=on_resume)
         self.stalled = False  # a command has been in flight for the stall bound
         self._stall_logged = False
         self.last_io = 0.0
@@ -77,6 +86,19 @@ class Putter:
     @property
     def connected(self) -> bool:
         return self.link.conn is not None
+
+    @property
+    def full(self) -> bool:
+        """Above the high-water mark (or out of memory): put nothing more on it."""
+        return self.backlog.full
+
+    async def start(self, wait: float) -> None:
+        self.backlog.start()
+        await self.link.start(wait)
+
+    async def close(self) -> None:
+        await self.backlog.close()
+        await self.link.close()
 
     def drop(self, reason: object) -> None:
         self.link.drop(self.link.conn, reason)
@@ -179,7 +201,10 @@ class Putter:
             self._metrics.buried_on_put.inc()
             log.error(kv("put_buried", events=events))
         except bsproto.Refused as exc:
+            if "OUT_OF_MEMORY" in str(exc):
+                self.backlog.out_of_memory()
             raise PutFailed(str(exc)) from None
+        self.backlog.put(len(body))
         self._metrics.enqueue_duration.observe(time.perf_counter() - started)
         self._metrics.job_events.observe(events)
 
@@ -192,6 +217,11 @@ class Putter:
         except bsproto.ConnectionLost as exc:
             self.link.drop(conn, exc)
             raise PutFailed(str(exc)) from None
+        except asyncio.CancelledError:
+            # Cancelled mid-command (a stop): its answer may still come and would be
+            # read as the next command's, so nothing more may go over this connection.
+            self.link.drop(conn, None)
+            raise
         finally:
             stall.cancel()
             if self.stalled:

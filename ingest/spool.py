@@ -59,6 +59,7 @@ class _ReplayFile:
     handle: BinaryIO  # kept open: it carries our flock; read through pread on its fd
     records: int  # still to replay
     size: int  # bytes still to replay
+    events: int = 0  # in the records still to replay
     offset: int = 0
 
 
@@ -73,10 +74,12 @@ class Spool:
         self._active_path: Path | None = None
         self._active_bytes = 0
         self._active_records = 0
+        self._active_events = 0
         self._replay: list[_ReplayFile] = []
         # Events in damaged records that replay had to skip; only ever grows, so the
         # event loop can read it while the disk thread replays (see Enqueuer).
         self.lost_events = 0
+        self.left_at_close = 0
 
     # Setup ----------------------------------------------------------------------------
 
@@ -113,10 +116,12 @@ class Spool:
         if not path.name.startswith("replay-"):
             target = self.directory / f"replay-{uuid.uuid4().hex}.spool"
             path.rename(target)
-        records, size = _count(handle.fileno())
-        self._replay.append(_ReplayFile(target, handle, records, size))
+        records, size, events = _count(handle.fileno())
+        self._replay.append(_ReplayFile(target, handle, records, size, events))
 
     def close(self) -> None:
+        # What was still waiting, for whoever reports on the stop.
+        self.left_at_close = self.pending_events
         if self._active is not None:
             self._active.close()
             self._active = None
@@ -152,6 +157,7 @@ class Spool:
             return False
         self._active_bytes += len(record)
         self._active_records += 1
+        self._active_events += _events(body)
         return True
 
     def _writer(self) -> BinaryIO:
@@ -169,7 +175,7 @@ class Spool:
                 path.unlink(missing_ok=True)
                 raise
             self._active, self._active_path = handle, path
-            self._active_bytes = self._active_records = 0
+            self._active_bytes = self._active_records = self._active_events = 0
         return self._active
 
     def _reset_writer(self, write_failed: bool) -> None:
@@ -184,6 +190,10 @@ class Spool:
     @property
     def pending_records(self) -> int:
         return sum(r.records for r in self._replay) + self._active_records
+
+    @property
+    def pending_events(self) -> int:
+        return sum(r.events for r in self._replay) + self._active_events
 
     @property
     def pending_bytes(self) -> int:
@@ -204,8 +214,9 @@ class Spool:
         assert self._active is not None and self._active_path is not None
         handle, path = self._active, self._active_path
         acked_records, acked_bytes = self._active_records, self._active_bytes
+        acked_events = self._active_events
         self._active = self._active_path = None
-        self._active_bytes = self._active_records = 0
+        self._active_bytes = self._active_records = self._active_events = 0
         target = self.directory / f"replay-{uuid.uuid4().hex}.spool"
         try:
             path.rename(target)
@@ -214,13 +225,13 @@ class Spool:
             # unrenamed file is replayed all the same.
             log.error(kv("spool_rename_failed", file=path.name, error=repr(exc)))
             target = path
-        records, size = acked_records, acked_bytes
+        records, size, events = acked_records, acked_bytes, acked_events
         if write_failed:
             try:
                 # Counted from the file, not from what append() acknowledged: a record
                 # whose sync failed may be whole on disk, and it will be replayed too.
                 # (Only then: reading a large file back would hold up the replay.)
-                records, size = _count(handle.fileno())
+                records, size, events = _count(handle.fileno())
             except OSError as exc:
                 log.error(kv("spool_count_failed", file=target.name, error=repr(exc)))
         if records == 0 and acked_records == 0:
@@ -231,7 +242,7 @@ class Spool:
             with contextlib.suppress(OSError):
                 handle.close()
             return
-        self._replay.append(_ReplayFile(target, handle, records, size))
+        self._replay.append(_ReplayFile(target, handle, records, size, events))
 
     def peek(self) -> bytes | None:
         """The oldest spooled job body, not yet removed; None when nothing is left.
@@ -266,6 +277,7 @@ class Spool:
         current.offset += _HEADER.size + len(body)
         current.records = max(current.records - 1, 0)
         current.size = max(current.size - _HEADER.size - len(body), 0)
+        current.events = max(current.events - _events(body), 0)
 
     def _skip(self, current: _ReplayFile, found: _Record) -> None:
         """A damaged record with a whole record after it: the disk corrupted it (only
@@ -399,17 +411,23 @@ def _only_zeros(fd: int, offset: int) -> bool:
         offset += len(block)
 
 
-def _count(fd: int) -> tuple[int, int]:
-    """Records and bytes that replay will put, read the way replay reads them."""
-    records = size = offset = 0
+def _count(fd: int) -> tuple[int, int, int]:
+    """Records, bytes and events that replay will put, read the way replay reads them."""
+    records = size = events = offset = 0
     while True:
         found = _read_record(fd, offset)
         if found.kind is _Found.RECORD:
             records += 1
             size += found.next_offset - offset
+            events += _events(found.body)
         elif found.kind is not _Found.DAMAGED:
-            return records, size
+            return records, size, events
         offset = found.next_offset
+
+
+def _events(body: bytes) -> int:
+    # A body that is not a well-framed job still holds at least one event.
+    return codec.event_count(body) or 1
 
 
 def _write_all(handle: BinaryIO, data: bytes) -> None:

@@ -129,6 +129,7 @@ class SpoolWriter:
             return
         self._metrics.spool_bytes.set(self.spool.pending_bytes)
         self._metrics.spool_jobs.set(self.spool.pending_records)
+        self._metrics.spool_events.set(self.spool.pending_events)
         # Events in records the disk corrupted, which replay skipped. Counted under
         # "open": a corrupted record's kinds cannot be trusted.
         lost = self.spool.lost_events - self._lost_counted

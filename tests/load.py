@@ -12,7 +12,7 @@ import asyncio
 import threading
 import time
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -68,16 +68,20 @@ def _p99(latencies: list[float]) -> float:
     return ordered[max(int(len(ordered) * 0.99) - 1, 0)] if ordered else 0.0
 
 
+Plan = Callable[[str, int], Sent]
+
+
 async def _drive(
-    bases: Sequence[str], keyring: Keyring, campaign: str, count: int, rate: float, concurrency: int
-) -> LoadResult:
+    bases: Sequence[str], keyring: Keyring, campaign: str, count: int, rate: float,
+    concurrency: int, plan: Plan = planned,
+) -> LoadResult:  # fmt: skip
     result = LoadResult()
     started = time.monotonic()
     gate = asyncio.Semaphore(concurrency)
     timeout = aiohttp.ClientTimeout(total=10)
 
     async def one(session: aiohttp.ClientSession, i: int) -> None:
-        event = planned(campaign, i)
+        event = plan(campaign, i)
         base = bases[i % len(bases)]  # several ingests: spread like a round-robin balancer
         if event.url is not None:
             url = links.click_url(base, keyring, campaign, event.recipient, event.url)
@@ -117,11 +121,13 @@ class Load:
 
     def __init__(
         self, base: str | Sequence[str], keyring: Keyring, campaign: str, count: int, rate: float,
-        concurrency: int = 16,
+        concurrency: int = 16, plan: Plan = planned,
     ) -> None:  # fmt: skip
         self.result: LoadResult | None = None
         bases = [base] if isinstance(base, str) else list(base)
-        self._args = (bases, keyring, campaign, count, rate, concurrency)
+        # What request i is (planned: the audit can tell a failed request's row from a
+        # stray one; another plan makes any stored row of a failed request stray).
+        self._args = (bases, keyring, campaign, count, rate, concurrency, plan)
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:

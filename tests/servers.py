@@ -12,8 +12,8 @@ import greenstalk
 from loadtest.servers import Beanstalkd, Postgres, free_port, rss_bytes, wait_port
 from trackbuf import codec
 
-__all__ = ["Beanstalkd", "Postgres", "free_port", "local_site", "rss_bytes", "take_recipients",
-           "wait_port"]  # fmt: skip
+__all__ = ["Beanstalkd", "Postgres", "free_port", "local_site", "rss_bytes", "take_in_order",
+           "take_recipients", "wait_port"]  # fmt: skip
 
 
 def take_recipients(server: Beanstalkd, tube: str = "trackbuf-events") -> list[str]:
@@ -28,6 +28,20 @@ def take_recipients(server: Beanstalkd, tube: str = "trackbuf-events") -> list[s
                 job = client.reserve(timeout=0)
             except greenstalk.TimedOutError:
                 return sorted(found)
+            found += [event.recipient for event in codec.decode_job(bytes(job.body))]
+            client.delete(job)
+
+
+def take_in_order(server: Beanstalkd, tube: str = "trackbuf-events") -> list[str]:
+    """The recipient of every event queued in ``tube``, in the order a consumer gets
+    them (oldest job first); the jobs are deleted."""
+    found: list[str] = []
+    with greenstalk.Client(("127.0.0.1", server.port), encoding=None, watch=tube) as client:
+        while True:
+            try:
+                job = client.reserve(timeout=0)
+            except greenstalk.TimedOutError:
+                return found
             found += [event.recipient for event in codec.decode_job(bytes(job.body))]
             client.delete(job)
 

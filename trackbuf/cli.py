@@ -29,7 +29,7 @@ QUEUE = ("beanstalkd", "tube")
 INGEST = ("listen", "admin_listen", "workers", *QUEUE, "signing_keys", "signing_keys_file",
           "redirect_hosts", "job_ttr", "max_job_bytes", "ip_mode", "user_agent_mode",
           "trust_forwarded", "data_dir", "spool_dir", "spool_max_bytes", "spool_fsync",
-          "shutdown_timeout", "fast_path", "job_linger_ms")  # fmt: skip
+          "queue_max_bytes", "shutdown_timeout", "fast_path", "job_linger_ms")  # fmt: skip
 CONSUME = ("database_url", *QUEUE, "threads", "batch_size", "linger_ms", "burst",
            "metrics_listen", "shutdown_timeout")  # fmt: skip
 LINKS = ("public_url", "signing_keys", "signing_keys_file")
@@ -37,7 +37,7 @@ LINKS = ("public_url", "signing_keys", "signing_keys_file")
 # ingest, consume and migrate are what production runs: only their own environment
 # counts there, never a file some other process left in a directory.
 OPERATOR = ("status", "link", "stats", "events", "dead", "rewrite", "forget", "prune",
-            "rollups")  # fmt: skip
+            "rollups", "spool")  # fmt: skip
 # What each command cannot run without, checked before it starts.
 REQUIRED = {"events": ("database_url",), "stats": ("database_url",), "dead": ("database_url",),
             "forget": ("database_url",), "prune": ("database_url",),
@@ -206,6 +206,20 @@ def build_parser() -> argparse.ArgumentParser:
     for p in dead_sub.choices.values():
         _add_settings(p, ("database_url", *QUEUE, "job_ttr"), beside_up)
     dead.set_defaults(func=_cmd_dead)
+
+    spool = sub.add_parser("spool", help="an ingest spool directory")
+    spool_sub = spool.add_subparsers(dest="spool_action", required=True, metavar="ACTION")
+    spool_replay = spool_sub.add_parser(
+        "replay", help="put a spool directory into beanstalkd (a host that is gone)"
+    )
+    spool_replay.add_argument("--dir", required=True, help="the spool directory to replay")
+    spool_replay.add_argument(
+        "--timeout", type=_positive_seconds, default=600.0,
+        help="seconds to wait for beanstalkd to take it all (> 0)",
+    )  # fmt: skip
+    _add_settings(spool_replay, (*QUEUE, "job_ttr", "max_job_bytes", "queue_max_bytes",
+                                 "spool_max_bytes", "spool_fsync"), beside_up)  # fmt: skip
+    spool.set_defaults(func=_cmd_spool)
 
     status = sub.add_parser("status", help="queue depth, age, rates and health on one screen")
     status.add_argument("--json", action="store_true", help="one JSON object, for scripts")
@@ -413,6 +427,12 @@ def _cmd_dead(args: argparse.Namespace) -> int:
     if action == "kick":
         return asyncio.run(deadletters.kick(settings, args.ids, args.everything))
     return asyncio.run(deadletters.delete(settings, args.ids, args.everything))
+
+
+def _cmd_spool(args: argparse.Namespace) -> int:
+    from ingest import spool_replay
+
+    return spool_replay.run(_settings(args), args.dir, args.timeout)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

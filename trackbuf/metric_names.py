@@ -17,6 +17,13 @@ INGEST_JOBS_REPUT = "trackbuf_ingest_jobs_reput"  # counter {reason}: put again 
 INGEST_SPOOL_BYTES = "trackbuf_ingest_spool_bytes"  # gauge: bytes waiting in the spool
 INGEST_SPOOL_JOBS = "trackbuf_ingest_spool_jobs"  # gauge: jobs waiting in the spool
 INGEST_SPOOL_REPLAYED = "trackbuf_ingest_spool_replayed_jobs"  # counter
+INGEST_SPOOL_EVENTS = "trackbuf_ingest_spool_events"  # gauge: events waiting in the spool
+# gauge {server}: what ingest estimates this beanstalkd server holds (stats + own puts)
+INGEST_QUEUE_HELD_BYTES = "trackbuf_ingest_queue_held_bytes"
+# gauge {server}: 1 while the server is above its high-water mark (events go to disk)
+INGEST_QUEUE_FULL = "trackbuf_ingest_queue_full"
+# gauge {server}: 1 while the server accepts connections but does not answer
+INGEST_BEANSTALKD_HUNG = "trackbuf_ingest_beanstalkd_hung"
 INGEST_BURIED_ON_PUT = "trackbuf_ingest_buried_on_put_jobs"  # counter
 # counter {code}: answers with status >= 500, and 400 for requests aiohttp could not
 # parse. Tracking answers are 200/302/404 even when an event is lost, so these are
@@ -39,6 +46,7 @@ CONSUMER_BURIED_JOBS = "trackbuf_consumer_buried_jobs"  # counter: released, bea
 # carries server="host:port", one per server of the pool; there is no unlabeled total:
 # sum over servers the max across consumer instances, sum(max by (server) (...)).
 QUEUE_UP = "trackbuf_queue_up"  # gauge {server}: 1 if that server answered the scrape
+QUEUE_HUNG = "trackbuf_queue_hung"  # gauge {server}: 1 if it took the connection, not the commands
 QUEUE_JOBS = "trackbuf_queue_jobs"  # gauge {server, tube, state=ready|reserved|delayed|buried}
 QUEUE_OLDEST_READY_AGE = "trackbuf_queue_oldest_ready_age_seconds"  # gauge {server, tube}
 QUEUE_CONSUMERS = "trackbuf_queue_consumers"  # gauge {server, tube}: connections watching it

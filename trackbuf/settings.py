@@ -23,6 +23,11 @@ MAX_FORGET_KEEP_DAYS = 36_500
 # Every event of a job may wait this long for the job to fill: a few milliseconds on an
 # answer that takes one is a trade; past this it would be a delay users notice.
 MAX_JOB_LINGER_MS = 50.0
+# The high-water mark per beanstalkd server. beanstalkd holds 168.5 MB per million
+# queued events (BENCHMARKS.md, jobs of 25 events), so 1 GiB is about 6.4 million
+# events, 10 minutes of a 10,000 events/s outage, before ingest spills to disk; it
+# suits a beanstalkd with 2 GiB of memory to itself (docs/SCALING.md has the sizing).
+QUEUE_MAX_BYTES = 1 << 30
 
 
 class SettingsError(ValueError):
@@ -111,6 +116,13 @@ class Settings:
     spool_dir: str = field(
         default="", metadata={"help": "ingest spool directory (default: <data dir>/spool)"}
     )
+    queue_max_bytes: int = field(
+        default=QUEUE_MAX_BYTES,
+        metadata={
+            "help": "high-water mark per beanstalkd server, bytes of its memory; "
+            "beyond it ingest spools to disk (docs/SCALING.md)"
+        },
+    )
     spool_max_bytes: int = field(
         default=1 << 30, metadata={"help": "spool size limit; beyond it events are lost"}
     )
@@ -129,6 +141,7 @@ class Settings:
     def __post_init__(self) -> None:
         positive = (
             "workers", "threads", "batch_size", "job_ttr", "max_job_bytes", "spool_max_bytes",
+            "queue_max_bytes",
             "forget_keep_days",
         )  # fmt: skip
         for name in positive:
