@@ -10,6 +10,7 @@ per user agent, so a batch costs about one dict lookup per event.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import orjson
 
@@ -20,13 +21,24 @@ class Unreadable(ValueError):
     """A job body that is not a JSON object with an event list."""
 
 
-def annotate(bodies: Sequence[bytes], classifier: Classifier) -> str:
+@dataclass(frozen=True, slots=True)
+class Annotated:
+    """A batch ready for the insert: the events as one JSON array, and who clicked in
+    it (campaigns and recipients, paired by position) for the burst rule's locks."""
+
+    payload: str
+    clicker_campaigns: list[str]
+    clicker_recipients: list[str]
+
+
+def annotate(bodies: Sequence[bytes], classifier: Classifier) -> Annotated:
     """Every event of these job bodies, with its verdict, as one JSON array.
 
     Fields are left as they came: a value the database cannot store (a bad address,
     say) is refused there, as before, and the batch is split to find it.
     """
     events: list[object] = []
+    clickers: set[tuple[object, object]] = set()
     verdict = classifier.pair
     for body in bodies:
         try:
@@ -46,5 +58,8 @@ def annotate(bodies: Sequence[bytes], classifier: Classifier) -> str:
                 reason, item["cl"] = verdict(agent, ip)
                 if reason is not None:
                     item["m"] = reason
+                if item.get("k") == "click":
+                    clickers.add((item.get("c"), item.get("r")))
             events.append(item)
-    return orjson.dumps(events).decode()
+    named = [(c, r) for c, r in clickers if isinstance(c, str) and isinstance(r, str)]
+    return Annotated(orjson.dumps(events).decode(), [c for c, _ in named], [r for _, r in named])

@@ -27,7 +27,7 @@ from ingest.pool import PoolEnqueuer
 from ingest.spool import Spool
 from ingest.tally import RequestTally
 from trackbuf import codec, tokens
-from trackbuf.events import clean_ip
+from trackbuf.events import clean_ip, forwarded_address
 from trackbuf.instance import INSTANCE_ENV, INSTANCE_HEADER
 from trackbuf.keys import load_keyring
 from trackbuf.links import CLICK_PREFIX, OPEN_PREFIX, OPEN_SUFFIX
@@ -311,7 +311,7 @@ class Ingest:
             # client's word and can be forged.
             joined = ",".join(forwarded)
             if joined:
-                return clean_ip(joined.rsplit(",", 1)[-1], mode)
+                return clean_ip(forwarded_address(joined.rsplit(",", 1)[-1]), mode)
         if mode == "full":
             return remote  # from the socket: already a valid address, no parsing
         return clean_ip(remote, mode)

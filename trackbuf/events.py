@@ -96,6 +96,19 @@ def clean_ip(raw: str | None, mode: str) -> str | None:
     return str(addr)
 
 
+def forwarded_address(hop: str) -> str:
+    """The address of one X-Forwarded-For hop, which proxies may write with a port:
+    ``203.0.113.7:51234`` or ``[2001:db8::1]:443`` (RFC 7239 style) give the address
+    alone; a bare IPv6 address (several colons, no brackets) is left as it is."""
+    hop = hop.strip()
+    if hop.startswith("["):
+        end = hop.find("]")
+        return hop[1:end] if end > 0 else hop
+    if hop.count(":") == 1:
+        return hop.split(":", 1)[0]
+    return hop
+
+
 def clip_user_agent(raw: str | None) -> str | None:
     """At most MAX_USER_AGENT characters of valid text. Header bytes that are not UTF-8
     reach us as lone surrogates (aiohttp decodes with surrogateescape); they become

@@ -228,3 +228,24 @@ def test_no_ip_token_or_key_in_any_log_through_outages(
     for event in ("bad_request", "beanstalkd_down", "spooling_started", "database_down",
                   "database_up", "ingest_stopped", "consumer_stopped"):  # fmt: skip
         assert event in events, (event, sorted(set(events)))
+
+
+def test_7_a_forwarded_hop_written_with_a_port_is_stored_as_its_address(
+    make_settings, keyring: Keyring, tmp_path: Path
+) -> None:
+    """Proxies that append ``ip:port`` or ``[v6]:port`` to X-Forwarded-For: the address
+    is stored (the network rules need it), not NULL."""
+    settings: Settings = make_settings(trust_forwarded=True)
+    ingest = start_ingest(settings, tmp_path / "ingest.log")
+    consumer = Process(settings, "consume", log_path=tmp_path / "consumer.log")
+    hops = {"v4": "203.0.113.9, 198.51.100.23:51234", "v6": "[2001:db8:abcd::7]:443"}
+    try:
+        for name, hop in hops.items():
+            url = links.open_url(f"http://{settings.listen}", keyring, "ports", name)
+            headers = {"User-Agent": USER_AGENT, "X-Forwarded-For": hop}
+            assert asyncio.run(hit([url], headers)) == [200]
+        stored = asyncio.run(stored_rows(settings.database_url, "ports", expected=2))
+    finally:
+        consumer.terminate()
+        ingest.terminate()
+    assert stored == {"v4": ("198.51.100.23", USER_AGENT), "v6": ("2001:db8:abcd::7", USER_AGENT)}
