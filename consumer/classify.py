@@ -41,22 +41,37 @@ REASONS = (
 _CACHE = 4096  # distinct user agents (or addresses) remembered
 
 
+# The three kinds of fetch (docs/ANALYTICS.md): a person, a person through a proxy
+# (the open is real; device and address are the proxy's), a machine.
+PERSON, PROXIED, MACHINE = "person", "proxied", "machine"
+
+
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """``reason`` is None for a person; ``client`` is the mail client or browser."""
+    """``reason`` is None for a person (direct or proxied); ``client`` is the mail
+    client or browser; ``proxy`` names the proxy a person's fetch came through."""
 
     reason: str | None
     client: str
+    proxy: str | None = None
 
     @property
     def machine(self) -> bool:
         return self.reason is not None
+
+    @property
+    def kind(self) -> str:
+        if self.reason is not None:
+            return MACHINE
+        return PERSON if self.proxy is None else PROXIED
 
 
 @dataclass(frozen=True)
 class AgentRule:
     reason: str
     contains: tuple[str, ...]  # lower-cased
+    # "proxied": a person's fetch through this proxy; "machine": no person.
+    kind: str = MACHINE
 
 
 @dataclass(frozen=True)
@@ -91,7 +106,11 @@ class Rules:
             if section not in doc:
                 raise ValueError(f"machine rules: missing {section!r}")
         agents = tuple(
-            AgentRule(_reason(a["reason"]), tuple(s.lower() for s in a["contains"]))
+            AgentRule(
+                _reason(a["reason"]),
+                tuple(s.lower() for s in a["contains"]),
+                _kind(a.get("kind", MACHINE)),
+            )
             for a in doc["user_agents"]
         )
         networks = tuple(
@@ -115,6 +134,12 @@ class Rules:
                 _reason(burst["reason"]), int(burst["min_links"]), float(burst["window_seconds"])
             ),
         )
+
+
+def _kind(value: str) -> str:
+    if value not in (PROXIED, MACHINE):
+        raise ValueError(f"machine rules: kind {value!r} is neither proxied nor machine")
+    return value
 
 
 def _reason(value: str) -> str:
@@ -144,23 +169,26 @@ class Classifier:
     def classify(self, user_agent: str | None, ip: str | None) -> Verdict:
         return Verdict(*self.pair(user_agent, ip))
 
-    def _pair(self, user_agent: str | None, ip: str | None) -> tuple[str | None, str]:
-        """(reason, client): what ``classify`` says, as a bare tuple, cached per pair
-        (the consumer's hot path: one cache lookup per event)."""
+    def _pair(self, user_agent: str | None, ip: str | None) -> tuple[str | None, str, str | None]:
+        """(reason, client, proxy): what ``classify`` says, as a bare tuple, cached per
+        pair (the consumer's hot path: one cache lookup per event)."""
         agent = user_agent or ""
-        reason, bot, client = self.by_agent(agent)
+        reason, bot, client, proxy = self.by_agent(agent)
+        if proxy is not None:
+            return None, client, proxy  # a person, through a named proxy
         if reason is None and ip:
             for rule in self.by_address(ip):
                 if rule.user_agent_is is None or rule.user_agent_is == agent:
                     reason = rule.reason
                     break
-        return reason or bot, client
+        return reason or bot, client, None
 
-    def _by_agent(self, user_agent: str) -> tuple[str | None, str | None, str]:
+    def _by_agent(self, user_agent: str) -> tuple[str | None, str | None, str, str | None]:
         """What the agent alone says: a named fetcher's reason, ``bot`` for a generic
-        robot or script (tried after the address rules), and its client family."""
+        robot or script (tried after the address rules), its client family, and the
+        proxy a person's fetch came through."""
         if not user_agent:
-            return None, None, UNKNOWN_CLIENT
+            return None, None, UNKNOWN_CLIENT, None
         with self._parse_lock:
             parsed = ua_parser.parse(user_agent)
         client = parsed.user_agent.family if parsed.user_agent else UNKNOWN_CLIENT
@@ -168,13 +196,15 @@ class Classifier:
         lowered = user_agent.lower()
         for rule in self.rules.agents:
             if any(token in lowered for token in rule.contains):
-                return rule.reason, None, client
+                if rule.kind == PROXIED:
+                    return None, None, client, rule.reason
+                return rule.reason, None, client, None
         robot = (
             device in self.rules.bot_devices
             or client in self.rules.bot_clients
             or any(token in lowered for token in self.rules.bot_contains)
         )
-        return None, ("bot" if robot else None), client
+        return None, ("bot" if robot else None), client, None
 
     def _by_address(self, ip: str) -> tuple[NetworkRule, ...]:
         try:

@@ -167,4 +167,7 @@ class Database:
                 self._run(asyncio.wait_for(conn.close(), 2.0))
             except Exception:
                 conn.terminate()
+        # A connection terminated earlier (after an error) finishes closing its socket in
+        # a callback of this loop: let it run, or the socket is left to the collector.
+        self._run(asyncio.sleep(0))
         self._loop.close()

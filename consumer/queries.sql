@@ -4,8 +4,9 @@
 -- One statement per batch: store the events, then count the ones it added into the
 -- rollups, in the same transaction. Parameters:
 --   $1  a JSON array of events in the wire format (trackbuf/codec.py), each with the
---       consumer's verdict added: "m" the machine reason (absent for a person) and "cl"
---       the client family (consumer/classify.py);
+--       consumer's verdict added: "m" the machine reason (absent for a person), "cl"
+--       the client family and "px" the proxy of a person's proxied fetch
+--       (consumer/classify.py);
 --   $2  the burst window in seconds, $3 the fewest distinct links that make a burst
 --       (consumer/data/machine_rules.json, "timing").
 -- Events of a person erased by `trackbuf forget` are skipped while their tombstone lives
@@ -40,12 +41,12 @@ WITH incoming AS MATERIALIZED (
     -- Keys in byte order, as the rollup tables keep them (see migration 0005).
     FROM jsonb_to_recordset($1::jsonb) AS e(
         id uuid, k text COLLATE "C", t timestamptz, c text COLLATE "C", r text COLLATE "C",
-        u text COLLATE "C", ua text, ip inet, m text, cl text)
+        u text COLLATE "C", ua text, ip inet, m text, cl text, px text)
 ),
 added AS (
     INSERT INTO events (event_id, kind, occurred_at, campaign, recipient, url, user_agent, ip,
-                        machine, machine_reason, client)
-    SELECT id, k, t, c, r, u, ua, ip, m IS NOT NULL, m, cl
+                        machine, machine_reason, client, proxy)
+    SELECT id, k, t, c, r, u, ua, ip, m IS NOT NULL, m, cl, px
     FROM incoming AS x
     WHERE NOT EXISTS (SELECT 1 FROM forgotten f
                       WHERE f.recipient = x.r AND (f.campaign IS NULL OR f.campaign = x.c)
@@ -54,14 +55,14 @@ added AS (
     ON CONFLICT (event_id, occurred_at) DO NOTHING
     RETURNING kind COLLATE "C" AS kind, occurred_at, campaign COLLATE "C" AS campaign,
               recipient COLLATE "C" AS recipient, url COLLATE "C" AS url,
-              machine, machine_reason, client,
+              machine, machine_reason, client, proxy,
               date_trunc('hour', occurred_at, 'UTC') AS hour
 ),
 -- Each added event counts for its campaign (url '') and, a click, for its link.
 scoped AS (
-    SELECT campaign, recipient, kind, '' AS url, occurred_at, machine, hour FROM added
+    SELECT campaign, recipient, kind, '' AS url, occurred_at, machine, proxy, hour FROM added
     UNION ALL
-    SELECT campaign, recipient, kind, url, occurred_at, machine, hour
+    SELECT campaign, recipient, kind, url, occurred_at, machine, proxy, hour
     FROM added WHERE kind = 'click' AND url IS NOT NULL
 ),
 claims AS (
@@ -103,26 +104,28 @@ firsts AS (
 deltas AS (
     SELECT campaign, kind, url, hour,
            sum(total)::bigint AS total, sum(uniq)::bigint AS uniq,
-           sum(human_total)::bigint AS human_total, sum(human_uniq)::bigint AS human_uniq
+           sum(human_total)::bigint AS human_total, sum(human_uniq)::bigint AS human_uniq,
+           sum(proxied)::bigint AS proxied_total
     FROM (
         SELECT campaign, kind, url, hour,
-               1 AS total, 0 AS uniq, (NOT machine)::int AS human_total, 0 AS human_uniq
+               1 AS total, 0 AS uniq, (NOT machine)::int AS human_total, 0 AS human_uniq,
+               (NOT machine AND proxy IS NOT NULL)::int AS proxied
         FROM scoped
         UNION ALL
         -- The unique in the hour of the recipient's first event...
-        SELECT campaign, kind, url, date_trunc('hour', first_at, 'UTC'), 0, 1, 0, 0
+        SELECT campaign, kind, url, date_trunc('hour', first_at, 'UTC'), 0, 1, 0, 0, 0
         FROM firsts WHERE prev_first_at IS DISTINCT FROM first_at
         UNION ALL
         -- ...and out of the hour it was in, when an earlier event moved it.
-        SELECT campaign, kind, url, date_trunc('hour', prev_first_at, 'UTC'), 0, -1, 0, 0
+        SELECT campaign, kind, url, date_trunc('hour', prev_first_at, 'UTC'), 0, -1, 0, 0, 0
         FROM firsts WHERE prev_first_at <> first_at
         UNION ALL
-        SELECT campaign, kind, url, date_trunc('hour', first_human_at, 'UTC'), 0, 0, 0, 1
+        SELECT campaign, kind, url, date_trunc('hour', first_human_at, 'UTC'), 0, 0, 0, 1, 0
         FROM firsts
         WHERE first_human_at IS NOT NULL
           AND (prev_first_at IS NULL OR prev_human_at IS DISTINCT FROM first_human_at)
         UNION ALL
-        SELECT campaign, kind, url, date_trunc('hour', prev_human_at, 'UTC'), 0, 0, 0, -1
+        SELECT campaign, kind, url, date_trunc('hour', prev_human_at, 'UTC'), 0, 0, 0, -1, 0
         FROM firsts
         WHERE prev_first_at IS NOT NULL AND prev_human_at IS DISTINCT FROM first_human_at
           AND prev_human_at IS NOT NULL
@@ -130,22 +133,29 @@ deltas AS (
     GROUP BY campaign, kind, url, hour
 ),
 rolled AS (
-    INSERT INTO rollups AS r (campaign, kind, url, hour, total, uniq, human_total, human_uniq)
-    SELECT campaign, kind, url, hour, total, uniq, human_total, human_uniq
+    INSERT INTO rollups AS r (campaign, kind, url, hour, total, uniq, human_total, human_uniq,
+                              proxied_total)
+    SELECT campaign, kind, url, hour, total, uniq, human_total, human_uniq, proxied_total
     FROM deltas
     WHERE (total, uniq, human_total, human_uniq) <> (0, 0, 0, 0)
     ORDER BY campaign, kind, md5(url)::uuid, hour
     ON CONFLICT (campaign, kind, url_key, hour) DO UPDATE
         SET total = r.total + EXCLUDED.total, uniq = r.uniq + EXCLUDED.uniq,
             human_total = r.human_total + EXCLUDED.human_total,
-            human_uniq = r.human_uniq + EXCLUDED.human_uniq
+            human_uniq = r.human_uniq + EXCLUDED.human_uniq,
+            proxied_total = r.proxied_total + EXCLUDED.proxied_total
 ),
+-- Machines by reason, proxied people by proxy, other people by client.
 broken_down AS (
     INSERT INTO rollup_breakdown AS b (campaign, kind, dimension, value, hour, total)
     SELECT campaign, kind, dimension, value, hour, count(*)
     FROM (
-        SELECT campaign, kind, CASE WHEN machine THEN 'reason' ELSE 'client' END AS dimension,
-               coalesce(CASE WHEN machine THEN machine_reason ELSE client END, 'Other') AS value,
+        SELECT campaign, kind,
+               CASE WHEN machine THEN 'reason' WHEN proxy IS NOT NULL THEN 'proxy'
+                    ELSE 'client' END AS dimension,
+               coalesce(CASE WHEN machine THEN machine_reason
+                             WHEN proxy IS NOT NULL THEN proxy ELSE client END,
+                        'Other') AS value,
                hour
         FROM added
     ) AS x
@@ -190,7 +200,8 @@ FROM (SELECT DISTINCT hashtextextended(c || '/' || r, 7627263931) AS k
 -- name: burst_mark
 -- The burst rule, the one definition the insert (for $1/$2, the recipients it found
 -- suspect) and rebuild (for every clicker of a campaign) both apply: a person's click
--- is a scanner's when its recipient clicked at least $4 distinct links of the campaign
+-- (direct, not through a proxy) is a scanner's when its recipient clicked at least $4
+-- distinct links of the campaign
 -- within $3 seconds either side of it, counting every stored click (machines' too).
 -- Every click of a burst is marked, the ones stored by earlier batches included, and
 -- the counts follow: the click leaves people's totals and its client's breakdown and
@@ -204,7 +215,7 @@ marked AS (
     SET machine = true, machine_reason = 'burst_clicks'
     FROM who
     WHERE e.campaign = who.c AND e.recipient = who.r AND e.kind = 'click'
-      AND e.url IS NOT NULL AND NOT e.machine
+      AND e.url IS NOT NULL AND NOT e.machine AND e.proxy IS NULL
       AND (SELECT count(DISTINCT n.url)
            FROM events AS n
            WHERE n.campaign = e.campaign AND n.recipient = e.recipient AND n.kind = 'click'
@@ -313,7 +324,8 @@ LIMIT $2;
 -- name: report_totals
 SELECT kind,
        sum(total)::bigint AS total, sum(uniq)::bigint AS uniq,
-       sum(human_total)::bigint AS human_total, sum(human_uniq)::bigint AS human_uniq
+       sum(human_total)::bigint AS human_total, sum(human_uniq)::bigint AS human_uniq,
+       sum(proxied_total)::bigint AS proxied_total
 FROM rollups
 WHERE campaign = $1 AND url = ''
   AND ($2::timestamptz IS NULL OR hour >= $2) AND ($3::timestamptz IS NULL OR hour < $3)
@@ -414,15 +426,18 @@ LOCK TABLE first_events, rollups, rollup_breakdown IN EXCLUSIVE MODE;
 
 -- name: rebuild_to_classify
 -- $2: every event (after a rules update), or only those stored before classification.
-SELECT event_id, user_agent, host(ip) AS ip
+SELECT event_id, occurred_at, user_agent, host(ip) AS ip
 FROM events
 WHERE campaign = $1 AND ($2 OR machine IS NULL);
 
 -- name: rebuild_set_verdicts
+-- By primary key (event_id, occurred_at): one partition's index probe per event.
 UPDATE events AS e
-SET machine = v.reason IS NOT NULL, machine_reason = v.reason, client = v.client
-FROM unnest($1::uuid[], $2::text[], $3::text[]) AS v(id, reason, client)
-WHERE e.event_id = v.id;
+SET machine = v.reason IS NOT NULL, machine_reason = v.reason, client = v.client,
+    proxy = v.proxy
+FROM unnest($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], $5::text[])
+     AS v(id, at, reason, client, proxy)
+WHERE e.event_id = v.id AND e.occurred_at = v.at;
 
 -- name: rebuild_clickers
 -- Whom burst_mark looks at in a rebuild: every recipient who clicked in the campaign.
@@ -461,19 +476,22 @@ ON CONFLICT (campaign, recipient, kind, url_key) DO UPDATE
     SET first_human_at = coalesce(f.first_human_at, EXCLUDED.first_human_at);
 
 -- name: rebuild_rollups
-INSERT INTO rollups (campaign, kind, url, hour, total, uniq, human_total, human_uniq)
-SELECT campaign, kind, url, hour, sum(total), sum(uniq), sum(human_total), sum(human_uniq)
+INSERT INTO rollups (campaign, kind, url, hour, total, uniq, human_total, human_uniq,
+                     proxied_total)
+SELECT campaign, kind, url, hour, sum(total), sum(uniq), sum(human_total), sum(human_uniq),
+       sum(proxied)
 FROM (
     SELECT e.campaign, e.kind, scope.url, date_trunc('hour', e.occurred_at, 'UTC') AS hour,
-           1 AS total, 0 AS uniq, (NOT e.machine)::int AS human_total, 0 AS human_uniq
+           1 AS total, 0 AS uniq, (NOT e.machine)::int AS human_total, 0 AS human_uniq,
+           (NOT e.machine AND e.proxy IS NOT NULL)::int AS proxied
     FROM events AS e
     CROSS JOIN LATERAL (VALUES (''), (CASE WHEN e.kind = 'click' THEN e.url END)) AS scope(url)
     WHERE e.campaign = $1 AND scope.url IS NOT NULL
     UNION ALL
-    SELECT campaign, kind, url, date_trunc('hour', first_at, 'UTC'), 0, 1, 0, 0
+    SELECT campaign, kind, url, date_trunc('hour', first_at, 'UTC'), 0, 1, 0, 0, 0
     FROM first_events WHERE campaign = $1 AND first_at <> '-infinity'
     UNION ALL
-    SELECT campaign, kind, url, date_trunc('hour', first_human_at, 'UTC'), 0, 0, 0, 1
+    SELECT campaign, kind, url, date_trunc('hour', first_human_at, 'UTC'), 0, 0, 0, 1, 0
     FROM first_events
     WHERE campaign = $1 AND first_human_at IS NOT NULL AND first_human_at <> '-infinity'
 ) AS d
@@ -481,8 +499,10 @@ GROUP BY campaign, kind, url, hour;
 
 -- name: rebuild_breakdown
 INSERT INTO rollup_breakdown (campaign, kind, dimension, value, hour, total)
-SELECT campaign, kind, CASE WHEN machine THEN 'reason' ELSE 'client' END,
-       coalesce(CASE WHEN machine THEN machine_reason ELSE client END, 'Other'),
+SELECT campaign, kind,
+       CASE WHEN machine THEN 'reason' WHEN proxy IS NOT NULL THEN 'proxy' ELSE 'client' END,
+       coalesce(CASE WHEN machine THEN machine_reason WHEN proxy IS NOT NULL THEN proxy
+                     ELSE client END, 'Other'),
        date_trunc('hour', occurred_at, 'UTC'), count(*)
 FROM events
 WHERE campaign = $1
@@ -544,8 +564,11 @@ SELECT (SELECT count(*) FROM dropped) AS dropped, (SELECT count(*) FROM carried)
 -- tables (as rebuild does); rows left at zero are deleted by forget_empty.
 WITH gone AS (
     SELECT campaign COLLATE "C" AS campaign, kind COLLATE "C" AS kind, url COLLATE "C" AS url,
-           machine, coalesce(CASE WHEN machine THEN machine_reason ELSE client END, 'Other')
-               COLLATE "C" AS value,
+           machine, proxy IS NOT NULL AND NOT machine AS proxied,
+           CASE WHEN machine THEN 'reason' WHEN proxy IS NOT NULL THEN 'proxy' ELSE 'client' END
+               COLLATE "C" AS dimension,
+           coalesce(CASE WHEN machine THEN machine_reason WHEN proxy IS NOT NULL THEN proxy
+                         ELSE client END, 'Other') COLLATE "C" AS value,
            date_trunc('hour', occurred_at, 'UTC') AS hour
     FROM events
     WHERE recipient = $1 AND ($2::text IS NULL OR campaign = $2::text)
@@ -557,19 +580,20 @@ firsts AS (
 ),
 deltas AS (
     SELECT campaign, kind, url, hour, sum(total)::bigint AS total, sum(uniq)::bigint AS uniq,
-           sum(human_total)::bigint AS human_total, sum(human_uniq)::bigint AS human_uniq
+           sum(human_total)::bigint AS human_total, sum(human_uniq)::bigint AS human_uniq,
+           sum(proxied)::bigint AS proxied_total
     FROM (
         SELECT campaign, kind, '' AS url, hour, -1 AS total, 0 AS uniq,
-               -(NOT machine)::int AS human_total, 0 AS human_uniq
+               -(NOT machine)::int AS human_total, 0 AS human_uniq, -proxied::int AS proxied
         FROM gone
         UNION ALL
-        SELECT campaign, kind, url, hour, -1, 0, -(NOT machine)::int, 0
+        SELECT campaign, kind, url, hour, -1, 0, -(NOT machine)::int, 0, -proxied::int
         FROM gone WHERE kind = 'click' AND url IS NOT NULL
         UNION ALL
-        SELECT campaign, kind, url, date_trunc('hour', first_at, 'UTC'), 0, -1, 0, 0
+        SELECT campaign, kind, url, date_trunc('hour', first_at, 'UTC'), 0, -1, 0, 0, 0
         FROM firsts WHERE first_at <> '-infinity'
         UNION ALL
-        SELECT campaign, kind, url, date_trunc('hour', first_human_at, 'UTC'), 0, 0, 0, -1
+        SELECT campaign, kind, url, date_trunc('hour', first_human_at, 'UTC'), 0, 0, 0, -1, 0
         FROM firsts WHERE first_human_at IS NOT NULL AND first_human_at <> '-infinity'
     ) AS d
     GROUP BY campaign, kind, url, hour
@@ -577,15 +601,15 @@ deltas AS (
 rolled AS (
     UPDATE rollups AS r
     SET total = r.total + d.total, uniq = r.uniq + d.uniq,
-        human_total = r.human_total + d.human_total, human_uniq = r.human_uniq + d.human_uniq
+        human_total = r.human_total + d.human_total, human_uniq = r.human_uniq + d.human_uniq,
+        proxied_total = r.proxied_total + d.proxied_total
     FROM deltas AS d
     WHERE (r.campaign, r.kind, r.url_key, r.hour) = (d.campaign, d.kind, md5(d.url)::uuid, d.hour)
     RETURNING 1
 ),
 broken_down AS (
     UPDATE rollup_breakdown AS b SET total = b.total - x.n
-    FROM (SELECT campaign, kind, CASE WHEN machine THEN 'reason' ELSE 'client' END AS dimension,
-                 value, hour, count(*) AS n
+    FROM (SELECT campaign, kind, dimension, value, hour, count(*) AS n
           FROM gone GROUP BY 1, 2, 3, 4, 5) AS x
     WHERE (b.campaign, b.kind, b.dimension, b.value, b.hour)
         = (x.campaign, x.kind, x.dimension, x.value, x.hour)

@@ -65,8 +65,10 @@ async def _set_verdicts(conn: asyncpg.Connection, rows: list[asyncpg.Record]) ->
     await conn.execute(
         query("rebuild_set_verdicts"),
         [r["event_id"] for r in rows],
+        [r["occurred_at"] for r in rows],
         [v.reason for v in verdicts],
         [v.client for v in verdicts],
+        [v.proxy for v in verdicts],
     )
     return len(rows)
 

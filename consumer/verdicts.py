@@ -1,7 +1,8 @@
 """Classify a batch's events before they are stored (see consumer/classify.py).
 
 The job bodies are decoded here, each event gets the consumer's verdict under two
-more short keys (``m`` machine reason, absent for a person; ``cl`` client family),
+more short keys (``m`` machine reason, absent for a person; ``cl`` client family; ``px``
+the proxy a person's fetch came through, when it did),
 and the batch goes to PostgreSQL as one JSON array that it unpacks itself. orjson
 decodes and re-encodes a 25-event job in a few microseconds; the verdicts are cached
 per user agent, so a batch costs about one dict lookup per event.
@@ -55,9 +56,11 @@ def annotate(bodies: Sequence[bytes], classifier: Classifier) -> Annotated:
                     agent = None
                 if not isinstance(ip, str):
                     ip = None
-                reason, item["cl"] = verdict(agent, ip)
+                reason, item["cl"], proxy = verdict(agent, ip)
                 if reason is not None:
                     item["m"] = reason
+                elif proxy is not None:
+                    item["px"] = proxy
                 if item.get("k") == "click":
                     clickers.add((item.get("c"), item.get("r")))
             events.append(item)

@@ -30,7 +30,15 @@ from consumer.database import Database
 from consumer.sql import query
 from tests.conftest import new_database
 from tests.integration.test_pipeline import drain, rows
-from tests.integration.test_rollups import CHROME, HOME, IPHONE, hour, stored_breakdown
+from tests.integration.test_rollups import (
+    CHROME,
+    GMAIL_PROXY,
+    HOME,
+    IPHONE,
+    dimension,
+    hour,
+    stored_breakdown,
+)
 from tests.servers import Beanstalkd, Postgres
 from trackbuf import codec
 from trackbuf.events import Event, new_event
@@ -44,7 +52,7 @@ LINKS = tuple(f"https://shop.example/{i}" for i in range(4))
 # Moments events happen at: months ago (what prune drops) and recent, a few hours apart.
 DAYS_AGO = (130, 100, 70, 40, 1, 0)
 AGENTS = {"person": (IPHONE, HOME), "apple": ("Mozilla/5.0", "17.58.1.9"),
-          "browser": (CHROME, HOME)}  # fmt: skip
+          "browser": (CHROME, HOME), "gmail": (GMAIL_PROXY, "66.249.84.1")}  # fmt: skip
 WINDOW_S, MIN_LINKS = 2.0, 3  # consumer/data/machine_rules.json, timing.burst_clicks
 
 Key = tuple[Any, ...]
@@ -83,10 +91,11 @@ def scopes(e: Any) -> list[str]:
 
 def recount(
     stored: list[Any], carried: set[Key], human_carried: set[Key], history: dict[Key, Any]
-) -> dict[Key, tuple[int, int, int, int]]:
-    """(campaign, kind, url, hour) -> (total, unique, human total, human unique): the
-    history of pruned hours, plus the stored events counted from the definitions."""
-    counts: dict[Key, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+) -> dict[Key, tuple[int, ...]]:
+    """(campaign, kind, url, hour) -> (total, unique, human total, human unique, proxied
+    total): the history of pruned hours, plus the stored events counted from the
+    definitions."""
+    counts: dict[Key, list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
     for key, values in history.items():
         counts[key] = list(values)
     first: dict[Key, datetime] = {}
@@ -98,6 +107,8 @@ def recount(
             first[who] = min(first.get(who, e["occurred_at"]), e["occurred_at"])
             if not e["machine"]:
                 counts[(e["campaign"], e["kind"], url, hour(e["occurred_at"]))][2] += 1
+                if e["proxy"] is not None:
+                    counts[(e["campaign"], e["kind"], url, hour(e["occurred_at"]))][4] += 1
                 first_human[who] = min(first_human.get(who, e["occurred_at"]), e["occurred_at"])
     for who, at in first.items():
         if who not in carried:
@@ -105,28 +116,28 @@ def recount(
     for who, at in first_human.items():
         if who not in human_carried:
             counts[(*who[:3], hour(at))][3] += 1
-    return {k: (a, b, c, d) for k, (a, b, c, d) in counts.items() if (a, b, c, d) != (0,) * 4}
+    return {k: tuple(v) for k, v in counts.items() if any(v)}
 
 
 def unmarked_bursts(stored: list[Any]) -> list[Any]:
-    """People's clicks that the burst rule says are a scanner's."""
+    """People's direct clicks that the burst rule says are a scanner's."""
     clicks = [e for e in stored if e["kind"] == "click" and e["url"]]
     window = timedelta(seconds=WINDOW_S)
     return [
         e for e in clicks
-        if not e["machine"] and len({n["url"] for n in clicks
+        if not e["machine"] and e["proxy"] is None and len({n["url"] for n in clicks
             if (n["campaign"], n["recipient"]) == (e["campaign"], e["recipient"])
             and abs(n["occurred_at"] - e["occurred_at"]) <= window}) >= MIN_LINKS
     ]  # fmt: skip
 
 
-def stored_rollups(dsn: str) -> dict[Key, tuple[int, int, int, int]]:
-    return {
+def stored_rollups(dsn: str) -> dict[Key, tuple[int, ...]]:
+    counts = {
         (r["campaign"], r["kind"], r["url"], r["hour"]): (
-            r["total"], r["uniq"], r["human_total"], r["human_uniq"])
+            r["total"], r["uniq"], r["human_total"], r["human_uniq"], r["proxied_total"])
         for r in rows(dsn, "SELECT * FROM rollups")
-        if (r["total"], r["uniq"], r["human_total"], r["human_uniq"]) != (0, 0, 0, 0)
     }  # fmt: skip
+    return {k: v for k, v in counts.items() if any(v)}
 
 
 def test_no_sequence_of_commands_makes_a_count_drift(
@@ -239,10 +250,7 @@ def test_no_sequence_of_commands_makes_a_count_drift(
             assert stored_rollups(self.dsn) == want
             breakdown = Counter(self.history_breakdown)
             for e in stored:
-                dimension = "reason" if e["machine"] else "client"
-                value = e["machine_reason"] if e["machine"] else e["client"]
-                breakdown[(e["campaign"], e["kind"], dimension, value,
-                           hour(e["occurred_at"]))] += 1  # fmt: skip
+                breakdown[(e["campaign"], e["kind"], *dimension(e), hour(e["occurred_at"]))] += 1
             assert +stored_breakdown(self.dsn) == +breakdown
 
     # Modest, to stay under a minute: every step is real database work (and a dead

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from consumer.classify import REASONS, Classifier, Rules, classifier, rules
+from consumer.classify import (
+    MACHINE,
+    PERSON,
+    PROXIED,
+    REASONS,
+    Classifier,
+    Rules,
+    classifier,
+    rules,
+)
 
 IPHONE_MAIL = (
     "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 "
@@ -99,11 +108,16 @@ CASES: list[tuple[str | None, str | None, str | None, str | None]] = [
     ("node-fetch/1.0", HOME, "bot", None),
     ("okhttp/4.9.0", HOME, "bot", "okhttp"),
     ("Apache-HttpClient/4.5.13 (Java/11)", HOME, "bot", "Apache-HttpClient"),
-    # A named fetcher wins over a generic rule; the agent's rule over the address's.
+    # A named fetcher wins over a generic rule; the agent's rule over the address's (a
+    # person through Yahoo's proxy stays a person, whatever the address).
     ("curl/8.4.0", "40.107.22.90", "microsoft_prefetch", "curl"),
     ("YahooMailProxy; https://help.yahoo.com/kb/yahoo-mail-proxy-SLN28749.html", "17.1.1.1",
      "yahoo_proxy", "YahooMailProxy"),
 ]  # fmt: skip
+
+
+# Webmail image proxies: a person displayed the message (a proxied person, not a machine).
+PROXIES = {"google_image_proxy", "yahoo_proxy"}
 
 
 @pytest.mark.parametrize(("agent", "ip", "reason", "client"), CASES)
@@ -111,8 +125,12 @@ def test_each_request_gets_its_verdict(
     agent: str | None, ip: str | None, reason: str | None, client: str | None
 ) -> None:
     verdict = classifier().classify(agent, ip)
-    assert verdict.reason == reason
-    assert verdict.machine is (reason is not None)
+    if reason in PROXIES:
+        assert (verdict.kind, verdict.proxy, verdict.reason) == (PROXIED, reason, None)
+    else:
+        assert verdict.reason == reason and verdict.proxy is None
+        assert verdict.kind == (PERSON if reason is None else MACHINE)
+    assert verdict.machine is (reason is not None and reason not in PROXIES)
     if client is not None:
         assert verdict.client == client
     assert verdict.client  # always a family, "Other" when unknown
