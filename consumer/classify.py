@@ -27,14 +27,20 @@ from typing import Any
 
 import ua_parser
 
+from consumer.sources import NamedAgent, Sources
+from consumer.sources import load as load_sources
+
 # What ua-parser names an agent it does not know, and what we store for no agent.
 UNKNOWN_CLIENT = "Other"
 REASONS = (
     "apple_mpp",
     "google_image_proxy",
     "yahoo_proxy",
+    "other_webmail_proxy",
     "microsoft_prefetch",
     "security_scanner",
+    "link_preview",
+    "prefetch",
     "burst_clicks",
     "bot",
 )
@@ -157,8 +163,16 @@ def rules() -> Rules:
 class Classifier:
     """Verdicts for (user agent, address) pairs, cached per agent and per address."""
 
-    def __init__(self, rules: Rules) -> None:
+    def __init__(self, rules: Rules, sources: Sources | None = None) -> None:
         self.rules = rules
+        self.sources = sources if sources is not None else load_sources()
+        # Named agents one request decides by its agent alone, and by agent and address.
+        self.named_by_agent = [
+            n for n in self.sources.named
+            if (n.contains or n.equals is not None) and not n.networks
+            and not n.purpose_prefetch and not n.head
+        ]  # fmt: skip
+        self.named_by_address = [n for n in self.sources.named if n.networks]
         self.by_agent = lru_cache(maxsize=_CACHE)(self._by_agent)
         self.by_address = lru_cache(maxsize=_CACHE)(self._by_address)
         self.pair = lru_cache(maxsize=_CACHE * 4)(self._pair)
@@ -177,16 +191,27 @@ class Classifier:
         if proxy is not None:
             return None, client, proxy  # a person, through a named proxy
         if reason is None and ip:
-            for rule in self.by_address(ip):
+            rules, named = self.by_address(ip)
+            for rule in rules:
                 if rule.user_agent_is is None or rule.user_agent_is == agent:
                     reason = rule.reason
                     break
+            for entry in named:
+                if reason is None and (entry.equals is None or entry.equals == agent.strip()):
+                    reason = entry.reason
         return reason or bot, client, None
 
     def _by_agent(self, user_agent: str) -> tuple[str | None, str | None, str, str | None]:
         """What the agent alone says: a named fetcher's reason, ``bot`` for a generic
         robot or script (tried after the address rules), its client family, and the
         proxy a person's fetch came through."""
+        for entry in self.named_by_agent:
+            if (entry.equals is not None and user_agent.strip() == entry.equals) or any(
+                token in user_agent for token in entry.contains
+            ):
+                if entry.kind == PROXIED:
+                    return None, None, _family(self, user_agent), entry.reason
+                return entry.reason, None, _family(self, user_agent), None
         if not user_agent:
             return None, None, UNKNOWN_CLIENT, None
         with self._parse_lock:
@@ -199,6 +224,9 @@ class Classifier:
                 if rule.kind == PROXIED:
                     return None, None, client, rule.reason
                 return rule.reason, None, client, None
+        listed = self.sources.robot(user_agent)
+        if listed is not None:
+            return None, listed, client, None
         robot = (
             device in self.rules.bot_devices
             or client in self.rules.bot_clients
@@ -206,16 +234,29 @@ class Classifier:
         )
         return None, ("bot" if robot else None), client, None
 
-    def _by_address(self, ip: str) -> tuple[NetworkRule, ...]:
+    def _by_address(self, ip: str) -> tuple[tuple[NetworkRule, ...], tuple[NamedAgent, ...]]:
         try:
             address = ipaddress.ip_address(ip)
         except ValueError:
-            return ()  # the database refuses it; classification has no say
-        return tuple(
+            return (), ()  # the database refuses it; classification has no say
+        rules = tuple(
             rule
             for rule in self.rules.networks
             if any(address.version == net.version and address in net for net in rule.networks)
         )
+        named = tuple(
+            n for n in self.named_by_address if self.sources.in_networks(n.networks, address)
+        )
+        return rules, named
+
+
+def _family(judge: Classifier, user_agent: str) -> str:
+    """The client family ua-parser names (what a named agent's rows keep as client)."""
+    if not user_agent:
+        return UNKNOWN_CLIENT
+    with judge._parse_lock:
+        parsed = ua_parser.parse(user_agent)
+    return parsed.user_agent.family if parsed.user_agent else UNKNOWN_CLIENT
 
 
 @cache

@@ -57,6 +57,10 @@ def annotate(bodies: Sequence[bytes], classifier: Classifier) -> Annotated:
                 if not isinstance(ip, str):
                     ip = None
                 reason, item["cl"], proxy = verdict(agent, ip)
+                if item.get("p") == "prefetch":
+                    # The request said so (Sec-Purpose / Purpose: prefetch): a browser or
+                    # a proxy loading ahead of a person, who may never look.
+                    reason, proxy = "prefetch", None
                 if reason is not None:
                     item["m"] = reason
                 elif proxy is not None:

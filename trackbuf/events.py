@@ -24,6 +24,9 @@ class Event:
     url: str | None = None
     user_agent: str | None = None
     ip: str | None = None
+    # The request said it was a prefetch (``Sec-Purpose``/``Purpose: prefetch``): a
+    # browser or proxy loading ahead of a person, who may never look.
+    prefetch: bool = False
 
 
 class _RandomPool:
@@ -94,6 +97,12 @@ def clean_ip(raw: str | None, mode: str) -> str | None:
         prefix = 24 if addr.version == 4 else 48
         return str(ipaddress.ip_network(f"{addr}/{prefix}", strict=False).network_address)
     return str(addr)
+
+
+def is_prefetch(purpose: str | None) -> bool:
+    """``Sec-Purpose: prefetch`` (Chrome, also ``prefetch;anonymous-client-ip`` through
+    its private prefetch proxy) or the older ``Purpose: prefetch``."""
+    return purpose is not None and purpose.strip().lower().startswith("prefetch")
 
 
 def forwarded_address(hop: str) -> str:

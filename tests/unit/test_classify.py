@@ -56,10 +56,11 @@ CASES: list[tuple[str | None, str | None, str | None, str | None]] = [
      "Chrome/120.0 Mobile Safari/537.36", HOME, None, None),
     ("Mozilla/5.0 (iPad; CPU OS 16_6 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
      "Mobile/15E148", HOME, None, "Mobile Safari UI/WKWebView"),
-    # Unknown agents, or none at all, are people.
+    # Unknown agents are people; no agent at all is a machine (every mail client and
+    # browser sends one; named_agents.json, "Missing user agent").
     ("SomeNewMailApp/1.0", HOME, None, None),
-    (None, HOME, None, "Other"),
-    (None, None, None, "Other"),
+    (None, HOME, "bot", "Other"),
+    (None, None, "bot", "Other"),
     ("Mozilla/5.0", HOME, None, "Other"),  # bare agent, not from Apple: unknown, a person
     ("Mozilla/5.0", "not-an-address", None, "Other"),
     # Apple Mail Privacy Protection: bare agent from Apple's network.
@@ -75,9 +76,9 @@ CASES: list[tuple[str | None, str | None, str | None, str | None]] = [
      "yahoo_proxy", "YahooMailProxy"),
     # Microsoft: link previews, existence checks, and fetches from its mail-flow ranges.
     ("Mozilla/5.0 (Windows NT 10.0; WOW64) AppleWebKit/537.36 (KHTML, like Gecko) BingPreview/1.0b",
-     HOME, "microsoft_prefetch", None),
+     HOME, "link_preview", None),
     ("Mozilla/5.0 (Windows NT 6.1; WOW64) SkypeUriPreview Preview/0.5 "
-     "skype-url-preview@microsoft.com", HOME, "microsoft_prefetch", None),
+     "skype-url-preview@microsoft.com", HOME, "link_preview", None),
     ("Microsoft Office Existence Discovery", HOME, "microsoft_prefetch", None),
     (CHROME_WIN, "40.107.22.90", "microsoft_prefetch", "Chrome"),
     (CHROME_WIN, "52.101.4.3", "microsoft_prefetch", "Chrome"),
@@ -102,8 +103,15 @@ CASES: list[tuple[str | None, str | None, str | None, str | None]] = [
      "bingbot"),
     ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
      "HeadlessChrome/120.0.0.0 Safari/537.36", HOME, "bot", "HeadlessChrome"),
-    ("facebookexternalhit/1.1", HOME, "bot", None),
-    ("Slackbot-LinkExpanding 1.0 (+https://api.slack.com/robots)", HOME, "bot", None),
+    ("facebookexternalhit/1.1", HOME, "link_preview", None),
+    ("Slackbot-LinkExpanding 1.0 (+https://api.slack.com/robots)", HOME, "link_preview", None),
+    # From the maintained lists (crawler-user-agents, device-detector).
+    ("Mozilla/5.0 (compatible; AhrefsBot/7.0; +http://ahrefs.com/robot/)", HOME, "bot", None),
+    # Apple Mail Privacy Protection through iCloud Private Relay, outside 17.0.0.0/8.
+    ("Mozilla/5.0", "104.28.28.1", "apple_mpp", "Other"),
+    # A webmail image proxy named only by the maintained lists' sources: a person.
+    ("Mozilla/5.0 (compatible; SeznamEmailProxy/1.0; +https://napoveda.seznam.cz)", HOME,
+     "other_webmail_proxy", None),
     ("python-urllib3/1.26", HOME, "bot", None),
     ("node-fetch/1.0", HOME, "bot", None),
     ("okhttp/4.9.0", HOME, "bot", "okhttp"),
@@ -117,7 +125,7 @@ CASES: list[tuple[str | None, str | None, str | None, str | None]] = [
 
 
 # Webmail image proxies: a person displayed the message (a proxied person, not a machine).
-PROXIES = {"google_image_proxy", "yahoo_proxy"}
+PROXIES = {"google_image_proxy", "yahoo_proxy", "other_webmail_proxy"}
 
 
 @pytest.mark.parametrize(("agent", "ip", "reason", "client"), CASES)
@@ -139,7 +147,8 @@ def test_each_request_gets_its_verdict(
 def test_the_table_is_large_and_covers_every_address_and_agent_reason() -> None:
     assert len(CASES) >= 40
     seen = {reason for _, _, reason, _ in CASES}
-    assert seen == (set(REASONS) - {"burst_clicks"}) | {None}  # burst: test_rollups
+    # burst: test_rollups; prefetch (a request header): test_fetch_corpus_pipeline.
+    assert seen == (set(REASONS) - {"burst_clicks", "prefetch"}) | {None}
 
 
 def test_the_shipped_rules_are_versioned_and_sourced() -> None:
@@ -167,3 +176,36 @@ def test_verdicts_are_cached_per_agent() -> None:
     fresh.classify(CHROME_WIN, "192.0.2.1")  # same agent, another address
     assert fresh.pair.cache_info().hits == 2
     assert (fresh.by_agent.cache_info().misses, fresh.by_agent.cache_info().hits) == (1, 1)
+
+
+def test_apples_egress_file_as_downloaded_is_read_and_a_bad_line_is_named() -> None:
+    import ipaddress
+
+    from consumer.sources import apple_egress
+
+    ranges = apple_egress("172.224.226.0/27,GB,GB-EN,London,\n2a02:26f7:b3c0:4000::/64,GB,,,\n")
+    assert ipaddress.ip_address("172.224.226.9") in ranges
+    assert ipaddress.ip_address("2a02:26f7:b3c0:4000::1") in ranges
+    assert ipaddress.ip_address("172.224.226.32") not in ranges
+    with pytest.raises(ValueError, match="line 2: 'not-a-cidr'"):
+        apple_egress("172.224.226.0/27,GB,,\nnot-a-cidr,GB,,\n")
+
+
+def test_a_newer_egress_file_named_by_the_operator_replaces_the_snapshot(
+    tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pathlib import Path
+
+    from consumer import sources
+
+    newer = Path(str(tmp_path)) / "egress-ip-ranges.csv"
+    newer.write_text("192.0.2.0/24,ZZ,,,\n")
+    monkeypatch.setenv(sources.APPLE_ENV, str(newer))
+    sources.load.cache_clear()
+    try:
+        judge = Classifier(rules(), sources.load())
+        assert judge.classify("Mozilla/5.0", "192.0.2.7").reason == "apple_mpp"
+        assert judge.classify("Mozilla/5.0", "104.28.28.1").reason is None  # not in it
+    finally:
+        monkeypatch.delenv(sources.APPLE_ENV)
+        sources.load.cache_clear()
