@@ -14,14 +14,15 @@ is fetched at run time. What each gives the classifier:
   as data): robots, scanners and link previews by agent pattern.
 
 Lookups are built for the consumer's cache misses: address ranges as sorted integer
-intervals searched by bisection, agent patterns as one combined regex per list (the
-pattern that matched is looked for only once the combined one matched).
+intervals searched by bisection, agent patterns indexed by a literal each must contain
+(``PatternList``).
 """
 
 from __future__ import annotations
 
 import bisect
 import csv
+import importlib
 import ipaddress
 import json
 import logging
@@ -103,24 +104,75 @@ def microsoft_ranges(doc: dict[str, Any]) -> Ranges:
 class Pattern:
     regex: re.Pattern[str]
     reason: str
+    literals: tuple[str, ...] = ()  # every match contains one of them (see PatternList)
+
+
+_parser: Any = importlib.import_module("re._parser")
+GRAM = 3  # characters of a required literal the index is keyed by
+
+
+def required_literals(pattern: str, flags: int = 0) -> list[str]:
+    """Strings of which every match contains at least one, read from the pattern's parse
+    tree ([] when none is known): a run of literals, or one per alternative of a
+    branch; the choice whose shortest string is longest."""
+    return _alternatives(_parser.parse(pattern, flags))
+
+
+def _alternatives(sub: Any) -> list[str]:
+    best: list[str] = []
+    run = ""
+    for op, value in sub:
+        if op is _parser.LITERAL:
+            run += chr(value)
+            found = [run]
+        else:
+            run = ""
+            if op is _parser.BRANCH:
+                branches = [_alternatives(b) for b in value[1]]
+                found = [x for b in branches for x in b] if all(branches) else []
+            elif op is _parser.SUBPATTERN:
+                found = _alternatives(value[3])
+            else:
+                found = []
+        if found and (not best or min(map(len, found)) > min(map(len, best))):
+            best = found
+    return best
 
 
 @dataclass
 class PatternList:
-    """Agent patterns of a maintained list, each with the reason a match gives."""
+    """Agent patterns of a maintained list, each with the reason a match gives.
+
+    A list is ~1,500 regexes: one combined alternation costs ~3 ms per agent in
+    Python's engine. Nearly every pattern needs a literal (``Googlebot/``), or one of a
+    few (``a|b``), so they are indexed by its first characters (lower-cased): an
+    agent's own 3-character windows pick the few candidates, and only those (and the
+    patterns with no such literal) are run, in list order: the same answer for a
+    fraction of the work."""
 
     patterns: list[Pattern]
-    combined: re.Pattern[str] | None = field(default=None)
+    _by_gram: dict[str, list[int]] = field(default_factory=dict)
+    _always: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.patterns:
-            self.combined = re.compile("|".join(f"(?:{p.regex.pattern})" for p in self.patterns),
-                                       self.patterns[0].regex.flags)  # fmt: skip
+        for index, pattern in enumerate(self.patterns):
+            literals = pattern.literals
+            if not literals or min(map(len, literals)) < GRAM:
+                self._always.append(index)
+                continue
+            for literal in literals:
+                self._by_gram.setdefault(literal[:GRAM].lower(), []).append(index)
 
     def match(self, agent: str) -> str | None:
-        if self.combined is None or not self.combined.search(agent):
-            return None
-        for pattern in self.patterns:
+        lowered = agent.lower()
+        grams = self._by_gram
+        candidates = set(self._always)
+        for at in range(len(lowered) - GRAM + 1):
+            found = grams.get(lowered[at : at + GRAM])
+            if found:
+                candidates.update(found)
+        for index in sorted(candidates):
+            pattern = self.patterns[index]
             if pattern.regex.search(agent):
                 return pattern.reason
         return None
@@ -144,7 +196,7 @@ def crawler_patterns(entries: list[dict[str, Any]], skip: set[str]) -> PatternLi
         tags = entry.get("tags", [])
         reason = "link_preview" if "social-preview" in tags else (
             "security_scanner" if "scanner" in tags else "bot")  # fmt: skip
-        patterns.append(Pattern(regex, reason))
+        patterns.append(Pattern(regex, reason, tuple(required_literals(entry["pattern"]))))
     return PatternList(patterns)
 
 
@@ -159,7 +211,8 @@ def device_detector_patterns(bots: list[dict[str, Any]], skip: set[str]) -> Patt
         if regex is None or any(regex.search(agent) for agent in skip):
             continue
         reason = "security_scanner" if bot.get("category") == "Security Checker" else "bot"
-        patterns.append(Pattern(regex, reason))
+        literals = tuple(required_literals(bot["regex"], re.IGNORECASE))
+        patterns.append(Pattern(regex, reason, literals))
     return PatternList(patterns)
 
 

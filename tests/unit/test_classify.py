@@ -209,3 +209,37 @@ def test_a_newer_egress_file_named_by_the_operator_replaces_the_snapshot(
     finally:
         monkeypatch.delenv(sources.APPLE_ENV)
         sources.load.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("pattern", "literals"),
+    [
+        ("Googlebot\\/", ["Googlebot/"]),
+        ("Automaton|Newsify Feed Fetcher", ["Automaton", "Newsify Feed Fetcher"]),
+        ("(?:Chirp|gotosocial)/\\d", ["Chirp", "gotosocial"]),
+        ("[a-z]+bot", ["bot"]),
+        ("a?b", ["b"]),
+        ("x|[0-9]", []),
+    ],
+)
+def test_the_literal_a_pattern_needs_is_read_from_its_parse_tree(
+    pattern: str, literals: list[str]
+) -> None:
+    from consumer.sources import required_literals
+
+    assert required_literals(pattern) == literals
+
+
+def test_the_indexed_lists_answer_as_trying_every_pattern_would() -> None:
+    import csv
+    from pathlib import Path
+
+    from consumer.sources import load
+
+    corpus = Path(__file__).resolve().parents[1] / "data" / "fetch_corpus.csv"
+    with corpus.open(encoding="utf-8") as handle:
+        agents = [row["user_agent"] for row in csv.DictReader(handle)]
+    for patterns in load().lists:
+        for agent in agents:
+            slow = next((p.reason for p in patterns.patterns if p.regex.search(agent)), None)
+            assert patterns.match(agent) == slow, agent
