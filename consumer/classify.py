@@ -27,6 +27,7 @@ from typing import Any
 
 import ua_parser
 
+from consumer import sources
 from consumer.sources import NamedAgent, Sources
 from consumer.sources import load as load_sources
 
@@ -262,3 +263,13 @@ def _family(judge: Classifier, user_agent: str) -> str:
 @cache
 def classifier() -> Classifier:
     return Classifier(rules())
+
+
+def configure(apple_egress_csv: str) -> None:
+    """Use this egress file (a newer download; empty: the shipped snapshot) from the
+    next classifier built: called by the consumer and by rebuild before their first."""
+    wanted = apple_egress_csv or None
+    if wanted != sources.apple_file:
+        sources.apple_file = wanted
+        load_sources.cache_clear()
+        classifier.cache_clear()

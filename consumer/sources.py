@@ -7,8 +7,9 @@ is fetched at run time. What each gives the classifier:
 - ``named_agents.json``: agents named one by one, with the kind of fetch they are
   (a person through a webmail proxy, or a machine) and their reason; consulted first.
 - ``apple_private_relay_egress.csv``: iCloud Private Relay egress ranges (Apple Mail
-  Privacy Protection fetches through them). An operator may point
-  ``TRACKBUF_APPLE_EGRESS_CSV`` at a newer file downloaded from Apple.
+  Privacy Protection fetches through them). An operator may point the setting
+  ``apple_egress_csv`` (``TRACKBUF_APPLE_EGRESS_CSV``) at a newer file downloaded from
+  Apple.
 - ``microsoft_exchange_online.json``: Exchange Online / Defender for Office 365 ranges.
 - ``crawler_user_agents.json`` (MIT) and ``device_detector_bots.json`` (LGPL-3.0, read
   as data): robots, scanners and link previews by agent pattern.
@@ -26,7 +27,6 @@ import importlib
 import ipaddress
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from functools import cache
@@ -38,7 +38,9 @@ from trackbuf.log import kv
 log = logging.getLogger("trackbuf.consumer.sources")
 
 SOURCES = "data/sources"
-APPLE_ENV = "TRACKBUF_APPLE_EGRESS_CSV"
+# A newer egress file the operator downloaded (TRACKBUF_APPLE_EGRESS_CSV, set through
+# consumer.classify.configure); None: the shipped snapshot.
+apple_file: str | None = None
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -305,7 +307,7 @@ def load() -> Sources:
     # Agents the named list counts as people through a proxy: the maintained robot lists
     # name some of them (GoogleImageProxy, YahooMailProxy...) and must not win.
     people = {c for n in named if n.kind == "proxied" for c in n.contains}
-    apple_path = os.environ.get(APPLE_ENV)
+    apple_path = apple_file
     if apple_path:
         with open(apple_path, encoding="utf-8") as handle:
             apple = apple_egress(handle.read())

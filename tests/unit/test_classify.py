@@ -192,23 +192,24 @@ def test_apples_egress_file_as_downloaded_is_read_and_a_bad_line_is_named() -> N
 
 
 def test_a_newer_egress_file_named_by_the_operator_replaces_the_snapshot(
-    tmp_path: object, monkeypatch: pytest.MonkeyPatch
+    tmp_path: object,
 ) -> None:
     from pathlib import Path
 
-    from consumer import sources
+    from consumer.classify import configure
+    from trackbuf import settings as tsettings
 
     newer = Path(str(tmp_path)) / "egress-ip-ranges.csv"
     newer.write_text("192.0.2.0/24,ZZ,,,\n")
-    monkeypatch.setenv(sources.APPLE_ENV, str(newer))
-    sources.load.cache_clear()
+    settings = tsettings.load({"TRACKBUF_APPLE_EGRESS_CSV": str(newer)})
+    configure(settings.apple_egress_csv)
     try:
-        judge = Classifier(rules(), sources.load())
+        judge = classifier()
         assert judge.classify("Mozilla/5.0", "192.0.2.7").reason == "apple_mpp"
         assert judge.classify("Mozilla/5.0", "104.28.28.1").reason is None  # not in it
     finally:
-        monkeypatch.delenv(sources.APPLE_ENV)
-        sources.load.cache_clear()
+        configure("")
+    assert classifier().classify("Mozilla/5.0", "104.28.28.1").reason == "apple_mpp"
 
 
 @pytest.mark.parametrize(
@@ -243,3 +244,23 @@ def test_the_indexed_lists_answer_as_trying_every_pattern_would() -> None:
         for agent in agents:
             slow = next((p.reason for p in patterns.patterns if p.regex.search(agent)), None)
             assert patterns.match(agent) == slow, agent
+
+
+def test_a_consumer_given_an_unreadable_egress_file_says_so_and_exits_2(
+    tmp_path: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pathlib import Path
+
+    from consumer import run as consumer_run
+    from consumer.classify import configure
+    from trackbuf import settings as tsettings
+
+    bad = Path(str(tmp_path)) / "egress.csv"
+    bad.write_text("172.224.226.0/27,GB,,,\n<html>not the file</html>\n")
+    settings = tsettings.load({}, overrides={"database_url": "postgresql://t@127.0.0.1:9/t",
+                                             "apple_egress_csv": str(bad)})  # fmt: skip
+    try:
+        assert consumer_run.run(settings) == 2
+    finally:
+        configure("")
+    assert "line 2: '<html>not the file</html>' is not a CIDR" in capsys.readouterr().err
