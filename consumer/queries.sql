@@ -177,8 +177,11 @@ suspects AS (
        OR (SELECT count(DISTINCT u) FROM (
               SELECT unnest(a.urls) AS u
               UNION
+              -- The keys here are COLLATE "C"; events' columns are not: compared in
+              -- their collation, the index on events serves the lookup.
               SELECT e.url FROM events AS e
-              WHERE e.campaign = a.campaign AND e.recipient = a.recipient AND e.kind = 'click'
+              WHERE e.campaign = (a.campaign COLLATE "default")
+                AND e.recipient = (a.recipient COLLATE "default") AND e.kind = 'click'
                 AND e.occurred_at BETWEEN a.lo - make_interval(secs => 2 * $2)
                                       AND a.hi + make_interval(secs => 2 * $2)
                 AND e.url IS NOT NULL) AS n) >= $3
@@ -188,12 +191,16 @@ SELECT (SELECT count(*) FROM added) AS added,
        (SELECT array_agg(recipient ORDER BY campaign, recipient) FROM suspects) AS recipients;
 
 -- name: click_locks
--- Before the insert of a batch with clicks, in its transaction: one advisory lock per
--- clicker ($1 campaigns, $2 recipients), taken in one order so two batches never wait
+-- Before the insert of a batch with clicks, in its transaction: advisory locks on the
+-- clickers ($1 campaigns, $2 recipients), taken in one order so two batches never wait
 -- on each other in a cycle. The insert's statement starts after they are held, so it
--- sees whatever an earlier batch of the same clickers stored and marked.
-SELECT count(pg_advisory_xact_lock(k))
-FROM (SELECT DISTINCT hashtextextended(c || '/' || r, 7627263931) AS k
+-- sees whatever an earlier batch of the same clickers stored and marked. Clickers share
+-- 256 locks (by a hash): every lock held takes a slot of PostgreSQL's shared lock table
+-- (max_locks_per_transaction x max_connections, 6,400 by default), and one lock per
+-- clicker would let a batch of 1,000 distinct clickers per thread exhaust it. The price:
+-- batches whose clickers share a lock are written one after the other.
+SELECT count(pg_advisory_xact_lock(7627, k))
+FROM (SELECT DISTINCT (hashtext(c || '/' || r) & 255) AS k
       FROM unnest($1::text[], $2::text[]) AS w(c, r)
       ORDER BY k) AS x;
 
@@ -269,7 +276,8 @@ WITH who AS (
 now_first AS (
     SELECT f.campaign, f.recipient, f.kind, f.url, f.url_key, f.first_human_at AS was,
            (SELECT min(e.occurred_at) FROM events AS e
-            WHERE e.campaign = f.campaign AND e.recipient = f.recipient AND e.kind = 'click'
+            WHERE e.campaign = (f.campaign COLLATE "default")
+              AND e.recipient = (f.recipient COLLATE "default") AND e.kind = 'click'
               AND (f.url = '' OR e.url = f.url) AND NOT e.machine) AS now
     FROM first_events AS f
     JOIN who ON f.campaign = who.c AND f.recipient = who.r
