@@ -16,7 +16,7 @@ import asyncpg
 
 from consumer.classify import classifier
 from consumer.sql import query
-from consumer.verdicts import Unreadable, annotate
+from consumer.verdicts import Annotated, Unreadable, annotate
 
 log = logging.getLogger("trackbuf.consumer.database")
 
@@ -96,16 +96,35 @@ class Database:
         """Classify and insert every event of these job bodies, and count the ones
         added into the rollups, in one transaction (one statement)."""
         try:
-            payload = annotate(bodies, self._classifier)
+            batch = annotate(bodies, self._classifier)
         except Unreadable as exc:
             raise RejectedData(str(exc)) from None
-        burst = self._classifier.rules.burst
-        inserted: int = self._call(
-            lambda conn: conn.fetchval(
-                query("insert_jobs"), payload, burst.window_seconds, burst.min_links
-            )
-        )
+        inserted: int = self._call(lambda conn: self._insert(conn, batch))
         return WriteResult(events, inserted)
+
+    async def _insert(self, conn: asyncpg.Connection, batch: Annotated) -> int:
+        """The insert and, when it found clicks that may make a burst, the burst rule
+        over those recipients' stored clicks, in one transaction: a burst is marked
+        whole, or the batch is not stored.
+
+        A batch with clicks first locks its clickers (click_locks): two batches with
+        clicks of the same recipient then run one after the other, the second seeing
+        all the first stored and marked, so the burst rule and people's uniques come
+        out as a recount of the stored clicks would make them, whatever the threads."""
+        burst = self._classifier.rules.burst
+        window, links = burst.window_seconds, burst.min_links
+        async with conn.transaction():
+            if batch.clicker_campaigns:
+                await conn.execute(
+                    query("click_locks"), batch.clicker_campaigns, batch.clicker_recipients
+                )
+            row = await conn.fetchrow(query("insert_jobs"), batch.payload, window, links)
+            if row["campaigns"]:
+                who = (row["campaigns"], row["recipients"])
+                await conn.execute(query("burst_mark"), *who, window, links)
+                await conn.execute(query("burst_firsts"), *who)
+        added: int = row["added"]
+        return added
 
     def execute(self, sql: str, *args: object) -> str:
         result: str = self._call(lambda conn: conn.execute(sql, *args))
@@ -148,4 +167,7 @@ class Database:
                 self._run(asyncio.wait_for(conn.close(), 2.0))
             except Exception:
                 conn.terminate()
+        # A connection terminated earlier (after an error) finishes closing its socket in
+        # a callback of this loop: let it run, or the socket is left to the collector.
+        self._run(asyncio.sleep(0))
         self._loop.close()

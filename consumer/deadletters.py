@@ -1,9 +1,10 @@
 """``trackbuf dead list|show|kick|delete``: inspect and replay what the consumer set aside.
 
 ``kick`` puts an entry back into beanstalkd (a whole job as it was, a single event
-wrapped in a job of its own) and deletes it from ``dead_letters`` once the put is
-acknowledged. Kick after fixing the cause (a schema change, say), or the consumer sets
-the entry aside again.
+wrapped in a job of its own) and deletes it from ``dead_letters`` in a transaction
+committed once the put is acknowledged (so a consumer rejecting it again sets it aside
+again rather than finding it still there). Kick after fixing the cause (a schema
+change, say), or the consumer sets the entry aside again.
 
 Over a pool of beanstalkd servers a kick puts each entry into the first server of the
 pool that takes it: a server that cannot be reached, or refuses the put (draining, out
@@ -102,14 +103,20 @@ async def kick(settings: Settings, ids: Sequence[int], everything: bool) -> int:
             ids = [row["id"] for row in await conn.fetch(query("dead_all_ids"))]
         rows = await conn.fetch(query("dead_get"), list(ids))
         for row in rows:
-            try:
-                pool.put(as_job(bytes(row["body"])))
-            except queue.Buried:
-                # Stored, but buried (beanstalkd is short of memory): the consumer
-                # kicks buried jobs back, so the dead letter has been handed over.
-                print(f"trackbuf dead kick: {row['id']} was buried by beanstalkd; "
-                      "the consumer kicks it back", file=sys.stderr)  # fmt: skip
-            await conn.execute(query("dead_delete"), [row["id"]])
+            # The row is deleted before the put and the deletion committed after it: a
+            # consumer that rejects the job again writes its dead letter only once this
+            # commits (the fingerprint's unique index makes it wait), so it is stored
+            # anew instead of being taken for the copy about to go. A failed put rolls
+            # the deletion back: the entry stays.
+            async with conn.transaction():
+                await conn.execute(query("dead_delete"), [row["id"]])
+                try:
+                    pool.put(as_job(bytes(row["body"])))
+                except queue.Buried:
+                    # Stored, but buried (beanstalkd is short of memory): the consumer
+                    # kicks buried jobs back, so the dead letter has been handed over.
+                    print(f"trackbuf dead kick: {row['id']} was buried by beanstalkd; "
+                          "the consumer kicks it back", file=sys.stderr)  # fmt: skip
             kicked += 1
     except (queue.BeanstalkError, OSError, EOFError) as exc:
         print(f"trackbuf dead kick: beanstalkd refused the put: {exc!r}", file=sys.stderr)

@@ -9,7 +9,9 @@ The order is the guarantee that nothing of R is stored afterwards:
 2. A ``SHARE`` lock on the tables the consumer writes waits for every insert already
    running when the tombstone was committed (it may have missed the tombstone) to
    commit, then is let go at once: the consumer is held up only for that wait.
-3. R's rows are deleted from every table in ``TARGETS``, in one transaction.
+3. R's stored events are taken out of the rollups, and R's rows are deleted from every
+   table in ``TARGETS``, in one transaction. Counts of R's events in months already
+   pruned are anonymous history and stay.
 
 Every step is idempotent: run again, the tombstone is renewed and 0 rows are deleted.
 Tombstones expire after ``TRACKBUF_FORGET_KEEP_DAYS``; expired ones are deleted by this
@@ -50,8 +52,10 @@ TARGETS = (
     Target("events", "recipient = $1 AND ($2::text IS NULL OR campaign = $2::text)"),
     # Dead letters keep the bytes received: match R inside them (see 0004_forget.sql).
     Target("dead_letters", "trackbuf_body_mentions(body, $1::text, $2::text)"),
-    # Which recipients were first (for unique counts) names them too. The rollups
-    # themselves hold only counts, no recipient, and keep them.
+    # Which recipients were first (for unique counts) names them too. The rollups hold
+    # only counts, no recipient: the person's stored events are taken out of them first
+    # (step 3 runs ``forget_uncount``), so every count stays what the stored events say
+    # and the same person coming back after the tombstone expired is counted once.
     Target("first_events", "recipient = $1 AND ($2::text IS NULL OR campaign = $2::text)"),
 )
 
@@ -120,6 +124,7 @@ async def forget(
         expired = _count(await conn.execute(query("forget_expire")))
         keep_until = await conn.fetchval(query("forget_tombstone"), recipient, campaign, keep_days)
         present = [t for t in TARGETS if await conn.fetchval("SELECT to_regclass($1)", t.table)]
+        counted = bool(await conn.fetchval("SELECT to_regclass('event_retention')"))
         tables = ", ".join(t.table for t in present)
         try:
             async with conn.transaction():
@@ -131,16 +136,41 @@ async def forget(
                 f"{LOCK_TIMEOUT} (a transaction left open?); nothing was deleted yet: "
                 "run the same command again"
             ) from None
-        deleted = []
-        async with conn.transaction():
-            for target in present:
-                status = await conn.execute(
-                    f"DELETE FROM {target.table} WHERE {target.where}", recipient, campaign
-                )
-                deleted.append((target.table, _count(status)))
+        try:
+            deleted = await _delete(conn, present, counted, recipient, campaign)
+        except asyncpg.LockNotAvailableError:
+            raise ForgetError(
+                f"the tombstone is in place, but the rollups stayed locked for {LOCK_TIMEOUT} "
+                "(a rebuild or prune running?); nothing was deleted yet: run the same "
+                "command again"
+            ) from None
     finally:
         await conn.close()
     return Outcome(recipient, campaign, tuple(deleted), keep_until, expired)
+
+
+async def _delete(
+    conn: asyncpg.Connection,
+    present: list[Target],
+    counted: bool,
+    recipient: str,
+    campaign: str | None,
+) -> list[tuple[str, int]]:
+    deleted = []
+    async with conn.transaction():
+        if counted:
+            # The person's events leave the counts with them (forget_uncount), holding
+            # the rollup tables as rebuild does, so no insert counts meanwhile.
+            await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+            await conn.execute(query("rebuild_lock"))
+            await conn.execute(query("forget_uncount"), recipient, campaign)
+            await conn.execute(query("forget_empty"), campaign)
+        for target in present:
+            status = await conn.execute(
+                f"DELETE FROM {target.table} WHERE {target.where}", recipient, campaign
+            )
+            deleted.append((target.table, _count(status)))
+    return deleted
 
 
 def _count(status: str) -> int:

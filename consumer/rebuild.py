@@ -1,6 +1,10 @@
 """``trackbuf rollups rebuild``: classify events stored before classification existed
 (or all of them, after a rules update, with ``--reclassify``) and recount a campaign's
-rollups from its raw events.
+rollups from its raw events. Hours before the retention watermark (months ``prune``
+dropped) keep the counts they have: their events are gone, and the rollups are all that
+is left of them. Without a rules change, a rebuild gives exactly the counts the inserts
+made: both follow the definitions in docs/ANALYTICS.md, and the burst rule is the same
+SQL (``burst_mark``).
 
 Each campaign is rebuilt in one transaction that holds the rollup tables: consumers
 wait (their jobs stay reserved or queued, nothing is lost) and count their batches
@@ -37,7 +41,16 @@ async def rebuild_campaign(conn: asyncpg.Connection, campaign: str, reclassify: 
                 classified += await _set_verdicts(conn, chunk)
                 chunk = []
         classified += await _set_verdicts(conn, chunk)
-        await conn.execute(query("rebuild_bursts"), campaign, burst.window_seconds, burst.min_links)
+        # The burst rule as the insert applies it (one SQL definition, burst_mark), over
+        # every clicker of the campaign.
+        clickers = await conn.fetchrow(query("rebuild_clickers"), campaign)
+        await conn.execute(
+            query("burst_mark"),
+            clickers["campaigns"],
+            clickers["recipients"],
+            burst.window_seconds,
+            burst.min_links,
+        )
         for step in ("clear_firsts", "clear_rollups", "clear_breakdown", "firsts", "rollups",
                      "breakdown"):  # fmt: skip
             await conn.execute(query(f"rebuild_{step}"), campaign)
@@ -52,8 +65,10 @@ async def _set_verdicts(conn: asyncpg.Connection, rows: list[asyncpg.Record]) ->
     await conn.execute(
         query("rebuild_set_verdicts"),
         [r["event_id"] for r in rows],
+        [r["occurred_at"] for r in rows],
         [v.reason for v in verdicts],
         [v.client for v in verdicts],
+        [v.proxy for v in verdicts],
     )
     return len(rows)
 

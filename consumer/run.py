@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 import time
 
 from prometheus_client import CollectorRegistry
 
+from consumer import classify
 from consumer.forget import expire_loop
 from consumer.health import Health, serve
 from consumer.metrics import ConsumerMetrics
@@ -33,6 +35,13 @@ def run(
     exit then closes its connections, which hands its jobs back to beanstalkd.
     """
     settings.require_database()
+    classify.configure(settings.apple_egress_csv)
+    try:
+        classify.classifier()  # the rules and the source snapshots, read once, here
+    except (OSError, ValueError) as exc:
+        log.error(kv("classification_rules_unreadable", error=str(exc)))
+        print(f"trackbuf consume: cannot read the classification rules: {exc}", file=sys.stderr)
+        return 2
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -79,14 +79,18 @@ def _date(flag: str, text: str | None) -> date | None:
 
 
 def _counts(row: Any | None) -> dict[str, Any]:
-    total, uniq, human, human_uniq = (
-        (row["total"], row["uniq"], row["human_total"], row["human_uniq"]) if row else (0, 0, 0, 0)
+    total, uniq, human, human_uniq, proxied = (
+        (row["total"], row["uniq"], row["human_total"], row["human_uniq"], row["proxied_total"])
+        if row
+        else (0, 0, 0, 0, 0)
     )
     return {
         "total": total,
         "unique_recipients": uniq,
+        # People's events, direct and through a proxy (webmail image proxies).
         "human_total": human,
         "human_unique_recipients": human_uniq,
+        "proxied_total": proxied,
         "machine_total": total - human,
     }
 
@@ -119,9 +123,16 @@ def build(
             {"reason": reason, "total": n, "share": _rate(n, counts["total"])}
             for reason, n in reasons.items()
         ]
+        counts["machine_share"] = _rate(counts["machine_total"], counts["total"])
+        counts["proxied_share"] = _rate(counts["proxied_total"], counts["total"])
+        counts["proxied_by_proxy"] = [
+            {"proxy": r["value"], "total": r["total"], "share": _rate(r["total"], counts["total"])}
+            for r in breakdown
+            if r["kind"] == kind and r["dimension"] == "proxy"
+        ]
         counts["clients"] = [
             {"client": r["value"], "total": r["total"],
-             "share": _rate(r["total"], counts["human_total"])}
+             "share": _rate(r["total"], counts["human_total"] - counts["proxied_total"])}
             for r in breakdown
             if r["kind"] == kind and r["dimension"] == "client"
         ]  # fmt: skip
@@ -170,15 +181,27 @@ def _pct(value: float | None) -> str:
 
 def render(report: dict[str, Any], by: str | None) -> str:
     lines = [f"campaign {report['campaign']}  ({_span(report)})", ""]
-    lines.append(f"{'':8}{'total':>10}{'unique':>10}{'human':>10}{'human uniq':>12}{'machine':>10}")
+    lines.append(f"{'':8}{'total':>10}{'unique':>10}{'human':>10}{'human uniq':>12}"
+                 f"{'proxied':>10}{'machine':>10}")  # fmt: skip
     for kind in KINDS:
         r = report[kind]
         lines.append(f"{kind + 's':8}{r['total']:>10,}{r['unique_recipients']:>10,}"
                      f"{r['human_total']:>10,}{r['human_unique_recipients']:>12,}"
-                     f"{r['machine_total']:>10,}")  # fmt: skip
+                     f"{r['proxied_total']:>10,}{r['machine_total']:>10,}")  # fmt: skip
     lines.append("")
     lines.append(f"click-to-open rate {_pct(report['click_to_open_rate'])}"
                  "  (unique human clicks / unique human opens)")  # fmt: skip
+    lines += ["", "share of all events: people direct / through a proxy / machines"]
+    for kind in KINDS:
+        r = report[kind]
+        direct = _rate(r["human_total"] - r["proxied_total"], r["total"])
+        lines.append(f"  {kind + 's':<8}{_pct(direct):>8}{_pct(r['proxied_share']):>8}"
+                     f"{_pct(r['machine_share']):>8}")  # fmt: skip
+    proxied = [(kind, p) for kind in KINDS for p in report[kind]["proxied_by_proxy"]]
+    if proxied:
+        lines += ["", "people through a proxy (device and address hidden), by proxy"]
+        lines += [f"  {p['proxy']:<20}{kind + 's':<8}{p['total']:>10,}{_pct(p['share']):>8}"
+                  for kind, p in proxied]  # fmt: skip
     machines = [(kind, m) for kind in KINDS for m in report[kind]["machine_by_reason"]]
     if machines:
         lines += ["", "machine share by reason (of all events of that kind)"]
@@ -205,7 +228,7 @@ def render(report: dict[str, Any], by: str | None) -> str:
         ]
     clients = report["open"]["clients"][:TOP]
     if clients:
-        lines += ["", "mail clients (people's opens)"]
+        lines += ["", "mail clients (people's direct opens)"]
         lines += [f"  {c['client']:<30}{c['total']:>10,}{_pct(c['share']):>8}" for c in clients]
     return "\n".join(lines)
 

@@ -32,20 +32,26 @@ def every(
     interval_s: float,
     work: Callable[[Database], None],
     failure_event: str,
+    retry_s: float | None = None,
 ) -> None:
     """Run ``work`` now (at least once, even in a burst run that ends at once) and every
-    ``interval_s`` until ``stop``, each round on a fresh connection."""
+    ``interval_s`` until ``stop``, each round on a fresh connection; after a round that
+    failed, the next comes after ``retry_s`` when given (work that must not wait a whole
+    interval once it failed)."""
     while True:
         db = Database(database_url)
+        failed = True
         try:
             work(db)
+            failed = False
         except DatabaseUnavailable:
             pass  # the workers report outages; try again next round
         except Exception as exc:  # never worth stopping the consumer for
             log.warning(kv(failure_event, error=repr(exc)[:200]))
         finally:
             db.close()
-        if stop.wait(interval_s):
+        wait = retry_s if failed and retry_s is not None else interval_s
+        if stop.wait(wait):
             return
 
 

@@ -27,7 +27,7 @@ from ingest.pixel import GIF, PIXEL_HEADERS
 from ingest.spool import Spool
 from ingest.tally import RequestTally
 from trackbuf import codec, tokens
-from trackbuf.events import clean_ip
+from trackbuf.events import clean_ip, forwarded_address, is_prefetch
 from trackbuf.instance import INSTANCE_ENV, INSTANCE_HEADER
 from trackbuf.keys import load_keyring
 from trackbuf.links import CLICK_PREFIX, OPEN_PREFIX, OPEN_SUFFIX
@@ -250,7 +250,10 @@ class Ingest:
             return "not_recorded"
         user_agent = request.headers.get("User-Agent")
         forwarded = request.headers.getall("X-Forwarded-For", [])
-        event = self.encode(kind, payload, user_agent, self.client_ip(forwarded, request.remote))
+        headers = request.headers
+        prefetch = is_prefetch(headers.get("Sec-Purpose") or headers.get("Purpose"))
+        ip = self.client_ip(forwarded, request.remote)
+        event = self.encode(kind, payload, user_agent, ip, prefetch)
         # No timeout here: the enqueue task settles every future (its own I/O has
         # timeouts), and wait_for would cost a task per request on the hot path.
         outcome = await self.enqueuer.submit(event)
@@ -265,16 +268,26 @@ class Ingest:
             return None
 
     def encode(
-        self, kind: str, payload: tokens.LinkPayload, user_agent: str | None, ip: str | None
+        self,
+        kind: str,
+        payload: tokens.LinkPayload,
+        user_agent: str | None,
+        ip: str | None,
+        prefetch: bool = False,
     ) -> bytes:
-        """The event of a request, encoded for a job."""
+        """The event of a request, encoded for a job (``prefetch``: the request said it
+        was one, which the consumer counts as a machine's). A request with no
+        User-Agent is recorded with an empty one; with TRACKBUF_USER_AGENT_MODE=drop
+        none is recorded at all, so the consumer can tell "sent none" (a script) from
+        "not kept" (unknown)."""
         return codec.encode_new_event(
             kind,
             payload.campaign,
             payload.recipient,
             url=payload.url,
-            user_agent=user_agent if self._keep_user_agent else None,
+            user_agent=(user_agent or "") if self._keep_user_agent else None,
             ip=ip,
+            prefetch=prefetch,
         )
 
     def settled(self, kind: str, outcome: Outcome, payload: tokens.LinkPayload) -> str:
@@ -297,7 +310,7 @@ class Ingest:
             # client's word and can be forged.
             joined = ",".join(forwarded)
             if joined:
-                return clean_ip(joined.rsplit(",", 1)[-1], mode)
+                return clean_ip(forwarded_address(joined.rsplit(",", 1)[-1]), mode)
         if mode == "full":
             return remote  # from the socket: already a valid address, no parsing
         return clean_ip(remote, mode)

@@ -81,7 +81,7 @@ _GETS = (b"GET " + OPEN_PREFIX.encode(), b"GET " + CLICK_PREFIX.encode())
 class Request:
     """One request the fast path answers."""
 
-    __slots__ = ("forwarded", "http10", "keep_alive", "path", "user_agent")
+    __slots__ = ("forwarded", "http10", "keep_alive", "path", "prefetch", "user_agent")
 
     def __init__(
         self,
@@ -90,12 +90,14 @@ class Request:
         keep_alive: bool,
         user_agent: str | None,
         forwarded: list[str],
+        prefetch: bool = False,
     ) -> None:
         self.path = path
         self.http10 = http10
         self.keep_alive = keep_alive
         self.user_agent = user_agent
         self.forwarded = forwarded
+        self.prefetch = prefetch
 
 
 def parse(data: bytes) -> Request | None:
@@ -126,6 +128,7 @@ def parse(data: bytes) -> Request | None:
         return None
     user_agent: str | None = None
     forwarded: list[str] = []
+    prefetch = False
     seen: set[bytes] = set()
     for line in lines[1:]:
         name, colon, raw = line.partition(b":")
@@ -142,6 +145,8 @@ def parse(data: bytes) -> Request | None:
             user_agent = value.decode()
         elif key == b"x-forwarded-for":
             forwarded.append(value.decode())
+        elif key in (b"sec-purpose", b"purpose"):
+            prefetch = prefetch or value.lower().startswith(b"prefetch")
         elif key == b"connection":
             options = {o.strip() for o in value.lower().split(b",")}
             if b"upgrade" in options or {b"close", b"keep-alive"} <= options:
@@ -157,7 +162,7 @@ def parse(data: bytes) -> Request | None:
             return None
     if not http10 and b"host" not in seen:
         return None  # HTTP/1.1 requires Host; newer aiohttp answers 400 without it
-    return Request(parts[1].decode(), http10, keep_alive, user_agent, forwarded)
+    return Request(parts[1].decode(), http10, keep_alive, user_agent, forwarded, prefetch)
 
 
 class _Date:
@@ -336,7 +341,7 @@ class FastConnection(asyncio.Protocol):
                     return
                 payload = checked
             ip = ingest.client_ip(request.forwarded, self._remote)
-            event = ingest.encode(kind, payload, request.user_agent, ip)
+            event = ingest.encode(kind, payload, request.user_agent, ip, request.prefetch)
             future = ingest.enqueuer.submit(event)
         except Exception:
             ingest.observe(kind, ingest.record_failed(kind), started)

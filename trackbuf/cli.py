@@ -31,7 +31,7 @@ INGEST = ("listen", "admin_listen", "workers", *QUEUE, "signing_keys", "signing_
           "trust_forwarded", "data_dir", "spool_dir", "spool_max_bytes", "spool_fsync",
           "queue_max_bytes", "shutdown_timeout", "fast_path", "job_linger_ms")  # fmt: skip
 CONSUME = ("database_url", *QUEUE, "threads", "batch_size", "linger_ms", "burst",
-           "metrics_listen", "shutdown_timeout")  # fmt: skip
+           "metrics_listen", "shutdown_timeout", "apple_egress_csv")  # fmt: skip
 LINKS = ("public_url", "signing_keys", "signing_keys_file")
 # Commands an operator runs beside `trackbuf up`: they read the env file it writes.
 # ingest, consume and migrate are what production runs: only their own environment
@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="classify every event again (after a rules update)",
     )
-    _add_settings(rebuild, ("database_url",), beside_up)
+    _add_settings(rebuild, ("database_url", "apple_egress_csv"), beside_up)
     rollups.set_defaults(func=_cmd_rollups)
 
     forget = sub.add_parser(
@@ -477,9 +477,10 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_rollups(args: argparse.Namespace) -> int:
-    from consumer import rebuild
+    from consumer import classify, rebuild
 
     settings = _settings(args)
+    classify.configure(settings.apple_egress_csv)
     return asyncio.run(rebuild.run(settings.require_database(), args.campaign, args.reclassify))
 
 

@@ -8,8 +8,11 @@ A job body is one JSON object, version 1::
 - ``n`` is the number of events, so a consumer can size its batches without parsing
   the whole body.
 - ``e`` holds the events with short keys (``id`` event_id, ``k`` kind, ``t`` occurred_at,
-  ``c`` campaign, ``r`` recipient, ``u`` url, ``ua`` user agent, ``ip``); absent keys are
-  null. Short keys matter: every queued byte sits in beanstalkd's RAM.
+  ``c`` campaign, ``r`` recipient, ``u`` url, ``ua`` user agent, ``ip``, and ``p``
+  ``"prefetch"`` when the request said it was one); absent keys are null. Short keys
+  matter: every queued byte sits in beanstalkd's RAM. ``p`` is optional and new in
+  version 1: jobs written before it decode as they did (no prefetch), and readers
+  ignore keys they do not know, so the version stays 1.
 
 The body is written so that PostgreSQL can read it as-is (``jsonb_to_recordset``); the
 consumer never builds Python rows (it adds its verdicts with orjson,
@@ -44,7 +47,8 @@ class CodecError(ValueError):
 
 def encode_event(event: Event) -> bytes:
     return _encode(event.event_id, event.kind, event.occurred_at, event.campaign,
-                   event.recipient, event.url, event.user_agent, event.ip)  # fmt: skip
+                   event.recipient, event.url, event.user_agent, event.ip,
+                   event.prefetch)  # fmt: skip
 
 
 def encode_new_event(
@@ -54,12 +58,13 @@ def encode_new_event(
     url: str | None = None,
     user_agent: str | None = None,
     ip: str | None = None,
+    prefetch: bool = False,
 ) -> bytes:
     """``encode_event(new_event(...))`` without the Event in between: ingest's hot path,
     where building the frozen dataclass cost more than encoding it."""
     event_id, occurred_at = stamp()
     return _encode(event_id, kind, occurred_at, campaign, recipient, url,
-                   clip_user_agent(user_agent), ip)  # fmt: skip
+                   clip_user_agent(user_agent), ip, prefetch)  # fmt: skip
 
 
 def _encode(
@@ -71,6 +76,7 @@ def _encode(
     url: str | None,
     user_agent: str | None,
     ip: str | None,
+    prefetch: bool = False,
 ) -> bytes:
     item: dict[str, object] = {
         "id": event_id,  # orjson writes a UUID in C, 4x faster than str()
@@ -85,6 +91,8 @@ def _encode(
         item["ua"] = user_agent
     if ip is not None:
         item["ip"] = ip
+    if prefetch:
+        item["p"] = "prefetch"
     return orjson.dumps(item, option=orjson.OPT_UTC_Z)
 
 
@@ -212,6 +220,7 @@ def decode_event(item: object) -> Event:
         url=_optional_text(item, "u"),
         user_agent=_optional_text(item, "ua"),
         ip=_optional_text(item, "ip"),
+        prefetch=item.get("p") == "prefetch",
     )
 
 

@@ -24,6 +24,9 @@ class Event:
     url: str | None = None
     user_agent: str | None = None
     ip: str | None = None
+    # The request said it was a prefetch (``Sec-Purpose``/``Purpose: prefetch``): a
+    # browser or proxy loading ahead of a person, who may never look.
+    prefetch: bool = False
 
 
 class _RandomPool:
@@ -96,12 +99,33 @@ def clean_ip(raw: str | None, mode: str) -> str | None:
     return str(addr)
 
 
+def is_prefetch(purpose: str | None) -> bool:
+    """``Sec-Purpose: prefetch`` (Chrome, also ``prefetch;anonymous-client-ip`` through
+    its private prefetch proxy) or the older ``Purpose: prefetch``."""
+    return purpose is not None and purpose.strip().lower().startswith("prefetch")
+
+
+def forwarded_address(hop: str) -> str:
+    """The address of one X-Forwarded-For hop, which proxies may write with a port:
+    ``203.0.113.7:51234`` or ``[2001:db8::1]:443`` (RFC 7239 style) give the address
+    alone; a bare IPv6 address (several colons, no brackets) is left as it is."""
+    hop = hop.strip()
+    if hop.startswith("["):
+        end = hop.find("]")
+        return hop[1:end] if end > 0 else hop
+    if hop.count(":") == 1:
+        return hop.split(":", 1)[0]
+    return hop
+
+
 def clip_user_agent(raw: str | None) -> str | None:
     """At most MAX_USER_AGENT characters of valid text. Header bytes that are not UTF-8
     reach us as lone surrogates (aiohttp decodes with surrogateescape); they become
-    U+FFFD so the event can still be encoded and stored."""
+    U+FFFD so the event can still be encoded and stored. None (not kept) and "" (none
+    sent) stay apart: the consumer counts a request without an agent as a machine's,
+    and an agent ingest did not keep (TRACKBUF_USER_AGENT_MODE=drop) as unknown."""
     if not raw:
-        return None
+        return raw
     if not raw.isascii():
         raw = raw.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     return raw[:MAX_USER_AGENT]

@@ -137,6 +137,13 @@ class Settings:
         default=30,
         metadata={"help": "days `forget` keeps dropping a person's queued and spooled events"},
     )
+    apple_egress_csv: str = field(
+        default="",
+        metadata={
+            "help": "Apple's egress-ip-ranges.csv, downloaded by you, instead of the shipped "
+            "snapshot (Mail Privacy Protection); empty: the snapshot"
+        },
+    )
 
     def __post_init__(self) -> None:
         positive = (

@@ -47,15 +47,16 @@ async def hit(
 
 async def stored_rows(
     dsn: str, campaign: str, expected: int, timeout: float = 30
-) -> dict[str, tuple[str | None, str | None]]:
-    """recipient -> (host(ip), user_agent), once ``expected`` rows are stored."""
+) -> dict[str, tuple[str | None, str | None, bool]]:
+    """recipient -> (host(ip), user_agent, machine), once ``expected`` rows are stored."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             conn = await asyncpg.connect(dsn)
             try:
                 rows = await conn.fetch(
-                    "SELECT recipient, host(ip) AS ip, user_agent FROM events WHERE campaign = $1",
+                    "SELECT recipient, host(ip) AS ip, user_agent, machine FROM events"
+                    " WHERE campaign = $1",
                     campaign,
                 )
             finally:
@@ -63,7 +64,9 @@ async def stored_rows(
         except (OSError, asyncpg.PostgresError):
             rows = []
         if len(rows) >= expected or time.monotonic() > deadline:
-            return {row["recipient"]: (row["ip"], row["user_agent"]) for row in rows}
+            return {
+                row["recipient"]: (row["ip"], row["user_agent"], row["machine"]) for row in rows
+            }
         await asyncio.sleep(0.2)
 
 
@@ -128,8 +131,10 @@ def test_each_mode_stores_what_docs_security_says(
         ingest_v4.terminate()
         ingest_v6.terminate()
     expected_ua = USER_AGENT if user_agent_mode == "full" else None
+    # A browser's fetch is a person's in every mode: with the agent dropped, nothing
+    # says otherwise (no agent was *sent* only when the stored one is "").
     expected = {
-        f"{client}-{kind}": (ip, expected_ua)
+        f"{client}-{kind}": (ip, expected_ua, False)
         for client, ip in CASES[(ip_mode, user_agent_mode)].items()
         for kind in ("open", "click")
     }
@@ -228,3 +233,26 @@ def test_no_ip_token_or_key_in_any_log_through_outages(
     for event in ("bad_request", "beanstalkd_down", "spooling_started", "database_down",
                   "database_up", "ingest_stopped", "consumer_stopped"):  # fmt: skip
         assert event in events, (event, sorted(set(events)))
+
+
+def test_7_a_forwarded_hop_written_with_a_port_is_stored_as_its_address(
+    make_settings, keyring: Keyring, tmp_path: Path
+) -> None:
+    """Proxies that append ``ip:port`` or ``[v6]:port`` to X-Forwarded-For: the address
+    is stored (the network rules need it), not NULL."""
+    settings: Settings = make_settings(trust_forwarded=True)
+    ingest = start_ingest(settings, tmp_path / "ingest.log")
+    consumer = Process(settings, "consume", log_path=tmp_path / "consumer.log")
+    hops = {"v4": "203.0.113.9, 198.51.100.23:51234", "v6": "[2001:db8:abcd::7]:443"}
+    try:
+        for name, hop in hops.items():
+            url = links.open_url(f"http://{settings.listen}", keyring, "ports", name)
+            headers = {"User-Agent": USER_AGENT, "X-Forwarded-For": hop}
+            assert asyncio.run(hit([url], headers)) == [200]
+        stored = asyncio.run(stored_rows(settings.database_url, "ports", expected=2))
+    finally:
+        consumer.terminate()
+        ingest.terminate()
+    assert stored == {
+        "v4": ("198.51.100.23", USER_AGENT, False), "v6": ("2001:db8:abcd::7", USER_AGENT, False)
+    }  # fmt: skip

@@ -172,3 +172,45 @@ def test_prune_refuses_a_bad_duration(database_url: str) -> None:
     settings = tsettings.load({}, overrides={"database_url": database_url})
     done = trackbuf(settings, "prune", "--older-than", "soon")
     assert done.returncode == 2 and "duration" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_8_a_month_partition_that_failed_to_be_made_is_retried_promptly(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A consumer's partition round fails (here: DEFAULT stays locked, as a long insert
+    routed into it would keep it): the round is tried again within seconds, not an hour
+    later, and the month's partition is made once the lock goes."""
+    import threading
+    import time
+
+    from consumer import partitions
+
+    monkeypatch.setattr(partitions, "ENSURE_LOCK_TIMEOUT", "1s")
+    ahead = (NOW.replace(day=1) + timedelta(days=64)).replace(day=1)
+    name = f"events_p{ahead.strftime('%Y%m')}"
+    fetch(database_url, f"DROP TABLE {name}")  # empty: two months ahead
+    stop = threading.Event()
+    loop = threading.Thread(target=partitions.ensure_loop, args=(database_url, stop))
+
+    async def hold_default() -> None:
+        conn = await asyncpg.connect(database_url)
+        try:
+            async with conn.transaction():
+                await conn.execute("LOCK TABLE events_default IN ACCESS EXCLUSIVE MODE")
+                loop.start()
+                await asyncio.sleep(3)  # the first round gives up after 1 s
+            assert not await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", name)
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(hold_default())
+        deadline = time.monotonic() + 60  # the retry is due 5 s after the failure
+        while time.monotonic() < deadline:
+            if fetch(database_url, f"SELECT to_regclass('{name}') IS NOT NULL AS made")[0]["made"]:
+                break
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        loop.join(30)
+    assert fetch(database_url, f"SELECT to_regclass('{name}') IS NOT NULL AS made")[0]["made"]

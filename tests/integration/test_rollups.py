@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.integration.test_pipeline import drain, rows
-from tests.servers import Beanstalkd
+from tests.servers import Beanstalkd, Postgres
 from trackbuf import codec
 from trackbuf.events import Event, new_event
 
@@ -122,12 +122,19 @@ def stored_rollups(dsn: str) -> dict[tuple[Any, ...], tuple[int, int, int, int]]
     }  # fmt: skip
 
 
+def dimension(e: Any) -> tuple[str, str]:
+    """Machines by reason, people through a proxy by proxy, other people by client."""
+    if e["machine"]:
+        return "reason", e["machine_reason"]
+    if e["proxy"] is not None:
+        return "proxy", e["proxy"]
+    return "client", e["client"]
+
+
 def expected_breakdown(events: list[Any]) -> Counter[tuple[Any, ...]]:
     return Counter(
-        (e["campaign"], e["kind"], "reason" if e["machine"] else "client",
-         e["machine_reason"] if e["machine"] else e["client"], hour(e["occurred_at"]))
-        for e in events
-    )  # fmt: skip
+        (e["campaign"], e["kind"], *dimension(e), hour(e["occurred_at"])) for e in events
+    )
 
 
 def stored_breakdown(dsn: str) -> Counter[tuple[Any, ...]]:
@@ -135,16 +142,6 @@ def stored_breakdown(dsn: str) -> Counter[tuple[Any, ...]]:
         (r["campaign"], r["kind"], r["dimension"], r["value"], r["hour"]): r["total"]
         for r in rows(dsn, "SELECT * FROM rollup_breakdown")
     })  # fmt: skip
-
-
-def summed(rollups: dict[tuple[Any, ...], tuple[int, int, int, int]]) -> Counter[Any]:
-    """Per (campaign, kind, url), hours added up: what does not depend on which event of
-    a recipient happened to be stored first."""
-    out: Counter[Any] = Counter()
-    for (campaign, kind, url, _), values in rollups.items():
-        for i, value in enumerate(values):
-            out[(campaign, kind, url, i)] += value
-    return out
 
 
 def test_rollups_equal_counts_from_raw_rows_and_replays_change_nothing(
@@ -166,10 +163,13 @@ def test_rollups_equal_counts_from_raw_rows_and_replays_change_nothing(
     assert len(stored) == len(events)
     # Nothing dropped, every event classified, and the kinds of traffic told apart.
     reasons = Counter(r["machine_reason"] for r in stored)
-    assert reasons["apple_mpp"] == 2 * 15 and reasons["google_image_proxy"] == 2 * 15
+    # Gmail's proxy fetches when a person displays the message: a person, proxied.
+    assert reasons["apple_mpp"] == 2 * 15 and reasons["google_image_proxy"] == 0
+    assert Counter(r["proxy"] for r in stored)["google_image_proxy"] == 2 * 15
+    assert all(not r["machine"] for r in stored if r["proxy"])
     assert reasons["burst_clicks"] == 2 * 12 * len(LINKS)
     assert all(r["machine"] is (r["machine_reason"] is not None) for r in stored)
-    assert {r["client"] for r in stored if not r["machine"]} == {
+    assert {r["client"] for r in stored if not r["machine"] and not r["proxy"]} == {
         "Mobile Safari UI/WKWebView", "Outlook", "Chrome"}  # fmt: skip
     assert reasons[None] > 100
 
@@ -198,9 +198,9 @@ def test_concurrent_out_of_order_drains_count_each_recipient_once(
     assert drain(settings) == 0
     stored = rows(settings.database_url)
     assert len(stored) == len(events)
-    # A recipient's unique may land in the hour of whichever of their events was stored
-    # first; per campaign and per link, every figure is exact.
-    assert summed(stored_rollups(settings.database_url)) == summed(expected_rollups(stored))
+    # Whatever order they were stored in, a recipient's unique is in the hour of their
+    # earliest event, and bursts split between threads are found whole.
+    assert stored_rollups(settings.database_url) == expected_rollups(stored)
     assert stored_breakdown(settings.database_url) == expected_breakdown(stored)
 
 
@@ -269,24 +269,26 @@ def test_rebuild_classifies_old_rows_and_recounts_from_raw_events(
     assert stored_rollups(dsn) == expected_rollups(stored)
 
 
-def test_rebuild_finds_a_burst_the_insert_saw_only_half_of(
+def test_a_burst_split_between_two_threads_is_found_whole_and_rebuild_agrees(
     make_settings, beanstalkd: Beanstalkd
 ) -> None:
     from tests.procs import trackbuf
 
     clicks = [at(i * 0.3, "click", "x", "scanned", url=link, user_agent=CHROME, ip=HOME)
               for i, link in enumerate(LINKS)]  # fmt: skip
-    # Two halves written by two threads at once: each insert may see only its own two
-    # links (neither has committed when the other looks), so neither finds a burst.
+    # Two halves written by two threads at once: the batches lock their clickers, so the
+    # second insert sees the first's two links and marks all four.
     put(beanstalkd, [codec.encode_job([codec.encode_event(e) for e in half])
                      for half in (clicks[:2], clicks[2:])])  # fmt: skip
     settings = make_settings(threads=2, batch_size=2)
     assert drain(settings) == 0
-    done = trackbuf(settings, "rollups", "rebuild", "--campaign", "x")
-    assert done.returncode == 0, done.stderr
     stored = rows(settings.database_url)
     assert [r["machine_reason"] for r in stored] == ["burst_clicks"] * 4
-    assert stored_rollups(settings.database_url) == expected_rollups(stored)
+    live = stored_rollups(settings.database_url)
+    assert live == expected_rollups(stored)
+    done = trackbuf(settings, "rollups", "rebuild", "--campaign", "x")
+    assert done.returncode == 0, done.stderr
+    assert stored_rollups(settings.database_url) == live
 
 
 def test_a_click_on_a_url_too_long_for_an_index_is_stored_and_counted(
@@ -306,3 +308,90 @@ def test_a_click_on_a_url_too_long_for_an_index_is_stored_and_counted(
     assert stored_rollups(settings.database_url) == expected_rollups(stored)
     ((_, _, url, _),) = [k for k in stored_rollups(settings.database_url) if k[2]]
     assert url == long_url
+
+
+V10_RECOUNT = """
+INSERT INTO first_events (campaign, recipient, kind, url, first_at, first_human_at)
+SELECT campaign, recipient, kind, s.url, min(occurred_at),
+       min(occurred_at) FILTER (WHERE NOT machine)
+FROM events CROSS JOIN LATERAL (VALUES (''), (CASE WHEN kind = 'click' THEN url END)) s(url)
+WHERE s.url IS NOT NULL GROUP BY 1, 2, 3, 4;
+INSERT INTO rollups (campaign, kind, url, hour, total, uniq, human_total, human_uniq)
+SELECT campaign, kind, url, hour, sum(t), sum(u), sum(h), sum(hu) FROM (
+    SELECT campaign, kind, s.url, date_trunc('hour', occurred_at, 'UTC') AS hour,
+           1 AS t, 0 AS u, (NOT machine)::int AS h, 0 AS hu
+    FROM events CROSS JOIN LATERAL (VALUES (''), (CASE WHEN kind = 'click' THEN url END)) s(url)
+    WHERE s.url IS NOT NULL
+    UNION ALL SELECT campaign, kind, url, date_trunc('hour', first_at, 'UTC'), 0, 1, 0, 0
+    FROM first_events
+    UNION ALL SELECT campaign, kind, url, date_trunc('hour', first_human_at, 'UTC'), 0, 0, 0, 1
+    FROM first_events WHERE first_human_at IS NOT NULL) d
+GROUP BY 1, 2, 3, 4;
+INSERT INTO rollup_breakdown (campaign, kind, dimension, value, hour, total)
+SELECT campaign, kind, CASE WHEN machine THEN 'reason' ELSE 'client' END,
+       CASE WHEN machine THEN machine_reason ELSE client END,
+       date_trunc('hour', occurred_at, 'UTC'), count(*)
+FROM events GROUP BY 1, 2, 3, 4, 5;
+"""
+
+
+def test_migration_0011_makes_stored_gmail_and_yahoo_opens_proxied_people(
+    postgres: Postgres,
+) -> None:
+    """Rows stored when webmail proxies were machines become proxied people, and the
+    counts follow exactly: the migration leaves what a rebuild would make."""
+    import asyncio
+
+    import asyncpg
+
+    from consumer import rebuild
+    from consumer.migrate import migrate
+    from tests.conftest import new_database
+
+    dsn = new_database(postgres)
+    yahoo = "YahooMailProxy; https://help.yahoo.com/kb/yahoo-mail-proxy-SLN28749.html"
+    # (recipient, kind, seconds, agent, machine reason as release 0010 stored it, client)
+    stored = [
+        ("r1", "open", 0, GMAIL_PROXY, "google_image_proxy", "GmailImageProxy"),
+        ("r1", "open", 7200, IPHONE, None, "Mobile Safari UI/WKWebView"),
+        ("r2", "open", 3600, GMAIL_PROXY, "google_image_proxy", "GmailImageProxy"),
+        ("r3", "open", 0, "Mozilla/5.0", "apple_mpp", "Other"),
+        ("r4", "open", 3 * 3600, yahoo, "yahoo_proxy", "YahooMailProxy"),
+        ("r4", "click", 4 * 3600, CHROME, None, "Chrome"),
+    ]
+
+    async def as_release_0010_left_it() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+            assert 11 not in await migrate(conn, up_to=10)
+            for who, kind, secs, agent, reason, client in stored:
+                await conn.execute(
+                    "INSERT INTO events (event_id, kind, occurred_at, campaign, recipient, url,"
+                    " user_agent, machine, machine_reason, client)"
+                    " VALUES (gen_random_uuid(), $1, $2, 'm', $3, $4, $5, $6, $7, $8)",
+                    kind, START + timedelta(seconds=secs), who,
+                    LINKS[0] if kind == "click" else None, agent, reason is not None, reason,
+                    client,
+                )  # fmt: skip
+            await conn.execute(V10_RECOUNT)
+            assert await migrate(conn) == [11]
+        finally:
+            await conn.close()
+
+    asyncio.run(as_release_0010_left_it())
+    events = rows(dsn)
+    assert sorted((e["recipient"], e["proxy"] or "-") for e in events if not e["machine"]) == [
+        ("r1", "-"), ("r1", "google_image_proxy"), ("r2", "google_image_proxy"),
+        ("r4", "-"), ("r4", "yahoo_proxy")]  # fmt: skip
+    assert [e["machine_reason"] for e in events if e["machine"]] == ["apple_mpp"]
+    migrated = stored_rollups(dsn)
+    assert migrated == expected_rollups(events)
+    assert stored_breakdown(dsn) == expected_breakdown(events)
+    proxied = rows(dsn, "SELECT sum(proxied_total) AS n FROM rollups WHERE url = ''")
+    assert proxied[0]["n"] == 3
+    asyncio.run(rebuild.run(dsn, None, False))
+    assert stored_rollups(dsn) == migrated
+    assert +stored_breakdown(dsn) == +expected_breakdown(events)
+    rebuilt = rows(dsn, "SELECT sum(proxied_total) AS n FROM rollups WHERE url = ''")
+    assert rebuilt[0]["n"] == 3

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from consumer.classify import REASONS, Classifier, Rules, classifier, rules
+from consumer.classify import (
+    MACHINE,
+    PERSON,
+    PROXIED,
+    REASONS,
+    Classifier,
+    Rules,
+    classifier,
+    rules,
+)
 
 IPHONE_MAIL = (
     "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 "
@@ -47,10 +56,17 @@ CASES: list[tuple[str | None, str | None, str | None, str | None]] = [
      "Chrome/120.0 Mobile Safari/537.36", HOME, None, None),
     ("Mozilla/5.0 (iPad; CPU OS 16_6 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
      "Mobile/15E148", HOME, None, "Mobile Safari UI/WKWebView"),
-    # Unknown agents, or none at all, are people.
+    # Unknown agents are people; no agent at all ("": ingest keeps a missing header as
+    # empty) is a machine (every mail client and browser sends one; named_agents.json,
+    # "No user agent"). An agent ingest did not keep (None: TRACKBUF_USER_AGENT_MODE=
+    # drop) is unknown: only rules that need no agent apply.
     ("SomeNewMailApp/1.0", HOME, None, None),
+    ("", HOME, "bot", "Other"),
+    ("", None, "bot", "Other"),
     (None, HOME, None, "Other"),
     (None, None, None, "Other"),
+    (None, "40.107.22.90", "microsoft_prefetch", "Other"),  # an address rule needs no agent
+    (None, "104.28.28.1", None, "Other"),  # Apple's rule needs its bare agent: cannot tell
     ("Mozilla/5.0", HOME, None, "Other"),  # bare agent, not from Apple: unknown, a person
     ("Mozilla/5.0", "not-an-address", None, "Other"),
     # Apple Mail Privacy Protection: bare agent from Apple's network.
@@ -66,9 +82,9 @@ CASES: list[tuple[str | None, str | None, str | None, str | None]] = [
      "yahoo_proxy", "YahooMailProxy"),
     # Microsoft: link previews, existence checks, and fetches from its mail-flow ranges.
     ("Mozilla/5.0 (Windows NT 10.0; WOW64) AppleWebKit/537.36 (KHTML, like Gecko) BingPreview/1.0b",
-     HOME, "microsoft_prefetch", None),
+     HOME, "link_preview", None),
     ("Mozilla/5.0 (Windows NT 6.1; WOW64) SkypeUriPreview Preview/0.5 "
-     "skype-url-preview@microsoft.com", HOME, "microsoft_prefetch", None),
+     "skype-url-preview@microsoft.com", HOME, "link_preview", None),
     ("Microsoft Office Existence Discovery", HOME, "microsoft_prefetch", None),
     (CHROME_WIN, "40.107.22.90", "microsoft_prefetch", "Chrome"),
     (CHROME_WIN, "52.101.4.3", "microsoft_prefetch", "Chrome"),
@@ -93,17 +109,29 @@ CASES: list[tuple[str | None, str | None, str | None, str | None]] = [
      "bingbot"),
     ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
      "HeadlessChrome/120.0.0.0 Safari/537.36", HOME, "bot", "HeadlessChrome"),
-    ("facebookexternalhit/1.1", HOME, "bot", None),
-    ("Slackbot-LinkExpanding 1.0 (+https://api.slack.com/robots)", HOME, "bot", None),
+    ("facebookexternalhit/1.1", HOME, "link_preview", None),
+    ("Slackbot-LinkExpanding 1.0 (+https://api.slack.com/robots)", HOME, "link_preview", None),
+    # From the maintained lists (crawler-user-agents, device-detector).
+    ("Mozilla/5.0 (compatible; AhrefsBot/7.0; +http://ahrefs.com/robot/)", HOME, "bot", None),
+    # Apple Mail Privacy Protection through iCloud Private Relay, outside 17.0.0.0/8.
+    ("Mozilla/5.0", "104.28.28.1", "apple_mpp", "Other"),
+    # A webmail image proxy named only by the maintained lists' sources: a person.
+    ("Mozilla/5.0 (compatible; SeznamEmailProxy/1.0; +https://napoveda.seznam.cz)", HOME,
+     "other_webmail_proxy", None),
     ("python-urllib3/1.26", HOME, "bot", None),
     ("node-fetch/1.0", HOME, "bot", None),
     ("okhttp/4.9.0", HOME, "bot", "okhttp"),
     ("Apache-HttpClient/4.5.13 (Java/11)", HOME, "bot", "Apache-HttpClient"),
-    # A named fetcher wins over a generic rule; the agent's rule over the address's.
+    # A named fetcher wins over a generic rule; the agent's rule over the address's (a
+    # person through Yahoo's proxy stays a person, whatever the address).
     ("curl/8.4.0", "40.107.22.90", "microsoft_prefetch", "curl"),
     ("YahooMailProxy; https://help.yahoo.com/kb/yahoo-mail-proxy-SLN28749.html", "17.1.1.1",
      "yahoo_proxy", "YahooMailProxy"),
 ]  # fmt: skip
+
+
+# Webmail image proxies: a person displayed the message (a proxied person, not a machine).
+PROXIES = {"google_image_proxy", "yahoo_proxy", "other_webmail_proxy"}
 
 
 @pytest.mark.parametrize(("agent", "ip", "reason", "client"), CASES)
@@ -111,8 +139,12 @@ def test_each_request_gets_its_verdict(
     agent: str | None, ip: str | None, reason: str | None, client: str | None
 ) -> None:
     verdict = classifier().classify(agent, ip)
-    assert verdict.reason == reason
-    assert verdict.machine is (reason is not None)
+    if reason in PROXIES:
+        assert (verdict.kind, verdict.proxy, verdict.reason) == (PROXIED, reason, None)
+    else:
+        assert verdict.reason == reason and verdict.proxy is None
+        assert verdict.kind == (PERSON if reason is None else MACHINE)
+    assert verdict.machine is (reason is not None and reason not in PROXIES)
     if client is not None:
         assert verdict.client == client
     assert verdict.client  # always a family, "Other" when unknown
@@ -121,7 +153,8 @@ def test_each_request_gets_its_verdict(
 def test_the_table_is_large_and_covers_every_address_and_agent_reason() -> None:
     assert len(CASES) >= 40
     seen = {reason for _, _, reason, _ in CASES}
-    assert seen == (set(REASONS) - {"burst_clicks"}) | {None}  # burst: test_rollups
+    # burst: test_rollups; prefetch (a request header): test_fetch_corpus_pipeline.
+    assert seen == (set(REASONS) - {"burst_clicks", "prefetch"}) | {None}
 
 
 def test_the_shipped_rules_are_versioned_and_sourced() -> None:
@@ -149,3 +182,91 @@ def test_verdicts_are_cached_per_agent() -> None:
     fresh.classify(CHROME_WIN, "192.0.2.1")  # same agent, another address
     assert fresh.pair.cache_info().hits == 2
     assert (fresh.by_agent.cache_info().misses, fresh.by_agent.cache_info().hits) == (1, 1)
+
+
+def test_apples_egress_file_as_downloaded_is_read_and_a_bad_line_is_named() -> None:
+    import ipaddress
+
+    from consumer.sources import apple_egress
+
+    ranges = apple_egress("172.224.226.0/27,GB,GB-EN,London,\n2a02:26f7:b3c0:4000::/64,GB,,,\n")
+    assert ipaddress.ip_address("172.224.226.9") in ranges
+    assert ipaddress.ip_address("2a02:26f7:b3c0:4000::1") in ranges
+    assert ipaddress.ip_address("172.224.226.32") not in ranges
+    with pytest.raises(ValueError, match="line 2: 'not-a-cidr'"):
+        apple_egress("172.224.226.0/27,GB,,\nnot-a-cidr,GB,,\n")
+
+
+def test_a_newer_egress_file_named_by_the_operator_replaces_the_snapshot(
+    tmp_path: object,
+) -> None:
+    from pathlib import Path
+
+    from consumer.classify import configure
+    from trackbuf import settings as tsettings
+
+    newer = Path(str(tmp_path)) / "egress-ip-ranges.csv"
+    newer.write_text("192.0.2.0/24,ZZ,,,\n")
+    settings = tsettings.load({"TRACKBUF_APPLE_EGRESS_CSV": str(newer)})
+    configure(settings.apple_egress_csv)
+    try:
+        judge = classifier()
+        assert judge.classify("Mozilla/5.0", "192.0.2.7").reason == "apple_mpp"
+        assert judge.classify("Mozilla/5.0", "104.28.28.1").reason is None  # not in it
+    finally:
+        configure("")
+    assert classifier().classify("Mozilla/5.0", "104.28.28.1").reason == "apple_mpp"
+
+
+@pytest.mark.parametrize(
+    ("pattern", "literals"),
+    [
+        ("Googlebot\\/", ["Googlebot/"]),
+        ("Automaton|Newsify Feed Fetcher", ["Automaton", "Newsify Feed Fetcher"]),
+        ("(?:Chirp|gotosocial)/\\d", ["Chirp", "gotosocial"]),
+        ("[a-z]+bot", ["bot"]),
+        ("a?b", ["b"]),
+        ("x|[0-9]", []),
+    ],
+)
+def test_the_literal_a_pattern_needs_is_read_from_its_parse_tree(
+    pattern: str, literals: list[str]
+) -> None:
+    from consumer.sources import required_literals
+
+    assert required_literals(pattern) == literals
+
+
+def test_the_indexed_lists_answer_as_trying_every_pattern_would() -> None:
+    import csv
+    from pathlib import Path
+
+    from consumer.sources import load
+
+    corpus = Path(__file__).resolve().parents[1] / "data" / "fetch_corpus.csv"
+    with corpus.open(encoding="utf-8") as handle:
+        agents = [row["user_agent"] for row in csv.DictReader(handle)]
+    for patterns in load().lists:
+        for agent in agents:
+            slow = next((p.reason for p in patterns.patterns if p.regex.search(agent)), None)
+            assert patterns.match(agent) == slow, agent
+
+
+def test_a_consumer_given_an_unreadable_egress_file_says_so_and_exits_2(
+    tmp_path: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pathlib import Path
+
+    from consumer import run as consumer_run
+    from consumer.classify import configure
+    from trackbuf import settings as tsettings
+
+    bad = Path(str(tmp_path)) / "egress.csv"
+    bad.write_text("172.224.226.0/27,GB,,,\n<html>not the file</html>\n")
+    settings = tsettings.load({}, overrides={"database_url": "postgresql://t@127.0.0.1:9/t",
+                                             "apple_egress_csv": str(bad)})  # fmt: skip
+    try:
+        assert consumer_run.run(settings) == 2
+    finally:
+        configure("")
+    assert "line 2: '<html>not the file</html>' is not a CIDR" in capsys.readouterr().err

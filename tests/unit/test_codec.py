@@ -135,3 +135,15 @@ def test_encode_new_event_is_encode_event_of_new_event() -> None:
                  same.url, same.user_agent, same.ip)  # fmt: skip
     assert codec.encode_event(same) == body
     assert event.user_agent is not None and len(event.user_agent) == 512
+
+
+def test_a_prefetch_travels_with_its_event_and_older_jobs_are_not_prefetches() -> None:
+    event = new_event("open", "c", "r", user_agent="Mozilla/5.0")
+    marked = codec.encode_new_event("open", "c", "r", prefetch=True)
+    assert orjson.loads(marked)["p"] == "prefetch"
+    (item,) = codec.decode_job(codec.encode_job([marked]))
+    assert item.prefetch is True
+    # A job written before the key existed decodes as it always did.
+    old = codec.encode_job([codec.encode_event(event)])
+    assert b'"p"' not in old
+    assert codec.decode_job(old) == [event] and codec.decode_job(old)[0].prefetch is False

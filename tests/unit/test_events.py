@@ -8,7 +8,7 @@ import pytest
 from consumer.sql import parse
 from ingest.pixel import GIF
 from trackbuf import events
-from trackbuf.events import MAX_USER_AGENT, clean_ip, new_event
+from trackbuf.events import MAX_USER_AGENT, clean_ip, forwarded_address, new_event
 
 
 @pytest.mark.parametrize(
@@ -70,3 +70,19 @@ def test_uuid7_random_bits_are_not_shared_with_a_forked_child() -> None:
 def test_uuid7_ids_are_unique_across_page_refills() -> None:
     ids = {events.uuid7(1) for _ in range(5_000)}  # same millisecond, ~12 pages
     assert len(ids) == 5_000
+
+
+@pytest.mark.parametrize(
+    ("hop", "address"),
+    [
+        ("198.51.100.23", "198.51.100.23"),
+        (" 198.51.100.23:51234", "198.51.100.23"),
+        ("[2001:db8::7]:443", "2001:db8::7"),
+        ("[2001:db8::7]", "2001:db8::7"),
+        ("2001:db8::7", "2001:db8::7"),
+        ("unknown", "unknown"),
+    ],
+)
+def test_7_a_forwarded_hop_with_a_port_gives_its_address(hop: str, address: str) -> None:
+    assert forwarded_address(hop) == address
+    assert clean_ip(forwarded_address(hop), "full") == (None if address == "unknown" else address)

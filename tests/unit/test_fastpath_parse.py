@@ -123,3 +123,18 @@ def test_anything_else_is_left_to_aiohttp(data: bytes) -> None:
 def test_the_table_holds_no_request_the_fast_path_would_take_anyway() -> None:
     # A guard on the table above: the plain request it varies is taken.
     assert parse(PLAIN) is not None
+
+
+@pytest.mark.parametrize(
+    ("header", "prefetch"),
+    [
+        ("Sec-Purpose: prefetch", True),
+        ("sec-purpose: prefetch;anonymous-client-ip", True),
+        ("Purpose: prefetch", True),
+        ("Sec-Purpose: prerender", False),
+        ("X-Other: prefetch", False),
+    ],
+)
+def test_a_prefetch_request_says_so(header: str, prefetch: bool) -> None:
+    got = parse(request(f"GET /o/{TOKEN}.gif HTTP/1.1", "User-Agent: Mozilla/5.0", header))
+    assert got is not None and got.prefetch is prefetch
