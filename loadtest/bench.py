@@ -56,6 +56,8 @@ class Plan:
     report_events: int = 5_000_000  # one campaign, for the report section
     cost_rate: float = 5000  # events/s, paced, for the CPU cost per million events
     cost_s: float = 60
+    smooth_rate: float = 3000  # events/s, Poisson arrivals, for the smooth-traffic cost
+    smooth_s: float = 30
 
     @classmethod
     def quick(cls) -> Plan:
@@ -63,7 +65,7 @@ class Plan:
                    e2e_rate=300, e2e_s=3, spike_s=6, spike_rate=200, drain_rounds=1,
                    ingest_rounds=1, fsync_drain_jobs=500, memory_cycles=2,
                    memory_events=2_000, report_events=20_000, cost_rate=400,
-                   cost_s=3)  # fmt: skip
+                   cost_s=3, smooth_rate=300, smooth_s=3)  # fmt: skip
 
 
 # Ingest ---------------------------------------------------------------------------
@@ -683,7 +685,7 @@ def bench_report(work: Path, plan: Plan) -> dict[str, Any]:
 
 
 def bench_cost(work: Path, plan: Plan) -> dict[str, Any]:
-    return cost.bench_cost(work, plan.cost_rate, plan.cost_s)
+    return cost.bench_cost(work, plan.cost_rate, plan.cost_s, plan.smooth_rate, plan.smooth_s)
 
 
 SECTIONS = {

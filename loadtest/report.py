@@ -195,6 +195,45 @@ def _cost_lines(c: dict[str, Any]) -> list[str]:
               f"Load average before and after: {c['load_average_before'][0]}, "
               f"{c['load_average_after'][0]} (other work on the machine inflates CPU per "
               "event).", ""]  # fmt: skip
+    if "bare" in c:
+        lines += [f"Under wrk: {_jobs_line(t)} A bare aiohttp pixel handler under the same "
+                  f"wrk pacing: {c['bare']['cpu_us_per_request']} us of CPU per request; "
+                  f"the whole pipeline per stored event / that = **{c['trackbuf_vs_bare']}x**.",
+                  ""]  # fmt: skip
+    if "smooth" in c:
+        lines += _smooth_lines(c["smooth"])
+    return lines
+
+
+def _jobs_line(run: dict[str, Any]) -> str:
+    return (f"jobs held {run['events_per_job']} events; {run['reserve_commands']:,} reserve "
+            f"commands for {run['jobs']:,} jobs (beanstalkd's `stats`): "
+            f"**{run['reserves_per_job']} per job**.")  # fmt: skip
+
+
+def _smooth_lines(sm: dict[str, Any]) -> list[str]:
+    """The pipeline against a bare handler under smooth traffic, part by part."""
+    t, bare = sm["trackbuf"], sm["bare"]
+    client = t["client"]
+    lines = [f"### CPU per stored event under smooth traffic ({sm['target_rate']:,.0f} "
+             f"events/s, Poisson arrivals over {sm['connections']} keep-alive connections, "
+             f"{sm['duration_s']:.0f} s)", "",
+             "| part | CPU us per stored event | / bare handler |", "|---|---|---|"]  # fmt: skip
+    base = max(bare["cpu_us_per_request"], 0.1)
+    for part, label in COST_PARTS.items():
+        value = t["cpu_s_per_million"].get(part)
+        if value is not None:
+            lines.append(f"| {label} | {value:,.1f} | {value / base:.2f}x |")
+    total = t["total_cpu_s_per_million"]
+    lines += [f"| **whole pipeline** | **{total:,.1f}** | **{sm['trackbuf_vs_bare']}x** |",
+              f"| bare aiohttp pixel handler, same driver and rate, per request | "
+              f"{bare['cpu_us_per_request']} | 1x |", "",
+              f"{_jobs_line(t)} {client['answered']:,} of {client['scheduled']:,} scheduled "
+              f"requests answered ({client['requests_per_s']:,.0f}/s, {client['late']:,} sent "
+              f"late, {client['errors']} errors, {client['non_2xx_3xx']} not 2xx/3xx), p50 "
+              f"{client['p50_ms']} ms and p99 {client['p99_ms']} ms from each request's "
+              f"moment; {t['acknowledged']:,} events acknowledged, {t['stored']:,} stored.",
+              ""]  # fmt: skip
     return lines
 
 

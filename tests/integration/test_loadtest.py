@@ -157,3 +157,16 @@ def test_cost_section_counts_every_process_per_stored_event(tmp_path: Path) -> N
     assert cost["after_vs_before_total"] == pytest.approx(
         trackbuf["total_cpu_s_per_million"] / before["total_cpu_s_per_million"], abs=0.01
     )
+    # The wrk run and the smooth one, each against a bare handler under the same driver.
+    smooth = cost["smooth"]
+    for run, bare in ((trackbuf, cost["bare"]), (smooth["trackbuf"], smooth["bare"])):
+        assert run["stored"] == run["acknowledged"] > 500
+        assert run["jobs"] >= 1 and run["reserve_commands"] >= run["jobs"]
+        assert run["reserves_per_job"] == pytest.approx(
+            run["reserve_commands"] / run["jobs"], abs=0.01
+        )
+        assert bare["client"]["requests"] > 500 and bare["cpu_us_per_request"] > 0
+    client = smooth["trackbuf"]["client"]
+    assert client["errors"] == client["non_2xx_3xx"] == 0
+    assert client["answered"] == client["scheduled"]
+    assert "under smooth traffic" in text and "bare aiohttp pixel handler" in text
