@@ -41,6 +41,7 @@ from consumer.health import Health
 from consumer.metrics import ConsumerMetrics
 from consumer.pacing import Pace
 from consumer.sql import query
+from consumer.turns import Turn, Turns
 from trackbuf import codec
 from trackbuf.log import kv
 from trackbuf.settings import Settings
@@ -89,6 +90,8 @@ class Server:
 
     address: tuple[str, int]
     kicker: bool
+    # Only the thread holding it collects a batch from this server (consumer/turns.py).
+    turn: Turn = field(default_factory=Turn)
     client: queue.Client | None = None
     backoff: float = BACKOFF_START_S
     retry_at: float = 0.0
@@ -130,6 +133,7 @@ class Worker:
         metrics: ConsumerMetrics,
         health: Health,
         stop: threading.Event,
+        turns: Turns | None = None,
     ) -> None:
         self.index = index
         self.settings = settings
@@ -139,10 +143,11 @@ class Worker:
         self.state = WorkerState()
         self._db = Database(settings.require_database())
         pool = settings.beanstalkd_addresses
+        turns = turns if turns is not None else Turns()
         # The first worker on a server (index < pool size) kicks its buried jobs: every
         # server has one such worker, and other consumer processes kick too, harmlessly.
         self._servers = [
-            Server(pool[s], kicker=index < len(pool))
+            Server(pool[s], kicker=index < len(pool), turn=turns.of(pool[s]))
             for s in assign(index, settings.threads, len(pool))
         ]
         self._turn = 0
@@ -166,6 +171,11 @@ class Worker:
                     continue
                 batch = self._fill(server)
                 if batch.items:
+                    if not server.waiting:
+                        # Another thread collects while this one writes. With a reserve
+                        # still in flight this one keeps the turn: that reserve already
+                        # waits for the next job, and a second waiter would split them.
+                        server.turn.give(self.index)
                     self._flush(batch)
                     continue
                 if self.settings.burst and all(s.empty for s in self._servers):
@@ -193,18 +203,26 @@ class Worker:
         if self.settings.burst:
             return self._in_turn(lambda s: s.client is not None)
         self._poll(0)  # answers already in, without waiting
-        server = self._in_turn(lambda s: bool(s.carried) or s.pace.backlogged)
-        if server is not None:
-            return server
         timeout = IDLE_WAIT_S
         if self._db_up:
             # An idle worker still checks the database every IDLE_DB_CHECK_S.
             timeout = min(timeout, max(self._next_db_check - time.monotonic(), 0))
-        for each in self._servers:
-            if each.client is not None and not each.waiting:
+        held = [s for s in self._servers if s.client is not None and s.turn.take(self.index)]
+        if not held:
+            # Another thread collects from this server: wait for the turn, not in
+            # beanstalkd (this thread has no reserve in flight: it handed the turn on
+            # only without one).
+            connected = next(s for s in self._servers if s.client is not None)
+            connected.turn.take(self.index, timeout)
+            return None
+        server = self._in_turn(lambda s: s in held and (bool(s.carried) or s.pace.backlogged))
+        if server is not None:
+            return server
+        for each in held:
+            if not each.waiting:
                 self._begin_wait(each)
         self._poll(timeout)
-        return self._in_turn(lambda s: bool(s.carried))
+        return self._in_turn(lambda s: s in held and bool(s.carried))
 
     def _in_turn(self, wanted: Callable[[Server], bool]) -> Server | None:
         """The next server after the last one used that is connected and ``wanted``."""
@@ -505,12 +523,13 @@ class Worker:
 
     def _hand_back(self) -> None:
         """Hold nothing while the database is down: answer the reserves in flight (their
-        deferred deletes go out), and release what they brought."""
+        deferred deletes go out), release what they brought, and hand the turns on."""
         for server in self._servers:
             self._settle(server)
             carried, server.carried = server.carried, []
             if carried:
                 self._release(server, carried)
+            server.turn.give(self.index)
 
     # Outages --------------------------------------------------------------------------
 
@@ -580,6 +599,7 @@ class Worker:
         server.carried.clear()
         server.deferred.clear()
         server.deadline_soon = False
+        server.turn.give(self.index)
         if client is not None:
             with contextlib.suppress(OSError):
                 client.close()
