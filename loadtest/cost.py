@@ -33,7 +33,7 @@ from typing import Any
 
 from loadtest import smooth
 from loadtest import stack as st
-from loadtest.servers import cpu_seconds, free_port, wait_port
+from loadtest.servers import Beanstalkd, cpu_seconds, free_port, wait_port
 from loadtest.traffic import USER_AGENTS
 from trackbuf import links
 from trackbuf import metric_names as names
@@ -366,3 +366,40 @@ def vs_bare(pipeline: dict[str, Any], bare: dict[str, Any]) -> float:
 
 def st_keyring() -> Keyring:
     return Keyring.parse(st.KEYS)
+
+
+def measure_idle(work: Path, seconds: float) -> dict[str, Any]:
+    """What a consumer with nothing to do costs: its CPU share and beanstalkd's, and the
+    reserve commands it sends, over ``seconds``. Four threads on one server (the
+    default), and one thread over a pool of three (the case that polled all of them)."""
+    stack = st.Stack.start(work, "idle")
+    extra = [Beanstalkd(work / f"idle-binlog-{i}", "-f", "0").start() for i in (1, 2)]
+    try:
+        out = {}
+        for name, servers, threads in (("one_server_4_threads", [stack.bs], 4),
+                                       ("pool_of_3_1_thread", [stack.bs, *extra], 1)):  # fmt: skip
+            address = ",".join(server.address for server in servers)
+            consumer, _ = st.start_consumer(stack, f"idle-{name}", TRACKBUF_BEANSTALKD=address,
+                                            TRACKBUF_THREADS=str(threads))  # fmt: skip
+            time.sleep(2)  # past start-up
+            pids = [consumer.proc.pid, *(server.proc.pid for server in servers if server.proc)]
+            cpu_before = [cpu_seconds(pid) for pid in pids]
+            reserves_before = sum(_reserves(server) for server in servers)
+            time.sleep(seconds)
+            cpu = [cpu_seconds(pid) - then for pid, then in zip(pids, cpu_before, strict=True)]
+            reserves = sum(_reserves(server) for server in servers) - reserves_before
+            consumer.stop()
+            out[name] = {"consumer_core_share": round(cpu[0] / seconds, 4),
+                         "beanstalkd_core_share": round(sum(cpu[1:]) / seconds, 4),
+                         "reserves_per_s": round(reserves / seconds, 1),
+                         "threads": threads, "servers": len(servers)}  # fmt: skip
+        return {"seconds": seconds, **out}
+    finally:
+        for server in extra:
+            server.kill()
+        stack.close()
+
+
+def _reserves(server: Beanstalkd) -> int:
+    stats = server.stats()
+    return stats["cmd-reserve"] + stats["cmd-reserve-with-timeout"]

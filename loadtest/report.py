@@ -205,6 +205,18 @@ def _cost_lines(c: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _idle_lines(idle: dict[str, Any]) -> list[str]:
+    lines = [f"### An idle consumer ({idle['seconds']:.0f} s, nothing queued)", "",
+             "| consumer | its CPU, share of a core | beanstalkd's | reserve commands/s |",
+             "|---|---|---|---|"]  # fmt: skip
+    for r in idle.values():
+        if isinstance(r, dict):
+            lines.append(f"| {r['threads']} thread(s), {r['servers']} server(s) | "
+                         f"**{r['consumer_core_share']:.2%}** | {r['beanstalkd_core_share']:.2%} | "
+                         f"{r['reserves_per_s']} |")  # fmt: skip
+    return [*lines, ""]
+
+
 def _jobs_line(run: dict[str, Any]) -> str:
     return (f"jobs held {run['events_per_job']} events; {run['reserve_commands']:,} reserve "
             f"commands for {run['jobs']:,} jobs (beanstalkd's `stats`): "
@@ -343,6 +355,8 @@ def tables(results: dict[str, Any]) -> str:
                   "(mostly Python starting up).", ""]  # fmt: skip
     if "cost" in results:
         lines += _cost_lines(results["cost"])
+    if "idle" in results:
+        lines += _idle_lines(results["idle"])
     if "backlog" in results:
         b = results["backlog"]
         lines += ["### Backlog", "",
