@@ -194,10 +194,11 @@ class Worker:
             self._db.close()
 
     def _next_server(self) -> Server | None:
-        """The server the next batch comes from: one holding a job or looking
-        backlogged, taken in turn; else wait (a blocking reserve in flight on each
-        server) until one has a job. None when nothing came (the caller looks at the
-        stop flag and the database, then asks again)."""
+        """The server the next batch comes from, among those whose turn this thread
+        holds: one holding a job or looking backlogged, taken in turn; else wait (a
+        blocking reserve in flight on each) until one has a job. None when nothing came
+        or another thread has the turn (the caller looks at the stop flag and the
+        database, then asks again)."""
         if not self._connect_due():
             return None
         if self.settings.burst:

@@ -196,7 +196,7 @@ def _cost_lines(c: dict[str, Any]) -> list[str]:
               f"{c['load_average_after'][0]} (other work on the machine inflates CPU per "
               "event).", ""]  # fmt: skip
     if "bare" in c:
-        lines += [f"Under wrk: {_jobs_line(t)} A bare aiohttp pixel handler under the same "
+        lines += [f"Under wrk {_jobs_line(t)} A bare aiohttp pixel handler under the same "
                   f"wrk pacing: {c['bare']['cpu_us_per_request']} us of CPU per request; "
                   f"the whole pipeline per stored event / that = **{c['trackbuf_vs_bare']}x**.",
                   ""]  # fmt: skip
@@ -241,7 +241,8 @@ def _smooth_lines(sm: dict[str, Any]) -> list[str]:
     lines += [f"| **whole pipeline** | **{total:,.1f}** | **{sm['trackbuf_vs_bare']}x** |",
               f"| bare aiohttp pixel handler, same driver and rate, per request | "
               f"{bare['cpu_us_per_request']} | 1x |", "",
-              f"{_jobs_line(t)} {client['answered']:,} of {client['scheduled']:,} scheduled "
+              f"Under this driver {_jobs_line(t)} {client['answered']:,} of "
+              f"{client['scheduled']:,} scheduled "
               f"requests answered ({client['requests_per_s']:,.0f}/s, {client['late']:,} sent "
               f"late, {client['errors']} errors, {client['non_2xx_3xx']} not 2xx/3xx), p50 "
               f"{client['p50_ms']} ms and p99 {client['p99_ms']} ms from each request's "
