@@ -6,6 +6,13 @@ pipelines where the consumer needs throughput: ``reserve_ready`` and ``delete_ma
 send k commands in one write and read the k replies back, one round trip instead of
 k (a batch of 40 jobs took 80 round trips, each also a GIL hand-off between worker
 threads). beanstalkd answers one connection's commands in order, so this is safe.
+
+And it waits where the consumer has nothing to take: ``begin_reserve`` sends one
+blocking ``reserve-with-timeout`` and returns at once, the caller waits on
+``fileno()`` (with its own, sub-second deadline: beanstalkd's timeout is in whole
+seconds) and reads the answer with ``finish_reserve``. Until then the connection
+takes no other command: beanstalkd reads nothing more from a connection waiting in
+reserve, so anything sent behind it would wait for the job or the timeout.
 """
 
 from __future__ import annotations
@@ -64,6 +71,8 @@ class Client:
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self._reader = sock.makefile("rb")
+        # A blocking reserve sent by begin_reserve and not yet answered.
+        self.waiting = False
 
     # Connection -----------------------------------------------------------------------
 
@@ -133,6 +142,28 @@ class Client:
                 pass
         return jobs, deadline_soon
 
+    def begin_reserve(self, timeout: int) -> None:
+        """Send one ``reserve-with-timeout`` and return without its answer; read it with
+        ``finish_reserve`` once ``fileno()`` is readable (or to wait for it)."""
+        self._send(beanstalk.reserve(timeout))
+        self.waiting = True
+
+    def finish_reserve(self) -> Job | None:
+        """The answer to ``begin_reserve``: the job, or None when it timed out. Raises
+        DeadlineSoon when a job we hold is within a second of its TTR. Blocks until the
+        answer comes (at most the reserve's timeout, bounded by the I/O timeout)."""
+        self.waiting = False  # whatever happens now, the reply is being consumed
+        try:
+            return self._job(*beanstalk.reserve_reply(self._line()))
+        except ReserveTimedOut:
+            return None
+
+    def fileno(self) -> int:
+        """The socket, to wait on with poll/select while a reserve is in flight. Valid
+        only then: every earlier reply has been read, so nothing of the answer can be
+        sitting in the reader's buffer yet."""
+        return self._sock.fileno()
+
     def delete(self, job: Job | int) -> None:
         """Raises NotFound if the job is not ours any more."""
         if self.delete_many([job]) != 1:
@@ -196,6 +227,10 @@ class Client:
             raise NotAnswering(f"beanstalkd sent no reply body in time: {exc}") from None
 
     def _send(self, data: bytes) -> None:
+        if self.waiting:
+            # A bug, not an outage: this command would queue behind the blocking
+            # reserve and its reply would be read as the reserve's.
+            raise RuntimeError("a blocking reserve is in flight: finish_reserve first")
         self._sock.sendall(data)
 
     def _line(self) -> bytes:

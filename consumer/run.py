@@ -16,6 +16,7 @@ from consumer.health import Health, serve
 from consumer.metrics import ConsumerMetrics
 from consumer.partitions import ensure_loop
 from consumer.queue_metrics import QueueCollector
+from consumer.turns import Turns
 from consumer.worker import Worker
 from trackbuf.log import kv
 from trackbuf.settings import Settings, parse_hostport
@@ -51,7 +52,8 @@ def run(
     QueueCollector(settings.beanstalkd_addresses, settings.tube).register(registry)
     health = Health(metrics)
     server = serve(parse_hostport(settings.metrics_listen, "metrics_listen"), registry, health)
-    workers = [Worker(i, settings, metrics, health, stop) for i in range(settings.threads)]
+    turns = Turns()  # one collecting thread at a time per server (consumer/turns.py)
+    workers = [Worker(i, settings, metrics, health, stop, turns) for i in range(settings.threads)]
     threads = [
         threading.Thread(target=w.run, name=f"consumer-{w.index}", daemon=True) for w in workers
     ]

@@ -29,6 +29,11 @@ from consumer.queue_metrics import STATES, QueueSnapshot, server_name, snapshots
 from trackbuf import metric_names as names
 from trackbuf.settings import Settings
 
+# Reserve commands per second beyond 3 per job reserved that say the consumer polls
+# beanstalkd. Waiting costs about one per job, plus one a second per idle connection;
+# the polling design this replaced sent tens per job, thousands a second.
+POLLING_EXCESS_PER_S = 50.0
+
 
 @dataclass
 class ServerStatus:
@@ -67,6 +72,10 @@ class Status:
     # Servers ingest keeps above their high-water mark (new events go to its disk).
     servers_full: float | None = None
     database_up: bool | None = None
+    # reserve commands the consumer sent per second, and per job it reserved (None
+    # while no job was reserved between the samples)
+    reserves_per_s: float | None = None
+    reserves_per_job: float | None = None
     servers: list[ServerStatus] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     # Where the addresses checked came from (a flag, the environment, a running `up`'s
@@ -228,7 +237,35 @@ def gather(
             )  # fmt: skip
         if not status.database_up:
             status.problems.append("consumer cannot reach the database")
+        if consumer_before is not None:
+            _reserves(status, consumer_before, consumer_after, consumer_1, consumer_2)
     return status
+
+
+def _reserves(
+    status: Status,
+    before: dict[str, float],
+    after: dict[str, float],
+    first: Sample[dict[str, float]],
+    second: Sample[dict[str, float]],
+) -> None:
+    """Reserve commands per job between the samples: about 1 while the consumer waits
+    in beanstalkd; far more means it polls again (and burns beanstalkd's CPU too)."""
+    reserves, jobs = (
+        names.CONSUMER_RESERVE_COMMANDS + "_total",
+        names.CONSUMER_JOBS_RESERVED + "_total",
+    )
+    if reserves not in after:
+        return  # a consumer from before these counters
+    status.reserves_per_s = per_second(before.get(reserves, 0.0), after[reserves], first, second)
+    jobs_per_s = per_second(before.get(jobs, 0.0), after.get(jobs, 0.0), first, second)
+    if jobs_per_s > 0:
+        status.reserves_per_job = status.reserves_per_s / jobs_per_s
+    if status.reserves_per_s - 3 * jobs_per_s > POLLING_EXCESS_PER_S:
+        status.problems.append(
+            f"consumer polls beanstalkd: {status.reserves_per_s:,.0f} reserve commands/s "
+            f"for {jobs_per_s:,.0f} jobs/s"
+        )
 
 
 def _server_problems(
@@ -290,13 +327,22 @@ def render(status: Status) -> str:
         + ("" if status.spool_events is None else f", {status.spool_events:,.0f} event(s)")
         + ("" if status.spool_bytes is None else f", {status.spool_bytes:,.0f} bytes")
         + ("" if not status.servers_full else f"  above high water {status.servers_full:.0f}"),
-        "consumer  database " + {None: "?", True: "up", False: "DOWN"}[status.database_up],
+        "consumer  database "
+        + {None: "?", True: "up", False: "DOWN"}[status.database_up]
+        + _reserve_line(status),
     ]
     if status.ok:
         lines.append("OK")
     else:
         lines.extend(f"PROBLEM   {problem}" for problem in status.problems)
     return "\n".join(lines)
+
+
+def _reserve_line(status: Status) -> str:
+    if status.reserves_per_s is None:
+        return ""
+    per_job = "-" if status.reserves_per_job is None else f"{status.reserves_per_job:.2f}"
+    return f"  reserves per job {per_job} ({status.reserves_per_s:,.0f}/s)"
 
 
 def run(

@@ -3,23 +3,34 @@
 Over a pool of beanstalkd servers each worker has its own share of the servers
 (``assign``): every server has at least one worker whatever the thread count. A batch
 comes from one server and its jobs are deleted (or released) on that server, on the
-connection that reserved them; a worker with several servers takes a batch from each in
-turn and sleeps only when all of them were empty.
+connection that reserved them.
+
+The worker waits in beanstalkd rather than asking it again and again: with nothing to
+take it keeps one blocking reserve in flight on each of its servers and waits on all
+their sockets at once (``poll``), so whichever server gets a job first wakes it, and a
+server's ready job never waits for another server's timeout. While a batch is open it
+waits the same way on the batch's server for what is left of the linger, and takes a
+backlog many jobs per round trip (``consumer/pacing.py`` says how many).
 
 The order is the guarantee: a job is deleted from beanstalkd only after the batch that
 holds it has committed. A crash anywhere before that puts the job back (connection drop
 or TTR) and the insert skips what was already stored, so every event ends up stored
-exactly once.
+exactly once. Committed jobs whose connection still has a blocking reserve in flight
+are deleted as soon as that reserve answers (within its one-second timeout): deleted
+late, never early.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
+import select
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import orjson
 
@@ -28,7 +39,9 @@ from consumer.batch import Batch, halves
 from consumer.database import Database, DatabaseUnavailable, RejectedData, WriteResult
 from consumer.health import Health
 from consumer.metrics import ConsumerMetrics
+from consumer.pacing import Pace
 from consumer.sql import query
+from consumer.turns import Turn, Turns
 from trackbuf import codec
 from trackbuf.log import kv
 from trackbuf.settings import Settings
@@ -37,11 +50,13 @@ log = logging.getLogger("trackbuf.consumer")
 
 Job = queue.Job
 
-# While a batch is open and nothing is ready, poll this often until its linger ends
-# (beanstalkd's reserve timeout has whole-second resolution).
-POLL_S = 0.01
-# Reserve timeout while idle: also how quickly an idle worker notices a stop request.
-IDLE_RESERVE_S = 1
+# Timeout of every blocking reserve (beanstalkd counts whole seconds). The worker waits
+# less than that on its own clock when a batch's linger ends sooner; the reserve stays
+# in flight and its answer (a job, or TIMED_OUT) is read at the next look. It also
+# bounds how long a stop request or a deferred delete waits.
+RESERVE_TIMEOUT_S = 1
+# How long an idle worker waits before looking at its stop flag and the database again.
+IDLE_WAIT_S = 1.0
 # Most jobs asked for in one pipelined round trip while a batch fills.
 PIPELINE_JOBS = 64
 BACKOFF_START_S = 0.25
@@ -53,10 +68,6 @@ KICK_INTERVAL_S = 5.0
 # How often an idle worker checks that the database still answers.
 IDLE_DB_CHECK_S = 5.0
 KICK_BOUND = 10_000
-# A worker with several servers cannot block in reserve on one of them while another has
-# a backlog: it reserves without waiting and, when every one of its servers was empty,
-# sleeps this long before the next round.
-ROTATE_IDLE_S = 0.1
 
 
 def assign(index: int, threads: int, servers: int) -> list[int]:
@@ -74,16 +85,32 @@ def where(address: tuple[str, int]) -> str:
 
 @dataclass
 class Server:
-    """One server of a worker's share: its connection and its own reconnect backoff, so
-    a server that is down delays only the jobs it holds."""
+    """One server of a worker's share: its connection, its own reconnect backoff (so a
+    server that is down delays only the jobs it holds), and what the worker holds there."""
 
     address: tuple[str, int]
     kicker: bool
+    # Only the thread holding it collects a batch from this server (consumer/turns.py).
+    turn: Turn = field(default_factory=Turn)
     client: queue.Client | None = None
     backoff: float = BACKOFF_START_S
     retry_at: float = 0.0
     next_kick: float = 0.0
+    # Burst mode: found empty since the worker last looked at every server.
     empty: bool = False
+    # Reserved by a blocking reserve, not yet in a batch.
+    carried: list[Job] = field(default_factory=list)
+    # Committed, to delete once the blocking reserve in flight has answered.
+    deferred: list[Job] = field(default_factory=list)
+    # When the blocking reserve in flight was sent.
+    sent_at: float = 0.0
+    # beanstalkd warned (DEADLINE_SOON) that a job held here is near its TTR.
+    deadline_soon: bool = False
+    pace: Pace = field(default_factory=lambda: Pace(PIPELINE_JOBS))
+
+    @property
+    def waiting(self) -> bool:
+        return self.client is not None and self.client.waiting
 
 
 def jittered(delay: float) -> float:
@@ -106,6 +133,7 @@ class Worker:
         metrics: ConsumerMetrics,
         health: Health,
         stop: threading.Event,
+        turns: Turns | None = None,
     ) -> None:
         self.index = index
         self.settings = settings
@@ -115,13 +143,13 @@ class Worker:
         self.state = WorkerState()
         self._db = Database(settings.require_database())
         pool = settings.beanstalkd_addresses
+        turns = turns if turns is not None else Turns()
         # The first worker on a server (index < pool size) kicks its buried jobs: every
         # server has one such worker, and other consumer processes kick too, harmlessly.
         self._servers = [
-            Server(pool[s], kicker=index < len(pool))
+            Server(pool[s], kicker=index < len(pool), turn=turns.of(pool[s]))
             for s in assign(index, settings.threads, len(pool))
         ]
-        self._rotating = len(self._servers) > 1
         self._turn = 0
         self._current = self._servers[0]
         # None until the first look: a database that is down when the consumer starts
@@ -138,77 +166,212 @@ class Worker:
                 known_up = self._db_up and self._db_checked_lately()
                 if not known_up and not self._wait_for_database():
                     continue
-                client = self._beanstalkd()
-                if client is None:
+                server = self._next_server()
+                if server is None:
                     continue
-                if self._current.kicker:
-                    self._kick_buried(client)
-                    if self._client is None:
-                        continue
-                batch = self._fill(client)
+                batch = self._fill(server)
                 if batch.items:
+                    if not server.waiting:
+                        # Another thread collects while this one writes. With a reserve
+                        # still in flight this one keeps the turn: that reserve already
+                        # waits for the next job, and a second waiter would split them.
+                        server.turn.give(self.index)
                     self._flush(batch)
                     continue
-                self.state.drained = self._round_empty()
-                if self.state.drained:
-                    if self.settings.burst:
-                        break
-                    if self._rotating:
-                        self.stop.wait(ROTATE_IDLE_S)
-                        for server in self._servers:
-                            server.empty = False
+                if self.settings.burst and all(s.empty for s in self._servers):
+                    self.state.drained = True
+                    break
         except Exception:
             self.state.crashed = True
             log.exception(kv("worker_crashed", worker=self.index))
             raise
         finally:
-            # Closing the connections hands any job still reserved back to beanstalkd.
+            # Deferred deletes first (their jobs are committed); then closing the
+            # connections hands every job still reserved back to beanstalkd.
+            with contextlib.suppress(Exception):
+                self._settle_all()
             self._drop_all()
             self._db.close()
 
-    def _fill(self, client: queue.Client) -> Batch[Job]:
+    def _next_server(self) -> Server | None:
+        """The server the next batch comes from, among those whose turn this thread
+        holds: one holding a job or looking backlogged, taken in turn; else wait (a
+        blocking reserve in flight on each) until one has a job. None when nothing came
+        or another thread has the turn (the caller looks at the stop flag and the
+        database, then asks again)."""
+        if not self._connect_due():
+            return None
+        if self.settings.burst:
+            return self._in_turn(lambda s: s.client is not None)
+        self._poll(0)  # answers already in, without waiting
+        timeout = IDLE_WAIT_S
+        if self._db_up:
+            # An idle worker still checks the database every IDLE_DB_CHECK_S.
+            timeout = min(timeout, max(self._next_db_check - time.monotonic(), 0))
+        held = [s for s in self._servers if s.client is not None and s.turn.take(self.index)]
+        if not held:
+            # Another thread collects from this server: wait for the turn, not in
+            # beanstalkd (this thread has no reserve in flight: it handed the turn on
+            # only without one).
+            connected = next(s for s in self._servers if s.client is not None)
+            connected.turn.take(self.index, timeout)
+            return None
+        server = self._in_turn(lambda s: s in held and (bool(s.carried) or s.pace.backlogged))
+        if server is not None:
+            return server
+        for each in held:
+            if not each.waiting:
+                self._begin_wait(each)
+        self._poll(timeout)
+        return self._in_turn(lambda s: s in held and bool(s.carried))
+
+    def _in_turn(self, wanted: Callable[[Server], bool]) -> Server | None:
+        """The next server after the last one used that is connected and ``wanted``."""
+        count = len(self._servers)
+        for step in range(1, count + 1):
+            server = self._servers[(self._turn + step) % count]
+            if server.client is not None and wanted(server):
+                self._turn = (self._turn + step) % count
+                self._current = server
+                return server
+        return None
+
+    def _fill(self, server: Server) -> Batch[Job]:
         batch: Batch[Job] = Batch(self.settings.batch_size, self.settings.linger_ms / 1000)
         while True:
             now = time.monotonic()
+            for job in server.carried:
+                batch.add(job, codec.event_count(job.body) or 1, now)
+            server.carried.clear()
+            if server.deadline_soon:
+                server.deadline_soon = False
+                if batch.items:
+                    return batch  # a held job is near its TTR: write now
+            if server.client is None:
+                # The connection dropped: the server returns our reserved jobs to ready,
+                # so the partial batch is simply forgotten, not written.
+                return Batch(self.settings.batch_size, 0)
             if batch.due(now) or self.stop.is_set():
                 return batch
-            try:
-                if batch.items:
-                    # The batch is open: take what is ready now, many jobs per round trip.
-                    jobs, deadline_soon = client.reserve_ready(batch.jobs_wanted(PIPELINE_JOBS))
-                    if deadline_soon:
-                        return batch  # a held job is near its TTR: write now
-                else:
-                    # A worker with several servers never waits in reserve: another of
-                    # its servers may have a backlog (run() sleeps when all are empty).
-                    rest = self.settings.burst or self._rotating
-                    idle_wait = 0 if rest else IDLE_RESERVE_S
-                    jobs = [client.reserve(timeout=idle_wait)]
-            except queue.ReserveTimedOut:
-                jobs = []
-            except queue.DeadlineSoon:
-                return batch
-            except queue.CONNECTION_ERRORS as exc:
-                # The server returns our reserved jobs to ready when the connection drops,
-                # so the partial batch is simply forgotten, not written.
-                log.warning(kv(lost_or_hung(exc), worker=self.index, error=repr(exc),
-                               beanstalkd=where(self._current.address)))  # fmt: skip
-                self._drop_client()
-                return Batch(self.settings.batch_size, 0)
-            if not jobs:
-                if not batch.items:
-                    self._current.empty = True
-                    rest = self.settings.burst or self._rotating
-                    if rest or not self._db_checked_lately():
-                        return batch  # run() looks at the database, then comes back
-                    continue
-                if self.settings.burst:
-                    return batch  # nothing more to wait for
-                self.stop.wait(min(POLL_S, max(batch.remaining(now), 0)))
+            if self.settings.burst:
+                # Drain what is queued and never wait: many jobs per round trip.
+                jobs = self._take(server, batch.jobs_wanted(PIPELINE_JOBS))
+                server.empty = not jobs and not batch.items
+                if not jobs:
+                    return batch
                 continue
-            self._current.empty = False
-            for job in jobs:
-                batch.add(job, codec.event_count(job.body) or 1, now)
+            wanted = batch.jobs_wanted(PIPELINE_JOBS)
+            size = 0 if server.waiting else server.pace.round_size(wanted)
+            if size:
+                jobs = self._take(server, size)
+                server.pace.took(size, len(jobs))
+                continue
+            if not batch.items:
+                return batch  # nothing here: the caller waits on all its servers at once
+            # The batch is open and nothing is known to be ready: wait in beanstalkd for
+            # one job, for at most what is left of the linger.
+            if not server.waiting:
+                self._begin_wait(server)
+            self._poll(batch.remaining(now), only=server)
+
+    def _take(self, server: Server, size: int) -> list[Job]:
+        """Up to ``size`` jobs that are ready now, in one round trip, into ``carried``."""
+        assert server.client is not None
+        try:
+            jobs, deadline_soon = server.client.reserve_ready(size)
+        except queue.CONNECTION_ERRORS as exc:
+            self._lost(server, exc)
+            return []
+        self.metrics.reserve_commands.inc(size)
+        self.metrics.jobs_reserved.inc(len(jobs))
+        server.carried.extend(jobs)
+        server.deadline_soon = server.deadline_soon or deadline_soon
+        return jobs
+
+    def _begin_wait(self, server: Server) -> None:
+        assert server.client is not None
+        try:
+            server.client.begin_reserve(RESERVE_TIMEOUT_S)
+        except queue.CONNECTION_ERRORS as exc:
+            self._lost(server, exc)
+            return
+        server.sent_at = time.monotonic()
+        self.metrics.reserve_commands.inc()
+
+    def _poll(self, timeout: float, only: Server | None = None) -> None:
+        """Wait up to ``timeout`` seconds for the blocking reserves in flight (on
+        ``only``, or on every server of this worker) and read those that answered."""
+        waiting = [s for s in ([only] if only else self._servers) if s.waiting]
+        if not waiting:
+            return
+        poller = select.poll()
+        by_fd: dict[int, Server] = {}
+        for server in waiting:
+            assert server.client is not None
+            by_fd[server.client.fileno()] = server
+            poller.register(server.client.fileno(), select.POLLIN)
+        for fd, _ in poller.poll(max(0, math.ceil(timeout * 1000))):
+            self._answer(by_fd[fd])
+
+    def _answer(self, server: Server) -> None:
+        """Read the answer of the blocking reserve in flight on ``server`` (waiting for
+        it if it has not come), then send what waited behind it."""
+        assert server.client is not None
+        try:
+            job = server.client.finish_reserve()
+        except queue.DeadlineSoon:
+            server.deadline_soon = True
+        except queue.CONNECTION_ERRORS as exc:
+            self._lost(server, exc)
+            return
+        else:
+            server.pace.waited(job is not None, time.monotonic() - server.sent_at)
+            if job is not None:
+                server.carried.append(job)
+                self.metrics.jobs_reserved.inc()
+        if server.deferred:
+            deferred, server.deferred = server.deferred, []
+            self._delete_on(server, deferred)
+        if server.kicker and server.client is not None:
+            self._kick_buried(server)
+
+    def _settle(self, server: Server) -> None:
+        """Make ``server``'s connection free for other commands."""
+        if server.waiting:
+            self._answer(server)
+
+    def _settle_all(self) -> None:
+        for server in self._servers:
+            self._settle(server)
+
+    def _connect_due(self) -> bool:
+        """Connect the servers whose backoff is over (kicking each kicker's buried jobs);
+        False, after waiting for the first one due, when none is connected."""
+        now = time.monotonic()
+        for server in self._servers:
+            if server.client is None and server.retry_at <= now:
+                self._connect(server)
+            if server.kicker and server.client is not None and not server.waiting:
+                self._kick_buried(server)
+        if any(server.client is not None for server in self._servers):
+            return True
+        self.stop.wait(max(min(s.retry_at for s in self._servers) - time.monotonic(), 0))
+        return False
+
+    def _connect(self, server: Server) -> None:
+        try:
+            server.client = queue.connect(server.address, self.settings.tube)
+        except queue.CONNECTION_ERRORS as exc:
+            hung = isinstance(exc, queue.NotAnswering)
+            event = "beanstalkd_hung" if hung else "beanstalkd_unreachable"
+            log.error(kv(event, worker=self.index, beanstalkd=where(server.address),
+                         error=repr(exc)))  # fmt: skip
+            server.retry_at = time.monotonic() + jittered(server.backoff)
+            server.backoff = min(server.backoff * 2, BACKOFF_MAX_S)
+            server.empty = False
+            return
+        server.backoff = BACKOFF_START_S
+        server.pace = Pace(PIPELINE_JOBS)
 
     # Writing --------------------------------------------------------------------------
 
@@ -237,7 +400,8 @@ class Worker:
         writes (read-only after a failover, disk full), and retrying at once would
         spin through reserve, fail, release."""
         self._database_down(exc)
-        self._release(list(pending.values()))
+        self._release(self._current, list(pending.values()))
+        self._hand_back()
         self.metrics.batches.labels("released").inc()
         self.health.pause(jittered(self._db_backoff), self.stop)
         self._db_backoff = min(self._db_backoff * 2, BACKOFF_MAX_S)
@@ -324,22 +488,32 @@ class Worker:
     def _delete(self, jobs: list[Job], pending: dict[int, Job]) -> None:
         for job in jobs:
             pending.pop(job.id, None)
-        if self._client is None:
+        server = self._current  # the batch's server: its jobs are reserved there
+        if server.waiting:
+            # Its connection waits in a blocking reserve: delete when that answers.
+            server.deferred.extend(jobs)
+            return
+        self._delete_on(server, jobs)
+
+    def _delete_on(self, server: Server, jobs: list[Job]) -> None:
+        if server.client is None:
             return  # connection gone: the jobs come back and are deduplicated
         try:
             # NOT_FOUND is not an error: TTR ran out and someone else has the job; their
             # insert skips what we stored.
-            self.state.jobs_done += self._client.delete_many(jobs)
+            self.state.jobs_done += server.client.delete_many(jobs)
         except queue.CONNECTION_ERRORS as exc:
-            log.warning(kv("delete_failed", worker=self.index, error=repr(exc)))
-            self._drop_client()
+            log.warning(kv("delete_failed", worker=self.index, error=repr(exc),
+                           beanstalkd=where(server.address)))  # fmt: skip
+            self._drop(server)
 
-    def _release(self, jobs: list[Job]) -> None:
-        if self._client is None:
+    def _release(self, server: Server, jobs: list[Job]) -> None:
+        self._settle(server)
+        if server.client is None:
             return
         for job in jobs:
             try:
-                self._client.release(job)
+                server.client.release(job)
             except queue.NotFound:
                 pass  # gone (TTR): someone else has it
             except queue.Buried:
@@ -347,8 +521,18 @@ class Worker:
                 # files and says beanstalkd is in trouble); the kicker brings it back.
                 self.metrics.buried_jobs.inc()
             except queue.CONNECTION_ERRORS:
-                self._drop_client()  # closing releases everything we still held
+                self._drop(server)  # closing releases everything we still held
                 return
+
+    def _hand_back(self) -> None:
+        """Hold nothing while the database is down: answer the reserves in flight (their
+        deferred deletes go out), release what they brought, and hand the turns on."""
+        for server in self._servers:
+            self._settle(server)
+            carried, server.carried = server.carried, []
+            if carried:
+                self._release(server, carried)
+            server.turn.give(self.index)
 
     # Outages --------------------------------------------------------------------------
 
@@ -368,6 +552,7 @@ class Worker:
             self._db.ping()
         except DatabaseUnavailable as exc:
             self._database_down(exc)
+            self._hand_back()
             self.health.pause(jittered(self._db_backoff), self.stop)
             self._db_backoff = min(self._db_backoff * 2, BACKOFF_MAX_S)
             return False
@@ -384,78 +569,47 @@ class Worker:
         unnoticed while /readyz and database_up said all is well."""
         return time.monotonic() < self._next_db_check
 
-    @property
-    def _client(self) -> queue.Client | None:
-        """The connection to the server the current batch comes from."""
-        return self._current.client
-
-    def _round_empty(self) -> bool:
-        """Was every server of this worker found empty since the last sleep? A server
-        that is down counts as not empty: its jobs are still to come."""
-        return all(server.empty for server in self._servers)
-
-    def _beanstalkd(self) -> queue.Client | None:
-        """Move to the next of this worker's servers that is not backing off and return
-        its connection (made if needed); None after a failed connect or, when all of
-        them are backing off, after waiting for the first one due."""
+    def _kick_buried(self, server: Server) -> None:
         now = time.monotonic()
-        for step in range(1, len(self._servers) + 1):
-            server = self._servers[(self._turn + step) % len(self._servers)]
-            if server.client is not None or server.retry_at <= now:
-                self._turn = (self._turn + step) % len(self._servers)
-                break
-        else:
-            self.stop.wait(max(min(s.retry_at for s in self._servers) - now, 0))
-            return None
-        self._current = server
-        if server.client is not None:
-            return server.client
-        try:
-            server.client = queue.connect(server.address, self.settings.tube)
-        except queue.CONNECTION_ERRORS as exc:
-            hung = isinstance(exc, queue.NotAnswering)
-            event = "beanstalkd_hung" if hung else "beanstalkd_unreachable"
-            log.error(kv(event, worker=self.index, beanstalkd=where(server.address),
-                         error=repr(exc)))  # fmt: skip
-            server.retry_at = time.monotonic() + jittered(server.backoff)
-            server.backoff = min(server.backoff * 2, BACKOFF_MAX_S)
-            server.empty = False
-            return None
-        server.backoff = BACKOFF_START_S
-        return server.client
-
-    def _kick_buried(self, client: queue.Client) -> None:
-        now = time.monotonic()
-        if now < self._current.next_kick:
+        if now < server.next_kick or server.client is None:
             return
-        self._current.next_kick = now + KICK_INTERVAL_S
+        server.next_kick = now + KICK_INTERVAL_S
         try:
             # Checked first because a kick with nothing buried would kick delayed jobs.
-            buried = client.stats_tube(self.settings.tube)["current-jobs-buried"]
+            buried = server.client.stats_tube(self.settings.tube)["current-jobs-buried"]
             if not buried:
                 return
-            kicked = client.kick(KICK_BOUND)
+            kicked = server.client.kick(KICK_BOUND)
         except queue.NotFound:
             return  # the tube does not exist yet: nothing was ever put
         except queue.CONNECTION_ERRORS as exc:
-            log.warning(kv(lost_or_hung(exc), worker=self.index, error=repr(exc)))
-            self._drop_client()
+            self._lost(server, exc)
             return
         self.metrics.kicked_jobs.inc(kicked)
         log.warning(kv("buried_jobs_kicked", worker=self.index, buried=buried, kicked=kicked,
-                       beanstalkd=where(self._current.address)))  # fmt: skip
+                       beanstalkd=where(server.address)))  # fmt: skip
 
-    def _drop_client(self) -> None:
-        """Close the current server's connection (its reserved jobs go back to ready)."""
-        client, self._current.client = self._current.client, None
+    def _lost(self, server: Server, exc: BaseException) -> None:
+        log.warning(kv(lost_or_hung(exc), worker=self.index, error=repr(exc),
+                       beanstalkd=where(server.address)))  # fmt: skip
+        self._drop(server)
+
+    def _drop(self, server: Server) -> None:
+        """Close a server's connection: every job reserved on it (a partial batch,
+        carried jobs, committed ones awaiting delete) goes back to ready, and what was
+        stored already is skipped as a duplicate when it comes again."""
+        client, server.client = server.client, None
+        server.carried.clear()
+        server.deferred.clear()
+        server.deadline_soon = False
+        server.turn.give(self.index)
         if client is not None:
             with contextlib.suppress(OSError):
                 client.close()
 
     def _drop_all(self) -> None:
         for server in self._servers:
-            self._current = server
-            self._drop_client()
+            self._drop(server)
 
 
 def lost_or_hung(exc: BaseException) -> str:

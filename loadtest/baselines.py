@@ -1,7 +1,8 @@
 """Baseline servers measured side by side with trackbuf ingest.
 
-- ``bare``: an aiohttp handler that returns the pixel and does nothing else; the
-  ceiling for any aiohttp-based tracker in one process.
+- ``bare``: an aiohttp handler that returns the pixel (and, for clicks, a fixed
+  redirect) and does nothing else; the ceiling for any aiohttp-based tracker in one
+  process.
 - ``lowlevel``: the same handler on aiohttp's low-level server (``web.Server``, no
   Application, no router), which is what trackbuf ingest runs on: the ceiling for
   ingest's own design.
@@ -41,9 +42,19 @@ async def bare_pixel(request: web.BaseRequest) -> web.Response:
     return web.Response(body=GIF, headers=PIXEL_HEADERS)
 
 
+BARE_TARGET = {"Location": "https://example.com/"}
+
+
+async def bare_click(request: web.BaseRequest) -> web.Response:
+    """A redirect that looks nothing up: clicks in a traffic mix cost the bare server
+    what they cost any handler, not a 404 from its router."""
+    return web.Response(status=302, headers=BARE_TARGET)
+
+
 def bare_app() -> web.Application:
     app = web.Application()
     app.router.add_get("/o/{token}.gif", bare_pixel)
+    app.router.add_get("/c/{token}", bare_click)
     return app
 
 

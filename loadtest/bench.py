@@ -56,6 +56,10 @@ class Plan:
     report_events: int = 5_000_000  # one campaign, for the report section
     cost_rate: float = 5000  # events/s, paced, for the CPU cost per million events
     cost_s: float = 60
+    smooth_rate: float = 3000  # events/s, Poisson arrivals, for the smooth-traffic cost
+    smooth_s: float = 30
+    smooth_rounds: int = 2  # bare handler and pipeline alternate; best of each
+    idle_s: float = 15  # an idle consumer's CPU, measured over this long
 
     @classmethod
     def quick(cls) -> Plan:
@@ -63,7 +67,8 @@ class Plan:
                    e2e_rate=300, e2e_s=3, spike_s=6, spike_rate=200, drain_rounds=1,
                    ingest_rounds=1, fsync_drain_jobs=500, memory_cycles=2,
                    memory_events=2_000, report_events=20_000, cost_rate=400,
-                   cost_s=3)  # fmt: skip
+                   cost_s=3, smooth_rate=300, smooth_s=3, smooth_rounds=1,
+                   idle_s=2)  # fmt: skip
 
 
 # Ingest ---------------------------------------------------------------------------
@@ -683,7 +688,13 @@ def bench_report(work: Path, plan: Plan) -> dict[str, Any]:
 
 
 def bench_cost(work: Path, plan: Plan) -> dict[str, Any]:
-    return cost.bench_cost(work, plan.cost_rate, plan.cost_s)
+    return cost.bench_cost(
+        work, plan.cost_rate, plan.cost_s, plan.smooth_rate, plan.smooth_s, plan.smooth_rounds
+    )
+
+
+def bench_idle(work: Path, plan: Plan) -> dict[str, Any]:
+    return cost.measure_idle(work, plan.idle_s)
 
 
 SECTIONS = {
@@ -699,4 +710,5 @@ SECTIONS = {
     "report": bench_report,
     "scaling": bench_scaling,
     "cost": bench_cost,
+    "idle": bench_idle,
 }

@@ -2,9 +2,12 @@
 
 trackbuf at a fixed, paced rate (wrk, a realistic mix of opens, repeat opens and
 clicks from real mail clients' user agents), then the naive tracker (one INSERT per
-request) at the same rate against its own fresh PostgreSQL. For every process the
-CPU seconds (utime + stime from /proc) between the first request and the moment the
-last event is stored, divided by the rows stored:
+request) at the same rate against its own fresh PostgreSQL, and a bare aiohttp
+handler. Then trackbuf and the bare handler again under smooth traffic
+(``loadtest/smooth.py``: every request at its own Poisson moment), where wrk's
+connections fall into step and arrive in bursts. For every process the CPU seconds
+(utime + stime from /proc) between the first request and the moment the last event is
+stored, divided by the rows stored (the bare handler: by the requests answered):
 
 - trackbuf: the ingest process (and any workers), beanstalkd, the consumer;
 - naive: its one process;
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -27,8 +31,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from loadtest import smooth
 from loadtest import stack as st
-from loadtest.servers import cpu_seconds
+from loadtest.servers import Beanstalkd, cpu_seconds, free_port, wait_port
 from loadtest.traffic import USER_AGENTS
 from trackbuf import links
 from trackbuf import metric_names as names
@@ -197,8 +202,27 @@ def per_million(cpu: dict[str, float], stored: int, rate: float) -> dict[str, An
     }
 
 
+def drive(driver: str, at: str, urls: Path, rate: float, seconds: float) -> dict[str, Any]:
+    """Send the traffic in ``urls`` at ``rate`` for ``seconds``: wrk's paced
+    connections, or every request at its own moment (``smooth``)."""
+    if driver == "wrk":
+        return asdict(paced(at, urls, rate, seconds))
+    lines = urls.read_text().splitlines()
+    return asdict(smooth.run(at, lines, rate, seconds, connections=SMOOTH_CONNECTIONS))
+
+
+# Keep-alive clients of the smooth driver: enough that one is nearly always free.
+SMOOTH_CONNECTIONS = 64
+
+
+def reserve_counts(stack: st.Stack) -> tuple[int, int]:
+    """beanstalkd's own count of reserve commands received and jobs put."""
+    stats = stack.bs.stats()
+    return stats["cmd-reserve"] + stats["cmd-reserve-with-timeout"], stats["total-jobs"]
+
+
 def measure_trackbuf(
-    work: Path, urls: Path, rate: float, seconds: float, **ingest_env: str
+    work: Path, urls: Path, rate: float, seconds: float, driver: str = "wrk", **ingest_env: str
 ) -> dict[str, Any]:
     stack = st.Stack.start(work, "cost-trackbuf")
     try:
@@ -209,21 +233,48 @@ def measure_trackbuf(
                 "consumer": consumer.proc.pid}  # fmt: skip
         time.sleep(1)  # both settled: startup is not part of the cost
         before, started = cpu_by_part(pids, stack), time.monotonic()
-        run = paced(at, urls, rate, seconds)
+        reserves_before, jobs_before = reserve_counts(stack)
+        run = drive(driver, at, urls, rate, seconds)
         time.sleep(1)  # requests wrk gave up on at its end are still being answered
         wait_drained(stack)
         after, window = cpu_by_part(pids, stack), time.monotonic() - started
+        reserves_after, jobs_after = reserve_counts(stack)
+        reserves, jobs = reserves_after - reserves_before, jobs_after - jobs_before
         acked, per_job = ingest_figures(ingest.admin)
         consumer.stop()
         ingest.stop()
         stored = stack.rows()
         cpu = {name: after[name] - before[name] for name in after}
-        return {"client": asdict(run), "window_s": round(window, 1), "acknowledged": acked,
-                "stored": stored, "events_per_job": per_job,
+        return {"driver": driver, "client": run, "window_s": round(window, 1),
+                "acknowledged": acked, "stored": stored, "events_per_job": per_job,
+                "jobs": jobs, "reserve_commands": reserves,
+                "reserves_per_job": round(reserves / max(jobs, 1), 2),
                 "cpu_s": {k: round(v, 2) for k, v in cpu.items()},
-                **per_million(cpu, stored, run.requests_per_s)}  # fmt: skip
+                **per_million(cpu, stored, run["requests_per_s"])}  # fmt: skip
     finally:
         stack.close()
+
+
+def measure_bare(
+    work: Path, urls: Path, rate: float, seconds: float, driver: str
+) -> dict[str, Any]:
+    """A bare aiohttp pixel handler (``loadtest/baselines.py``) under the same driver
+    and rate: its CPU per request answered is the floor any aiohttp tracker starts
+    from (its clicks answer a fixed redirect)."""
+    work.mkdir(parents=True, exist_ok=True)
+    listen = f"127.0.0.1:{free_port()}"
+    proc = st.Proc([sys.executable, "-m", "loadtest.baselines", "bare", "--listen", listen],
+                   work / "bare.log")  # fmt: skip
+    try:
+        wait_port(int(listen.rsplit(":", 1)[1]), proc=proc.proc)
+        time.sleep(1)
+        before = cpu_seconds(proc.proc.pid)
+        run = drive(driver, listen, urls, rate, seconds)
+        cpu = cpu_seconds(proc.proc.pid) - before
+    finally:
+        proc.stop()
+    return {"driver": driver, "client": run, "cpu_s": round(cpu, 2),
+            "cpu_us_per_request": round(cpu / max(run["requests"], 1) * 1e6, 1)}  # fmt: skip
 
 
 def measure_naive(work: Path, urls: Path, rate: float, seconds: float) -> dict[str, Any]:
@@ -249,7 +300,14 @@ def measure_naive(work: Path, urls: Path, rate: float, seconds: float) -> dict[s
         stack.close()
 
 
-def bench_cost(work: Path, rate: float, seconds: float) -> dict[str, Any]:
+def bench_cost(
+    work: Path,
+    rate: float,
+    seconds: float,
+    smooth_rate: float,
+    smooth_s: float,
+    smooth_rounds: int = 2,
+) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     urls = work / "cost-urls.txt"
     # As many lines as requests, so repeats are the mix's own, not wrk cycling the file.
@@ -264,6 +322,24 @@ def bench_cost(work: Path, rate: float, seconds: float) -> dict[str, Any]:
         TRACKBUF_FAST_PATH="0", TRACKBUF_JOB_LINGER_MS="0",
     )  # fmt: skip
     naive = measure_naive(work / "naive", urls, rate, seconds)
+    bare = measure_bare(work / "bare", urls, rate, seconds, "wrk")
+    # Smooth traffic: the same mix, every request at its own moment.
+    smooth_urls = work / "smooth-urls.txt"
+    count = max(int(smooth_rate * smooth_s * 1.1), 1000)
+    smooth_urls.write_text(
+        "".join(line + "\n" for line in traffic_lines(st_keyring(), count, "smooth"))
+    )
+    # The ratio of two runs minutes apart moves with whatever else the shared cores do,
+    # so the bare handler and the pipeline alternate, and each keeps its best round.
+    bare_rounds, trackbuf_rounds = [], []
+    for round_ in range(smooth_rounds):
+        here = work / f"smooth-{round_}"
+        bare_rounds.append(measure_bare(here / "bare", smooth_urls, smooth_rate, smooth_s,
+                                        "smooth"))  # fmt: skip
+        trackbuf_rounds.append(measure_trackbuf(here / "trackbuf", smooth_urls, smooth_rate,
+                                                smooth_s, driver="smooth"))  # fmt: skip
+    smooth_bare = min(bare_rounds, key=lambda r: float(r["cpu_us_per_request"]))
+    smooth_trackbuf = min(trackbuf_rounds, key=lambda r: float(r["total_cpu_s_per_million"]))
     return {
         "target_rate": rate,
         "load_average_before": load_before,
@@ -280,8 +356,66 @@ def bench_cost(work: Path, rate: float, seconds: float) -> dict[str, Any]:
         "after_vs_before_total": round(
             trackbuf["total_cpu_s_per_million"] / max(before["total_cpu_s_per_million"], 0.1), 3
         ),
+        "bare": bare,
+        "trackbuf_vs_bare": vs_bare(trackbuf, bare),
+        "smooth": {
+            "target_rate": smooth_rate,
+            "duration_s": smooth_s,
+            "connections": SMOOTH_CONNECTIONS,
+            "trackbuf": smooth_trackbuf,
+            "bare": smooth_bare,
+            "trackbuf_vs_bare": vs_bare(smooth_trackbuf, smooth_bare),
+            "rounds": smooth_rounds,
+            # Every round, in the order run: how far the machine moved meanwhile.
+            "bare_us_per_request_rounds": [r["cpu_us_per_request"] for r in bare_rounds],
+            "trackbuf_us_per_event_rounds": [r["total_cpu_s_per_million"] for r in trackbuf_rounds],
+        },
     }
+
+
+def vs_bare(pipeline: dict[str, Any], bare: dict[str, Any]) -> float:
+    """Whole-pipeline CPU per stored event over the bare handler's CPU per request
+    (CPU seconds per million events are microseconds per event)."""
+    ratio = float(pipeline["total_cpu_s_per_million"]) / max(float(bare["cpu_us_per_request"]), 0.1)
+    return round(ratio, 2)
 
 
 def st_keyring() -> Keyring:
     return Keyring.parse(st.KEYS)
+
+
+def measure_idle(work: Path, seconds: float) -> dict[str, Any]:
+    """What a consumer with nothing to do costs: its CPU share and beanstalkd's, and the
+    reserve commands it sends, over ``seconds``. Four threads on one server (the
+    default), and one thread over a pool of three (the case that polled all of them)."""
+    stack = st.Stack.start(work, "idle")
+    extra = [Beanstalkd(work / f"idle-binlog-{i}", "-f", "0").start() for i in (1, 2)]
+    try:
+        out = {}
+        for name, servers, threads in (("one_server_4_threads", [stack.bs], 4),
+                                       ("pool_of_3_1_thread", [stack.bs, *extra], 1)):  # fmt: skip
+            address = ",".join(server.address for server in servers)
+            consumer, _ = st.start_consumer(stack, f"idle-{name}", TRACKBUF_BEANSTALKD=address,
+                                            TRACKBUF_THREADS=str(threads))  # fmt: skip
+            time.sleep(2)  # past start-up
+            pids = [consumer.proc.pid, *(server.proc.pid for server in servers if server.proc)]
+            cpu_before = [cpu_seconds(pid) for pid in pids]
+            reserves_before = sum(_reserves(server) for server in servers)
+            time.sleep(seconds)
+            cpu = [cpu_seconds(pid) - then for pid, then in zip(pids, cpu_before, strict=True)]
+            reserves = sum(_reserves(server) for server in servers) - reserves_before
+            consumer.stop()
+            out[name] = {"consumer_core_share": round(cpu[0] / seconds, 4),
+                         "beanstalkd_core_share": round(sum(cpu[1:]) / seconds, 4),
+                         "reserves_per_s": round(reserves / seconds, 1),
+                         "threads": threads, "servers": len(servers)}  # fmt: skip
+        return {"seconds": seconds, **out}
+    finally:
+        for server in extra:
+            server.kill()
+        stack.close()
+
+
+def _reserves(server: Beanstalkd) -> int:
+    stats = server.stats()
+    return stats["cmd-reserve"] + stats["cmd-reserve-with-timeout"]

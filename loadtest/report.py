@@ -195,6 +195,63 @@ def _cost_lines(c: dict[str, Any]) -> list[str]:
               f"Load average before and after: {c['load_average_before'][0]}, "
               f"{c['load_average_after'][0]} (other work on the machine inflates CPU per "
               "event).", ""]  # fmt: skip
+    if "bare" in c:
+        lines += [f"Under wrk {_jobs_line(t)} A bare aiohttp pixel handler under the same "
+                  f"wrk pacing: {c['bare']['cpu_us_per_request']} us of CPU per request; "
+                  f"the whole pipeline per stored event / that = **{c['trackbuf_vs_bare']}x**.",
+                  ""]  # fmt: skip
+    if "smooth" in c:
+        lines += _smooth_lines(c["smooth"])
+    return lines
+
+
+def _idle_lines(idle: dict[str, Any]) -> list[str]:
+    lines = [f"### An idle consumer ({idle['seconds']:.0f} s, nothing queued)", "",
+             "| consumer | its CPU, share of a core | beanstalkd's | reserve commands/s |",
+             "|---|---|---|---|"]  # fmt: skip
+    for r in idle.values():
+        if isinstance(r, dict):
+            lines.append(f"| {r['threads']} thread(s), {r['servers']} server(s) | "
+                         f"**{r['consumer_core_share']:.2%}** | {r['beanstalkd_core_share']:.2%} | "
+                         f"{r['reserves_per_s']} |")  # fmt: skip
+    return [*lines, ""]
+
+
+def _jobs_line(run: dict[str, Any]) -> str:
+    return (f"jobs held {run['events_per_job']} events; {run['reserve_commands']:,} reserve "
+            f"commands for {run['jobs']:,} jobs (beanstalkd's `stats`): "
+            f"**{run['reserves_per_job']} per job**.")  # fmt: skip
+
+
+def _smooth_lines(sm: dict[str, Any]) -> list[str]:
+    """The pipeline against a bare handler under smooth traffic, part by part."""
+    t, bare = sm["trackbuf"], sm["bare"]
+    client = t["client"]
+    rounds = sm.get("rounds", 1)
+    lines = [f"### CPU per stored event under smooth traffic ({sm['target_rate']:,.0f} "
+             f"events/s, Poisson arrivals over {sm['connections']} keep-alive connections, "
+             f"{sm['duration_s']:.0f} s, best of {rounds} interleaved round(s))", "",
+             "| part | CPU us per stored event | / bare handler |", "|---|---|---|"]  # fmt: skip
+    base = max(bare["cpu_us_per_request"], 0.1)
+    for part, label in COST_PARTS.items():
+        value = t["cpu_s_per_million"].get(part)
+        if value is not None:
+            lines.append(f"| {label} | {value:,.1f} | {value / base:.2f}x |")
+    total = t["total_cpu_s_per_million"]
+    lines += [f"| **whole pipeline** | **{total:,.1f}** | **{sm['trackbuf_vs_bare']}x** |",
+              f"| bare aiohttp pixel handler, same driver and rate, per request | "
+              f"{bare['cpu_us_per_request']} | 1x |", "",
+              f"Under this driver {_jobs_line(t)} {client['answered']:,} of "
+              f"{client['scheduled']:,} scheduled "
+              f"requests answered ({client['requests_per_s']:,.0f}/s, {client['late']:,} sent "
+              f"late, {client['errors']} errors, {client['non_2xx_3xx']} not 2xx/3xx), p50 "
+              f"{client['p50_ms']} ms and p99 {client['p99_ms']} ms from each request's "
+              f"moment; {t['acknowledged']:,} events acknowledged, {t['stored']:,} stored.",
+              ""]  # fmt: skip
+    if "bare_us_per_request_rounds" in sm:
+        lines += [f"Every round, in order: bare handler {sm['bare_us_per_request_rounds']} us "
+                  f"per request, pipeline {sm['trackbuf_us_per_event_rounds']} us per stored "
+                  "event.", ""]  # fmt: skip
     return lines
 
 
@@ -305,6 +362,8 @@ def tables(results: dict[str, Any]) -> str:
                   "(mostly Python starting up).", ""]  # fmt: skip
     if "cost" in results:
         lines += _cost_lines(results["cost"])
+    if "idle" in results:
+        lines += _idle_lines(results["idle"])
     if "backlog" in results:
         b = results["backlog"]
         lines += ["### Backlog", "",

@@ -41,6 +41,10 @@ CONSUMER_DATABASE_UP = "trackbuf_consumer_database_up"  # gauge
 CONSUMER_DEAD_EVENTS = "trackbuf_consumer_dead_events"  # counter {reason}
 CONSUMER_KICKED_JOBS = "trackbuf_consumer_kicked_jobs"  # counter: buried jobs made ready
 CONSUMER_BURIED_JOBS = "trackbuf_consumer_buried_jobs"  # counter: released, beanstalkd buried
+# counters: reserve commands sent, and jobs they brought; their ratio is reserves per job
+# (about 1 to 1.5 while the consumer waits in beanstalkd, far more if it polls)
+CONSUMER_RESERVE_COMMANDS = "trackbuf_consumer_reserve_commands"
+CONSUMER_JOBS_RESERVED = "trackbuf_consumer_jobs_reserved"
 
 # queue (read from beanstalkd at scrape time by the consumer's /metrics). Every series
 # carries server="host:port", one per server of the pool; there is no unlabeled total:

@@ -157,3 +157,35 @@ def test_cost_section_counts_every_process_per_stored_event(tmp_path: Path) -> N
     assert cost["after_vs_before_total"] == pytest.approx(
         trackbuf["total_cpu_s_per_million"] / before["total_cpu_s_per_million"], abs=0.01
     )
+    # The wrk run and the smooth one, each against a bare handler under the same driver.
+    smooth = cost["smooth"]
+    for run, bare in ((trackbuf, cost["bare"]), (smooth["trackbuf"], smooth["bare"])):
+        assert run["stored"] == run["acknowledged"] > 500
+        assert run["jobs"] >= 1 and run["reserve_commands"] >= run["jobs"]
+        assert run["reserves_per_job"] == pytest.approx(
+            run["reserve_commands"] / run["jobs"], abs=0.01
+        )
+        assert bare["client"]["requests"] > 500 and bare["cpu_us_per_request"] > 0
+    client = smooth["trackbuf"]["client"]
+    assert client["errors"] == client["non_2xx_3xx"] == 0
+    assert client["answered"] == client["scheduled"]
+    assert "under smooth traffic" in text and "bare aiohttp pixel handler" in text
+
+
+def test_idle_section_measures_an_idle_consumer(tmp_path: Path) -> None:
+    markdown = tmp_path / "BENCHMARKS.md"
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtest", "bench", "--quick", "--only", "idle",
+         "--out", str(tmp_path), "--markdown", str(markdown)],
+        capture_output=True, text=True, cwd=ROOT, timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    idle = json.loads((tmp_path / "results.json").read_text())["idle"]
+    for name, servers in (("one_server_4_threads", 1), ("pool_of_3_1_thread", 3)):
+        run = idle[name]
+        assert run["servers"] == servers
+        # Waiting costs one reserve a second per connection (4 and 3 here); polling
+        # sent tens. Generous: counted over 2 s on a shared machine.
+        assert 0 < run["reserves_per_s"] <= 4 * 2
+        assert 0 <= run["consumer_core_share"] < 0.1
+    assert "### An idle consumer" in markdown.read_text()

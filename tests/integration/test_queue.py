@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
 
@@ -43,6 +44,41 @@ def test_reserve_ready_reports_a_held_job_near_its_ttr(beanstalkd: Beanstalkd) -
         client.put(b"short", ttr=1)  # within beanstalkd's 1 s safety margin at once
         held = client.reserve(timeout=0)
         assert client.reserve_ready(2) == ([], True)
+        assert client.delete_many([held]) == 1
+    finally:
+        client.close()
+
+
+def test_a_blocking_reserve_waits_in_beanstalkd_and_is_answered_later(
+    beanstalkd: Beanstalkd,
+) -> None:
+    client = queue.connect(("127.0.0.1", beanstalkd.port), TUBE)
+    producer = queue.connect(("127.0.0.1", beanstalkd.port), TUBE)
+    try:
+        client.begin_reserve(1)
+        with pytest.raises(RuntimeError):
+            client.delete_many([1])  # would be read as the reserve's answer: refused
+        producer.put(b"late")
+        assert select.select([client], [], [], 10)[0] == [client]
+        job = client.finish_reserve()
+        assert job is not None and job.body == b"late"
+        client.begin_reserve(1)
+        assert client.finish_reserve() is None  # TIMED_OUT after its second
+        assert client.delete_many([job]) == 1  # in step: ordinary commands work again
+        assert beanstalkd.stats()["cmd-reserve-with-timeout"] == 2
+    finally:
+        client.close()
+        producer.close()
+
+
+def test_a_blocking_reserve_reports_a_held_job_near_its_ttr(beanstalkd: Beanstalkd) -> None:
+    client = queue.connect(("127.0.0.1", beanstalkd.port), TUBE)
+    try:
+        client.put(b"short", ttr=1)
+        held = client.reserve(timeout=0)
+        client.begin_reserve(1)
+        with pytest.raises(queue.DeadlineSoon):
+            client.finish_reserve()
         assert client.delete_many([held]) == 1
     finally:
         client.close()

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from consumer.status import gather, scrape
+from consumer.status import gather, render, scrape
 from tests.servers import free_port
 from trackbuf import cli
 from trackbuf.settings import load
@@ -106,3 +106,54 @@ def test_scrape_folds_labels_and_refuses_a_page_that_is_not_prometheus_text() ->
     finally:
         server.shutdown()
         server.server_close()
+
+
+def consumer_page(reserves_per_s: float, jobs_per_s: float) -> Iterator[str]:
+    """A consumer /metrics page whose reserve and job counters grow at these rates."""
+    started = time.monotonic()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            elapsed = time.monotonic() - started
+            body = (
+                "trackbuf_consumer_database_up 1\n"
+                f"trackbuf_consumer_reserve_commands_total {reserves_per_s * elapsed}\n"
+                f"trackbuf_consumer_jobs_reserved_total {jobs_per_s * elapsed}\n"
+            ).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("reserves_per_s", "jobs_per_s", "polling"),
+    [(1_100.0, 1_000.0, False), (40_000.0, 500.0, True), (4.0, 0.0, False)],
+)
+def test_status_shows_reserves_per_job_and_calls_polling_a_problem(
+    reserves_per_s: float, jobs_per_s: float, polling: bool
+) -> None:
+    settings = load({}, overrides={"beanstalkd": f"127.0.0.1:{free_port()}"})
+    for url in consumer_page(reserves_per_s, jobs_per_s):
+        status = gather(settings, "", url, interval=0.3, max_age_s=60)
+    assert status.reserves_per_s is not None
+    assert reserves_per_s * 0.7 < status.reserves_per_s < reserves_per_s * 1.3
+    if jobs_per_s:
+        ratio = reserves_per_s / jobs_per_s
+        assert status.reserves_per_job is not None
+        assert ratio * 0.9 < status.reserves_per_job < ratio * 1.1
+        assert "reserves per job" in render(status)
+    else:
+        assert status.reserves_per_job is None  # idle: no jobs to divide by
+    assert any("polls beanstalkd" in p for p in status.problems) is polling
