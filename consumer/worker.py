@@ -213,7 +213,9 @@ class Worker:
             # Another thread collects from this server: wait for the turn, not in
             # beanstalkd (this thread has no reserve in flight: it handed the turn on
             # only without one).
-            connected = next(s for s in self._servers if s.client is not None)
+            connected = next((s for s in self._servers if s.client is not None), None)
+            if connected is None:
+                return None  # the poll above lost the last connection: reconnect next round
             connected.turn.take(self.index, timeout)
             return None
         server = self._in_turn(lambda s: s in held and (bool(s.carried) or s.pace.backlogged))
