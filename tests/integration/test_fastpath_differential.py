@@ -26,6 +26,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import greenstalk
 import pytest
 
@@ -196,6 +197,11 @@ class Seen:
 
 Difference = tuple[Sequence, Seen, Seen, tuple[Counter[tuple[object, ...]], ...]]
 DATE = re.compile(rb"\r\nDate: [^\r]*")
+# aiohttp before 3.10.6 labels an empty body (the redirect's) application/octet-stream,
+# a label that describes nothing and that later releases dropped; the fast path never
+# wrote it. Only on those releases (the floor suite's) is it left out of the comparison.
+OLD_EMPTY_LABEL = tuple(map(int, re.findall(r"\d+", aiohttp.__version__)[:3])) < (3, 10, 6)
+EMPTY_LABEL = b"\r\nContent-Type: application/octet-stream"
 ANSWER_START = re.compile(rb"(?=HTTP/1\.[01] [0-9]{3} )")
 
 
@@ -271,7 +277,10 @@ async def play(port: int, seq: Sequence) -> Seen:
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
-    return Seen(DATE.sub(b"\r\nDate: -", bytes(received)), ended)
+    stream = DATE.sub(b"\r\nDate: -", bytes(received))
+    if OLD_EMPTY_LABEL:
+        stream = stream.replace(EMPTY_LABEL, b"")
+    return Seen(stream, ended)
 
 
 Events = dict[str, Counter[tuple[object, ...]]]
