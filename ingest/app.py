@@ -12,76 +12,39 @@ low-level server answers ~1.35x the requests/s of the same handler in an Applica
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
+from ingest.decide import NO_INDEX, TEXT, Answer, Decision, Record, Rules, decide
 from ingest.enqueuers import AnyEnqueuer, make_enqueuer
 from ingest.metrics import IngestMetrics
 from ingest.outcomes import Outcome
-from ingest.pixel import GIF, PIXEL_HEADERS
 from ingest.spool import Spool
 from ingest.tally import RequestTally
 from trackbuf import codec, tokens
 from trackbuf.events import clean_ip, forwarded_address, is_prefetch
 from trackbuf.instance import INSTANCE_ENV, INSTANCE_HEADER
 from trackbuf.keys import load_keyring
-from trackbuf.links import CLICK_PREFIX, OPEN_PREFIX, OPEN_SUFFIX
 from trackbuf.log import kv
 from trackbuf.redirect_hosts import RedirectHosts
 from trackbuf.settings import Settings
 
 log = logging.getLogger("trackbuf.ingest")
 
-READ_METHODS = ("GET", "HEAD")
 TALLY_FLUSH_S = 1.0
 
-INVALID_LINK_PAGE = (
-    '<!doctype html><meta charset="utf-8">'
-    '<meta name="viewport" content="width=device-width,initial-scale=1">'
-    "<title>Link not valid</title>"
-    "<h1>This link is not valid</h1>"
-    "<p>The tracking link is damaged, has expired or was not issued by this service. "
-    "Please use the link from the original email.</p>"
-)
-# Every public answer carries this: a tracking host has nothing a search engine should
-# index or follow (robots.txt says the same to crawlers that read it).
-NO_INDEX = {"X-Robots-Tag": "noindex, nofollow"}
-NO_STORE = {"Cache-Control": "no-store", **NO_INDEX}
-ROBOTS_TXT = "User-agent: *\nDisallow: /\n"
 
-
-def click_target(
-    keyring: tokens.Keyring, hosts: RedirectHosts, token: str, now: float | None = None
-) -> tuple[tokens.LinkPayload, str]:
-    """The payload of a click that may be followed, and where it goes: signed, spelled
-    canonically, not expired, its target a safe http(s) URL on a host the allowlist
-    accepts. Anything else raises InvalidToken: the click route never redirects to a
-    target that was not signed."""
-    payload = tokens.verify(keyring, token, "click", now)
-    url = payload.url
-    if url is None:  # verify() gives every click a URL; a None must not become "None"
-        raise tokens.InvalidToken("bad_url")
-    if not hosts.allows(url):
-        raise tokens.InvalidToken("host_not_allowed")
-    return payload, url
-
-
-def redirect_answer(url: str) -> web.Response:
-    """The 302 for a target click_target() returned."""
-    return web.Response(
-        status=302, headers={"Location": url, "Referrer-Policy": "no-referrer", **NO_STORE}
-    )
-
-
-def invalid_link_answer() -> web.Response:
-    return web.Response(
-        status=404, text=INVALID_LINK_PAGE, content_type="text/html", headers=NO_STORE
-    )
+def respond(answer: Answer) -> web.Response:
+    """aiohttp's response for a decided answer (it adds Content-Length, Date, Server
+    and Connection after the answer's headers, as the fast path does)."""
+    return web.Response(status=answer.status, body=answer.body, headers=answer.headers)
 
 
 class ShutdownClock:
@@ -113,15 +76,21 @@ class Ingest:
         self.redirect_hosts = RedirectHosts.parse(settings.redirect_hosts)
         # Set by `trackbuf up`, which waits for its own ingest, not any server on the port.
         instance = os.environ.get(INSTANCE_ENV)
-        self._health_headers = {INSTANCE_HEADER: instance, **NO_INDEX} if instance else NO_INDEX
+        named = ((INSTANCE_HEADER, instance), *NO_INDEX) if instance else NO_INDEX
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = IngestMetrics.create(self.registry)
         self.tally = RequestTally(self.metrics)
         self._flusher: asyncio.Task[None] | None = None
         self.shutdown = ShutdownClock()
-        self._keep_user_agent = settings.user_agent_mode == "full"  # else stored as NULL
         spool = Spool(Path(settings.spool_path), settings.spool_max_bytes, settings.spool_fsync)
         self.enqueuer: AnyEnqueuer = make_enqueuer(settings, self.metrics, spool)
+        self.rules = Rules(
+            self.keyring,
+            self.redirect_hosts,
+            keep_user_agent=settings.user_agent_mode == "full",  # else stored as NULL
+            health=Answer(200, (*named, TEXT), b"ok\n"),
+            ready=self.enqueuer.ready,
+        )
 
     async def start(self) -> None:
         await self.enqueuer.start()
@@ -150,6 +119,7 @@ class Ingest:
             log.error(kv("signing_keys_not_reloaded", error=str(exc)))
             return
         self.keyring = keyring
+        self.rules = dataclasses.replace(self.rules, keyring=keyring)
         log.info(kv("signing_keys_reloaded", kids=",".join(keyring.keys), file=path))
 
     async def _flush_tally(self) -> None:
@@ -161,26 +131,27 @@ class Ingest:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """The public listener: /o/, /c/, /healthz, /readyz and /robots.txt, nothing
-        else (/metrics is on the admin listener, ``handle_admin``)."""
-        path = request.path
-        if request.method not in READ_METHODS:
-            return web.Response(
-                status=405, text="method not allowed\n", headers={"Allow": "GET, HEAD", **NO_INDEX}
-            )
-        if path.startswith(OPEN_PREFIX):
-            # Whatever follows /o/ gets the pixel: a mangled path is an invalid token
-            # (counted), never a broken image in someone's email.
-            token = path[len(OPEN_PREFIX) :].removesuffix(OPEN_SUFFIX)
-            return await self.open_pixel(request, token)
-        if path.startswith(CLICK_PREFIX):
-            return await self.click_redirect(request, path[len(CLICK_PREFIX) :])
-        if path == "/healthz":
-            return web.Response(text="ok\n", headers=self._health_headers)
-        if path == "/readyz":
-            return self.readyz()
-        if path == "/robots.txt":
-            return web.Response(text=ROBOTS_TXT, headers=NO_INDEX)
-        return web.Response(status=404, text="not found\n", headers=NO_INDEX)
+        else (/metrics is on the admin listener, ``handle_admin``). What to answer and
+        record is ``ingest.decide``'s, as on the fast path."""
+        started = time.perf_counter()
+        headers = request.headers
+        prefetch = is_prefetch(headers.get("Sec-Purpose") or headers.get("Purpose"))
+        decision = decide(self.rules, request.method, request.path, headers.get("User-Agent"),
+                          headers.getall("X-Forwarded-For", []), request.remote,
+                          prefetch)  # fmt: skip
+        record = decision.record
+        if record is None:
+            self.counted(decision, started)
+            return respond(decision.answer)
+        try:
+            # No timeout here: the enqueue task settles every future (its own I/O has
+            # timeouts), and wait_for would cost a task per request on the hot path.
+            outcome = await self.submit(record)
+        except Exception:
+            self.record_failed(record.kind, started)
+        else:
+            self.settled(record, outcome, started)
+        return respond(decision.answer)
 
     async def handle_admin(self, request: web.BaseRequest) -> web.StreamResponse:
         """The private admin listener (``TRACKBUF_ADMIN_LISTEN``): /metrics, /healthz."""
@@ -190,82 +161,29 @@ class Ingest:
             return web.Response(text="ok\n")
         return web.Response(status=404, text="not found\n")
 
-    async def open_pixel(self, request: web.BaseRequest, token: str) -> web.Response:
-        started = time.perf_counter()
-        outcome = await self._record_or_count_loss(request, "open", token)
-        self.observe("open", outcome, started)
-        return web.Response(body=GIF, headers=PIXEL_HEADERS)
+    def counted(self, decision: Decision, started: float) -> None:
+        """Count a request that records nothing (an invalid token, a HEAD)."""
+        route = decision.route
+        if route is None:
+            return
+        if decision.invalid is not None:
+            self.metrics.invalid_token_counter(route, decision.invalid).inc()
+        self.observe(route, decision.label or "", started)
 
-    async def click_redirect(self, request: web.BaseRequest, token: str) -> web.Response:
-        started = time.perf_counter()
-        try:
-            payload, target = click_target(self.keyring, self.redirect_hosts, token)
-        except tokens.InvalidToken as exc:
-            self.metrics.invalid_token_counter("click", exc.reason).inc()
-            self.observe("click", "invalid_token", started)
-            # Never redirect on a token we cannot trust: that would be an open redirect.
-            return invalid_link_answer()
-        outcome = await self._record_or_count_loss(request, "click", token, payload)
-        self.observe("click", outcome, started)
-        return redirect_answer(target)
+    def submit(self, record: Record) -> Awaitable[Outcome]:
+        """Hand the event of a valid request to the enqueuer; its outcome once durable."""
+        ip = self.client_ip(record.forwarded, record.remote)
+        event = self.encode(record.kind, record.payload, record.user_agent, ip, record.prefetch)
+        return self.enqueuer.submit(event)
 
-    async def _record_or_count_loss(
-        self,
-        request: web.BaseRequest,
-        kind: str,
-        token: str,
-        payload: tokens.LinkPayload | None = None,
-    ) -> str:
-        try:
-            return await self._record(request, kind, token, payload)
-        except Exception:
-            return self.record_failed(kind)
-
-    def record_failed(self, kind: str) -> str:
+    def record_failed(self, kind: str, started: float) -> None:
         """Called from an ``except`` block: whatever failed, tracking must never break
         an email (the pixel loads and a valid click still redirects). The event is not
         stored, so it is counted and logged as lost."""
         log.exception(kv("request_failed", route=kind))
         self.metrics.event_counter(kind, "lost").inc()
         log.error(kv("event_lost", kind=kind, reason="request_failed"))
-        return "error"
-
-    async def _record(
-        self,
-        request: web.BaseRequest,
-        kind: str,
-        token: str,
-        payload: tokens.LinkPayload | None = None,
-    ) -> str:
-        """Store the event of a valid request; returns the outcome label for metrics.
-
-        HEAD requests are answered but not recorded: they come from link checkers and
-        prefetchers, not from a person opening or clicking.
-        """
-        if payload is None:
-            payload = self.verified(kind, token)
-            if payload is None:
-                return "invalid_token"
-        if request.method == "HEAD":
-            return "not_recorded"
-        user_agent = request.headers.get("User-Agent")
-        forwarded = request.headers.getall("X-Forwarded-For", [])
-        headers = request.headers
-        prefetch = is_prefetch(headers.get("Sec-Purpose") or headers.get("Purpose"))
-        ip = self.client_ip(forwarded, request.remote)
-        event = self.encode(kind, payload, user_agent, ip, prefetch)
-        # No timeout here: the enqueue task settles every future (its own I/O has
-        # timeouts), and wait_for would cost a task per request on the hot path.
-        outcome = await self.enqueuer.submit(event)
-        return self.settled(kind, outcome, payload)
-
-    def verified(self, kind: str, token: str) -> tokens.LinkPayload | None:
-        """The payload of a valid token; None (counted) for any other."""
-        try:
-            return tokens.verify(self.keyring, token, kind)
-        except tokens.InvalidToken as exc:
-            self.metrics.invalid_token_counter(kind, exc.reason).inc()
-            return None
+        self.observe(kind, "error", started)
 
     def encode(
         self,
@@ -276,27 +194,26 @@ class Ingest:
         prefetch: bool = False,
     ) -> bytes:
         """The event of a request, encoded for a job (``prefetch``: the request said it
-        was one, which the consumer counts as a machine's). A request with no
-        User-Agent is recorded with an empty one; with TRACKBUF_USER_AGENT_MODE=drop
-        none is recorded at all, so the consumer can tell "sent none" (a script) from
-        "not kept" (unknown)."""
+        was one, which the consumer counts as a machine's; ``user_agent`` as
+        ``decide`` kept it)."""
         return codec.encode_new_event(
             kind,
             payload.campaign,
             payload.recipient,
             url=payload.url,
-            user_agent=(user_agent or "") if self._keep_user_agent else None,
+            user_agent=user_agent,
             ip=ip,
             prefetch=prefetch,
         )
 
-    def settled(self, kind: str, outcome: Outcome, payload: tokens.LinkPayload) -> str:
-        """Count what became of an event handed to the enqueuer; its outcome label."""
+    def settled(self, record: Record, outcome: Outcome, started: float) -> None:
+        """Count what became of an event handed to the enqueuer."""
+        kind = record.kind
         if outcome is not Outcome.UNCONFIRMED:  # counted by the spool writer when it ends
             self.tally.event(kind, outcome.value)
         if outcome is Outcome.LOST:
-            log.error(kv("event_lost", kind=kind, campaign=payload.campaign))
-        return outcome.value
+            log.error(kv("event_lost", kind=kind, campaign=record.payload.campaign))
+        self.observe(kind, outcome.value, started)
 
     def client_ip(self, forwarded: list[str], remote: str | None) -> str | None:
         """The address to store: from the socket or, with ``trust_forwarded``, the last
@@ -317,15 +234,6 @@ class Ingest:
 
     def observe(self, route: str, outcome: str, started: float) -> None:
         self.tally.request(route, outcome, time.perf_counter() - started)
-
-    def readyz(self) -> web.Response:
-        if self.enqueuer.ready():
-            return web.Response(text="ready\n", headers=NO_INDEX)
-        return web.Response(
-            status=503,
-            text="not ready: no beanstalkd server reachable and spool full\n",
-            headers=NO_INDEX,
-        )
 
     def metrics_page(self) -> web.Response:
         self.tally.flush()

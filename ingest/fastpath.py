@@ -11,55 +11,43 @@ aiohttp, which parses and answers it exactly as before.
 
 How: ``FastServer`` is the aiohttp ``web.Server`` that the listener's runner uses, and
 each connection starts as a ``FastConnection``. When a read is not one request the fast
-path takes, the connection is handed to aiohttp for good: a ``RequestHandler`` is made
-for it, the transport's protocol is switched to it, and the bytes read so far are fed
-to it as if they had just arrived. A client that sends anything aiohttp must judge (a
-header too long, a malformed line, a slow trickle) is therefore judged by aiohttp.
+path takes, the connection is handed to aiohttp for good (``ingest.aiohttp_adapter``,
+the one module that knows how): a ``RequestHandler`` is made for it, the transport's
+protocol is switched to it, and the reads so far are fed to it one by one, as they
+came. A client that sends anything aiohttp must judge (a header too long, a malformed
+line, a slow trickle) is therefore judged by aiohttp, read by read as it would have.
 
 The fast path is deliberately narrower than HTTP: request line ``GET <path> HTTP/1.x``
 with a path of unreserved characters only (no query, no escapes: aiohttp would decode
 those), header names that are tokens, values of printable ASCII, no
-``Transfer-Encoding``, ``Expect`` or ``Upgrade``, ``Content-Length`` at most 0. What it
-answers is what ``ingest.app`` answers: the same statuses, headers and bodies, the same
-durability (the answer is written only once the event is queued or spooled), the same
-counting. Keep-alive follows HTTP/1.1 (``Connection: close`` closes; HTTP/1.0 keeps the
-connection only when asked), and a connection idle for ``KEEPALIVE_S`` is closed, as
-aiohttp does.
+``Transfer-Encoding``, ``Expect``, ``Upgrade`` or ``Proxy-Connection``,
+``Content-Length`` at most 0. What it answers and records is ``ingest.decide``'s, as on
+aiohttp's path, with the same durability (the answer is written only once the event is
+queued or spooled) and the same counting; only the bytes are its own, prepared once per
+kind of answer. Keep-alive follows HTTP/1.1 (``Connection: close`` closes; HTTP/1.0
+keeps the connection only when asked), a connection idle for ``KEEPALIVE_S`` is closed,
+and the client's end of file closes the connection at once, all as aiohttp does.
+tests/integration/test_fastpath_differential.py holds the two paths to the same bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import time
 from email.utils import formatdate
 from typing import Any, cast
 
-from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
-
-from ingest.app import (
-    INVALID_LINK_PAGE,
-    NO_STORE,
-    Ingest,
-    click_target,
-)
+from ingest.aiohttp_adapter import KEEPALIVE_S, SERVER, ConnectionServer, hand_over
+from ingest.app import Ingest
+from ingest.decide import Answer, decide
 from ingest.outcomes import Outcome
-from ingest.pixel import GIF, PIXEL_HEADERS
-from trackbuf import tokens
-from trackbuf.links import CLICK_PREFIX, OPEN_PREFIX, OPEN_SUFFIX
+from trackbuf.links import CLICK_PREFIX, OPEN_PREFIX
 
 __all__ = ["FastServer", "Request", "parse"]
 
 # aiohttp's own limit for a request line or a header line: a request that could need
 # more is aiohttp's to judge.
 MAX_REQUEST_BYTES = 8190
-# aiohttp's own default for closing an idle connection (75 s up to 3.10.5, then 3630 s,
-# to outlast the idle timeout of a proxy in front): fast connections and connections
-# handed to aiohttp keep the same rule.
-KEEPALIVE_S = float(
-    inspect.signature(RequestHandler.__init__).parameters["keepalive_timeout"].default
-)
 # More header lines than this go to aiohttp, which refuses more than 128.
 MAX_HEADERS = 100
 # Bytes a client may send ahead (pipelining) while its request is answered; past it,
@@ -155,6 +143,10 @@ def parse(data: bytes) -> Request | None:
                 keep_alive = False
             elif b"keep-alive" in options:
                 keep_alive = True
+        elif key == b"proxy-connection":
+            # aiohttp's parser (llhttp) reads it as Connection; so rare that it is
+            # simpler to let aiohttp decide than to copy how the two combine.
+            return None
         elif key == b"content-length":
             if value != b"0":
                 return None
@@ -182,29 +174,7 @@ class _Date:
         return self._value
 
 
-def _header_lines(headers: dict[str, str], length: int) -> bytes:
-    """Header lines, Content-Length last (the Date header follows, per answer)."""
-    lines = [f"{name}: {value}\r\n" for name, value in headers.items()]
-    return ("".join(lines) + f"Content-Length: {length}\r\n").encode()
-
-
-def _head(status: bytes, headers: dict[str, str], length: int) -> bytes:
-    """Status line (without the version) and headers, up to the Date header."""
-    return status + b"\r\n" + _header_lines(headers, length)
-
-
-_PIXEL = _head(b" 200 OK", PIXEL_HEADERS, len(GIF))
-_INVALID_BODY = INVALID_LINK_PAGE.encode()
-_INVALID = _head(
-    b" 404 Not Found",
-    {"Content-Type": "text/html; charset=utf-8", **NO_STORE},
-    len(_INVALID_BODY),
-)
-# What follows a redirect's Location line.
-_REDIRECT_REST = _header_lines({"Referrer-Policy": "no-referrer", **NO_STORE}, 0)
-
-
-class FastServer(web.Server):
+class FastServer(ConnectionServer):
     """aiohttp's low-level server, whose connections start on the fast path."""
 
     def __init__(self, ingest: Ingest, **kwargs: Any) -> None:
@@ -216,12 +186,8 @@ class FastServer(web.Server):
         self.fast: set[FastConnection] = set()
         self.closing = False
 
-    def __call__(self) -> FastConnection:  # type: ignore[override]
+    def connection(self) -> FastConnection:
         return FastConnection(self)
-
-    def aiohttp_protocol(self) -> asyncio.Protocol:
-        """A connection handler of aiohttp's own, for a connection handed over."""
-        return super().__call__()
 
     async def shutdown(self, timeout: float | None = None) -> None:
         """Close idle fast connections now; the others close once their answer is
@@ -238,10 +204,17 @@ class FastServer(web.Server):
 
 
 class FastConnection(asyncio.Protocol):
-    """One client connection, answered on the fast path until handed to aiohttp."""
+    """One client connection, answered on the fast path until handed to aiohttp.
+
+    It parses and writes bytes; what to answer and record is ``ingest.decide``'s, and
+    the counting is ``Ingest``'s, as on aiohttp's path. Reads are kept apart as they
+    came, never joined: aiohttp judges a read as a whole (a malformed request voids the
+    requests before it in the same read), so a connection handed over must give it
+    the same reads it would have had from the start.
+    """
 
     __slots__ = (
-        "_ahead", "_busy", "_eof", "_idle", "_paused", "_remote", "_server", "_transport",
+        "_ahead", "_busy", "_idle", "_paused", "_remote", "_server", "_transport",
         "_write_paused",
     )  # fmt: skip
 
@@ -250,12 +223,11 @@ class FastConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._remote: str | None = None
         self._busy = False  # an answer is being prepared
-        self._ahead = b""  # bytes the client sent while it waited for that answer
+        self._ahead: list[bytes] = []  # reads that came while it waited for that answer
         self._paused = False  # reading paused by us
         # The transport's buffer is full (a client that does not read its answers):
         # no new answer until it drains, as aiohttp waits for the drain after each one.
         self._write_paused = False
-        self._eof = False  # the client sent all it will send
         self._idle: asyncio.TimerHandle | None = None
 
     # asyncio.Protocol ------------------------------------------------------------------
@@ -270,11 +242,11 @@ class FastConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._busy or self._write_paused:
-            self._ahead += data
-            if len(self._ahead) > AHEAD_MAX_BYTES:
+            self._ahead.append(data)
+            if sum(map(len, self._ahead)) > AHEAD_MAX_BYTES:
                 self._pause_reading()
             return
-        self._take(data)
+        self._serve(data)
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -283,13 +255,13 @@ class FastConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._write_paused = False
         if not self._busy:
-            self._go_on()
+            self._next_read()
 
     def eof_received(self) -> bool | None:
-        if self._busy:
-            self._eof = True
-            return True  # keep the transport open to write the answer, then close
-        return None  # nothing to answer: close
+        # As aiohttp: the client's end of file ends the connection (the transport
+        # closes). An answer still waiting for its event to be durable is not written;
+        # the event is stored all the same, as on aiohttp's path.
+        return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.fast.discard(self)
@@ -298,73 +270,54 @@ class FastConnection(asyncio.Protocol):
 
     # The fast path ---------------------------------------------------------------------
 
-    def _take(self, data: bytes) -> None:
+    def _serve(self, data: bytes) -> None:
+        """Answer the request ``data`` holds, or hand the connection over."""
         request = parse(data)
         if request is None:
-            self._hand_over(data)
+            self._hand_over([data, *self._ahead])
+            return
+        ingest = self._server.ingest
+        started = time.perf_counter()
+        try:
+            decision = decide(ingest.rules, "GET", request.path, request.user_agent,
+                              request.forwarded, self._remote, request.prefetch)  # fmt: skip
+        except Exception:
+            # aiohttp's path decides again and answers whatever it answers (logged).
+            self._hand_over([data, *self._ahead])
+            return
+        answer = decision.answer
+        record = decision.record
+        if record is None:
+            ingest.counted(decision, started)
+            self._answer(request, answer)
             return
         self._stop_idle()
         self._busy = True
-        ingest = self._server.ingest
-        started = time.perf_counter()
-        path = request.path
-        if path.startswith(OPEN_PREFIX):
-            kind, token = "open", path[len(OPEN_PREFIX) :].removesuffix(OPEN_SUFFIX)
-        else:
-            kind, token = "click", path[len(CLICK_PREFIX) :]
-        head = _PIXEL
-        body = GIF
         try:
-            if kind == "click":
-                try:
-                    payload, target = click_target(ingest.keyring, ingest.redirect_hosts, token)
-                except tokens.InvalidToken as exc:
-                    ingest.metrics.invalid_token_counter("click", exc.reason).inc()
-                    ingest.observe("click", "invalid_token", started)
-                    # Never redirect on a token we cannot trust: an open redirect.
-                    self._answer(request, _INVALID, _INVALID_BODY)
-                    return
-                except Exception:
-                    # Whatever aiohttp's path does with it (an error answer, logged),
-                    # never the pixel on a click.
-                    self._busy = False
-                    self._hand_over(data)
-                    return
-                # click_target() gives only printable ASCII without spaces.
-                head = b" 302 Found\r\nLocation: " + target.encode() + b"\r\n" + _REDIRECT_REST
-                body = b""
-            else:
-                checked = ingest.verified("open", token)
-                if checked is None:
-                    ingest.observe("open", "invalid_token", started)
-                    self._answer(request, head, body)
-                    return
-                payload = checked
-            ip = ingest.client_ip(request.forwarded, self._remote)
-            event = ingest.encode(kind, payload, request.user_agent, ip, request.prefetch)
-            future = ingest.enqueuer.submit(event)
+            future = ingest.submit(record)
         except Exception:
-            ingest.observe(kind, ingest.record_failed(kind), started)
-            self._answer(request, head, body)
+            ingest.record_failed(record.kind, started)
+            self._answer(request, answer)
             return
 
         def durable(done: asyncio.Future[Outcome]) -> None:
             try:
-                outcome = ingest.settled(kind, done.result(), payload)
+                outcome = done.result()
             except (Exception, asyncio.CancelledError):
-                outcome = ingest.record_failed(kind)
-            ingest.observe(kind, outcome, started)
-            self._answer(request, head, body)
+                ingest.record_failed(record.kind, started)
+            else:
+                ingest.settled(record, outcome, started)
+            self._answer(request, answer)
 
-        future.add_done_callback(durable)
+        cast("asyncio.Future[Outcome]", future).add_done_callback(durable)
 
-    def _answer(self, request: Request, head: bytes, body: bytes) -> None:
+    def _answer(self, request: Request, answer: Answer) -> None:
         """Write the answer, then go on with what the client sent meanwhile."""
         self._busy = False
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        keep_alive = request.keep_alive and not self._server.closing and not self._eof
+        keep_alive = request.keep_alive and not self._server.closing
         # As aiohttp: say so only where the version's default is the other way.
         connection = b""
         if keep_alive and request.http10:
@@ -373,15 +326,15 @@ class FastConnection(asyncio.Protocol):
             connection = b"Connection: close\r\n"
         version = b"HTTP/1.0" if request.http10 else b"HTTP/1.1"
         date = self._server.date.now()
-        transport.write(b"".join((version, head, b"Date: ", date, b"\r\n", connection,
-                                  b"\r\n", body)))  # fmt: skip
+        transport.write(b"".join((version, answer.wire, b"Date: ", date, b"\r\n", SERVER,
+                                  connection, b"\r\n", answer.body)))  # fmt: skip
         if not keep_alive:
             transport.close()
             return
         if not self._write_paused:  # else resume_writing() goes on
-            self._go_on()
+            self._next_read()
 
-    def _go_on(self) -> None:
+    def _next_read(self) -> None:
         """Between answers: read again, and take what the client sent meanwhile."""
         transport = self._transport
         if transport is None or transport.is_closing():
@@ -389,9 +342,8 @@ class FastConnection(asyncio.Protocol):
         if self._paused:
             self._paused = False
             transport.resume_reading()
-        ahead, self._ahead = self._ahead, b""
-        if ahead:
-            self._take(ahead)
+        if self._ahead:
+            self._serve(self._ahead.pop(0))
         else:
             self._wait_idle()
 
@@ -400,25 +352,19 @@ class FastConnection(asyncio.Protocol):
             self._transport.pause_reading()
             self._paused = True
 
-    def _hand_over(self, data: bytes) -> None:
-        """From now on aiohttp serves this connection, starting with ``data``."""
+    def _hand_over(self, reads: list[bytes]) -> None:
+        """From now on aiohttp serves this connection, starting with ``reads``."""
         transport = self._transport
         self._server.fast.discard(self)
+        self._ahead = []
         if transport is None or transport.is_closing():
             return
         self._stop_idle()
         if self._paused:
             self._paused = False
             transport.resume_reading()
-        handler = self._server.aiohttp_protocol()
-        transport.set_protocol(handler)
-        handler.connection_made(transport)
-        if self._write_paused:
-            # The transport tells only its protocol of the time; aiohttp must know the
-            # buffer is full, or it would not wait for the drain.
-            cast(asyncio.BaseProtocol, handler).pause_writing()
-        handler.data_received(data)
         self._transport = None
+        hand_over(self._server, transport, reads, self._write_paused)
 
     # Idle connections and shutdown -----------------------------------------------------
 

@@ -124,7 +124,7 @@ def test_a_hung_beanstalkd_does_not_slow_ingest_down(
     # itself would take the whole 4 s.
     bound = 2 * (enqueue.PUT_STALL_S + 0.25)
     in_hang = answered(before, during)
-    slow = in_hang - answered(before, during, "1.0")
+    slow = in_hang - answered(before, during, "1.0")  # the label as Prometheus writes it
     p99 = histogram_quantile(0.99, before, during, DURATION)
     report(
         "beanstalkd hung (SIGSTOP 4 s)",

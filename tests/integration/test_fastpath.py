@@ -325,7 +325,14 @@ def test_a_client_that_never_reads_its_answers_is_not_answered_into_memory(
         ingest = Ingest(settings)
         await ingest.start()
         server = FastServer(ingest, access_log=None)
-        listener = await asyncio.get_running_loop().create_server(server, "127.0.0.1", 0)
+        # Small buffers from the start: an accepted socket inherits them from its
+        # listener (Linux). Set only once the connection shows up, the kernel could
+        # already have grown the send buffer to hold every answer.
+        listening = socket.socket()
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        listening.bind(("127.0.0.1", 0))
+        listener = await asyncio.get_running_loop().create_server(server, sock=listening)
         largest, handed = 0, 0
         transports: dict[object, asyncio.Transport] = {}
         sending = asyncio.ensure_future(

@@ -102,6 +102,11 @@ LEFT_TO_AIOHTTP = {
     "HTTP/1.1 without Host": f"GET /o/{TOKEN}.gif HTTP/1.1\r\nUser-Agent: a\r\n\r\n".encode(),
     "Sec-WebSocket-Key1": request(f"GET /o/{TOKEN}.gif HTTP/1.1", "Sec-WebSocket-Key1: 1"),
     "too many headers": request(f"GET /o/{TOKEN}.gif HTTP/1.1", *(f"X-{i}: v" for i in range(130))),
+    # aiohttp's parser (llhttp) reads Proxy-Connection as Connection, either way.
+    "Proxy-Connection: close": request(f"GET /o/{TOKEN}.gif HTTP/1.1", "Proxy-Connection: close"),
+    "HTTP/1.0, Proxy-Connection: keep-alive": request(
+        f"GET /o/{TOKEN}.gif HTTP/1.0", "Proxy-Connection: keep-alive"
+    ),
     # Contradictory Connection tokens: aiohttp's rules decide.
     "close and keep-alive": request(
         f"GET /o/{TOKEN}.gif HTTP/1.0", "Connection: keep-alive, close"

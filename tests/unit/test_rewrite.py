@@ -314,7 +314,7 @@ def test_the_pixel_goes_in_the_last_cell_before_body_in_a_zero_height_block() ->
 
 
 def test_the_invalid_link_page_fits_a_phone_screen() -> None:
-    from ingest.app import INVALID_LINK_PAGE
+    from ingest.decide import INVALID_LINK_PAGE
 
     assert '<meta charset="utf-8">' in INVALID_LINK_PAGE
     assert '<meta name="viewport" content="width=device-width,initial-scale=1">' in (

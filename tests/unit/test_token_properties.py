@@ -2,7 +2,7 @@
 
 - No mutation of a valid token verifies: a changed, cut, extended or re-spelled token
   is refused, even when the re-spelling carries a correct MAC.
-- The click route's decision (ingest.app.click_target) never yields a redirect target
+- The click route's decision (ingest.decide.click_target) never yields a redirect target
   other than one that was signed, whatever it is given, signed or not.
 - A target that gets through, and the Location header made from it, never holds a
   control character, whitespace, a backslash or a non-ASCII character.
@@ -18,7 +18,7 @@ import orjson
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from ingest.app import click_target, redirect_answer
+from ingest.decide import click_target, redirect
 from trackbuf import tokens
 from trackbuf.redirect_hosts import RedirectHosts
 from trackbuf.tokens import InvalidToken, Keyring, LinkError, LinkPayload
@@ -193,7 +193,7 @@ def test_a_click_redirects_only_to_the_target_it_was_signed_for(
         host = urlsplit(target).hostname or ""
         if allowed is SOME_HOSTS:
             assert host == "shop.example.com" or host.endswith(".example.org")
-        location = redirect_answer(target).headers["Location"]
+        location = dict(redirect(target).headers)["Location"]
         assert location == target
         assert_clean(location)
 
