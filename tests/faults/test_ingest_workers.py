@@ -77,7 +77,9 @@ def start_supervisor(settings: Settings, log: Path) -> tuple[Process, set[int]]:
     proc = Process(settings, "ingest", log_path=log)
     deadline = time.monotonic() + 30
     while len(listening_workers(log)) < settings.workers:
-        assert proc.proc.poll() is None, f"ingest exited with {proc.proc.returncode}"
+        assert proc.proc.poll() is None, (
+            f"ingest exited with {proc.proc.returncode}\n{log.read_text() if log.exists() else ''}"
+        )
         assert time.monotonic() < deadline, log.read_text()
         time.sleep(0.05)
     workers = children(proc.proc.pid)

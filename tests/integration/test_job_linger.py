@@ -37,7 +37,11 @@ LINGER_S = 1.0  # long next to a trickle of 5 events 2 ms apart, even on a slow 
 
 
 def jobs(servers: list[Beanstalkd]) -> list[list[str]]:
-    """The recipients of each job queued on ``servers``; the jobs are deleted."""
+    """The recipients of each job queued on ``servers``, each job once; the jobs are
+    deleted. In a pool, a put that outlasts the stall bound (0.1 s: a first put into a
+    fresh binlog on a busy machine can) is handed to another server as well, by design
+    (at-least-once; the consumer's insert absorbs the copy), so a job may be found
+    twice: the same events, in two places."""
     found = []
     for server in servers:
         with greenstalk.Client(("127.0.0.1", server.port), encoding=None, watch=TUBE) as c:
@@ -48,7 +52,7 @@ def jobs(servers: list[Beanstalkd]) -> list[list[str]]:
                     break
                 found.append(sorted(e.recipient for e in codec.decode_job(bytes(job.body))))
                 c.delete(job)
-    return found
+    return [list(job) for job in sorted({tuple(job) for job in found})]
 
 
 def enqueuer(servers: list[Beanstalkd], linger_s: float) -> Enqueuer | PoolEnqueuer:
