@@ -98,6 +98,7 @@ def _run(settings: Settings, explicit: frozenset[str]) -> int:
         ingest = stack.enter_context(_child(["ingest"], {**env, INSTANCE_ENV: instance}))
         children = [ingest, consumer]
         wait_own_ingest(settings.listen, instance, children)
+        wait_consumer(settings.metrics_listen, children)
         _banner(settings)
         while not stop() and all(child.poll() is None for child in children):
             time.sleep(0.2)
@@ -352,6 +353,21 @@ def wait_own_ingest(
         ) from None
     except TimeoutError:
         raise UpError(f"ingest did not answer {url}") from None
+
+
+def wait_consumer(
+    metrics_listen: str, children: list[subprocess.Popen[bytes]], timeout: float = STARTUP_TIMEOUT_S
+) -> None:
+    """Until the consumer answers /healthz: the banner sends the user to `trackbuf
+    status`, which reads the consumer's /metrics, and on a loaded machine the consumer
+    (loading its classification lists) can be seconds behind ingest."""
+    url = f"http://{metrics_listen}/healthz"
+    try:
+        httpwait.wait_http(url, children, timeout)
+    except httpwait.ProcessExited:
+        raise UpError("a trackbuf process exited during startup; its message is above") from None
+    except TimeoutError:
+        raise UpError(f"the consumer did not answer {url}") from None
 
 
 def _banner(settings: Settings) -> None:
