@@ -39,6 +39,8 @@ def settings(beanstalkd: Beanstalkd, tmp_path: Path) -> Settings:
             "beanstalkd": beanstalkd.address,
             "signing_keys": KEYS,
             "listen": f"127.0.0.1:{free_port()}",
+            # Never the default 9107: another program (or another suite) may hold it.
+            "admin_listen": f"127.0.0.1:{free_port()}",
             "workers": 2,
             "data_dir": str(tmp_path / "data"),
             "shutdown_timeout": SHUTDOWN_TIMEOUT,

@@ -245,6 +245,7 @@ def fuzz_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzTarget
     queue = Beanstalkd(work / "binlog").start()
     settings = load({}, overrides={"beanstalkd": queue.address, "signing_keys": KEYS,
                                    "listen": f"127.0.0.1:{free_port()}",
+                                   "admin_listen": f"127.0.0.1:{free_port()}",
                                    "spool_dir": str(work / "spool")})  # fmt: skip
     ingest = start_ingest(settings, work / "ingest.log")
     LIVE.remove(ingest)  # outlives the per-test clean-up; stopped below

@@ -259,11 +259,13 @@ def test_a_consumer_given_an_unreadable_egress_file_says_so_and_exits_2(
 
     from consumer import run as consumer_run
     from consumer.classify import configure
+    from tests.servers import free_port
     from trackbuf import settings as tsettings
 
     bad = Path(str(tmp_path)) / "egress.csv"
     bad.write_text("172.224.226.0/27,GB,,,\n<html>not the file</html>\n")
     settings = tsettings.load({}, overrides={"database_url": "postgresql://t@127.0.0.1:9/t",
+                                             "metrics_listen": f"127.0.0.1:{free_port()}",
                                              "apple_egress_csv": str(bad)})  # fmt: skip
     try:
         assert consumer_run.run(settings) == 2
