@@ -36,6 +36,12 @@ def run(
     exit then closes its connections, which hands its jobs back to beanstalkd.
     """
     settings.require_database()
+    # Before the seconds spent reading the classification lists: a stop asked for
+    # while they load is a clean stop (exit 0), not a death by signal.
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: stop.set())
     classify.configure(settings.apple_egress_csv)
     try:
         classify.classifier()  # the rules and the source snapshots, read once, here
@@ -43,10 +49,9 @@ def run(
         log.error(kv("classification_rules_unreadable", error=str(exc)))
         print(f"trackbuf consume: cannot read the classification rules: {exc}", file=sys.stderr)
         return 2
-    stop = stop or threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda signum, frame: stop.set())
+    if stop.is_set():
+        log.info(kv("consumer_stopped", jobs=0, crashed=False))
+        return 0
     registry = registry if registry is not None else CollectorRegistry()
     metrics = ConsumerMetrics.create(registry)
     QueueCollector(settings.beanstalkd_addresses, settings.tube).register(registry)

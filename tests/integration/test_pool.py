@@ -56,14 +56,15 @@ def test_two_consumer_processes_on_one_pool_store_every_event_once(
 ) -> None:
     settings: Settings = make_settings(beanstalkd=pool_address(beanstalkd_pool), threads=2)
     sent = fill(beanstalkd_pool, jobs_each=300, events_per_job=2)
+    second: Settings = make_settings(beanstalkd=pool_address(beanstalkd_pool), threads=2)
     consumers = [
         Process(settings, "consume", log_path=tmp_path / "a.log"),
-        Process(
-            make_settings(beanstalkd=pool_address(beanstalkd_pool), threads=2),
-            "consume",
-            log_path=tmp_path / "b.log",
-        ),
+        Process(second, "consume", log_path=tmp_path / "b.log"),
     ]
+    # Both running before the check: on a busy machine the first can store everything
+    # while the second still starts.
+    for consumer, its in zip(consumers, (settings, second), strict=True):
+        consumer.wait_http(f"http://{its.metrics_listen}/healthz", timeout=60)
     found = wait_stored(settings.database_url, len(sent))
     for consumer in consumers:
         assert consumer.terminate() == 0
