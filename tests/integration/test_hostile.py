@@ -247,12 +247,16 @@ def fuzz_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzTarget
                                    "listen": f"127.0.0.1:{free_port()}",
                                    "admin_listen": f"127.0.0.1:{free_port()}",
                                    "spool_dir": str(work / "spool")})  # fmt: skip
-    ingest = start_ingest(settings, work / "ingest.log")
-    LIVE.remove(ingest)  # outlives the per-test clean-up; stopped below
     try:
-        yield FuzzTarget(f"http://{settings.listen}", queue)
+        # Inside the try: an ingest that fails to start must not leave beanstalkd
+        # running (its Popen, collected later, fails whichever test is running then).
+        ingest = start_ingest(settings, work / "ingest.log")
+        LIVE.remove(ingest)  # outlives the per-test clean-up; stopped below
+        try:
+            yield FuzzTarget(f"http://{settings.listen}", queue)
+        finally:
+            ingest.kill()
     finally:
-        ingest.kill()
         queue.kill()
 
 
