@@ -31,8 +31,8 @@ import greenstalk
 import pytest
 
 from tests.procs import Process, start_ingest
-from tests.servers import Beanstalkd, free_port
-from trackbuf import codec, links
+from tests.servers import Beanstalkd, free_port, taken_jobs
+from trackbuf import links
 from trackbuf.settings import Settings
 from trackbuf.tokens import Keyring
 
@@ -290,17 +290,12 @@ def events_by_sequence(server: Beanstalkd, tube: str) -> Events:
     """Every queued event, per sequence and attempt, read with greenstalk (not
     trackbuf's own client)."""
     found: Events = {}
-    with greenstalk.Client(("127.0.0.1", server.port), encoding=None, watch=tube) as client:
-        while True:
-            try:
-                job = client.reserve(timeout=0)
-            except greenstalk.TimedOutError:
-                return found
-            for e in codec.decode_job(bytes(job.body)):
-                name = e.recipient.split("-")[0]
-                key = (e.kind, e.campaign, e.recipient, e.url, e.user_agent, e.ip)
-                found.setdefault(name, Counter())[key] += 1
-            client.delete(job)
+    for job in taken_jobs(server, tube):
+        for e in job:
+            name = e.recipient.split("-")[0]
+            key = (e.kind, e.campaign, e.recipient, e.url, e.user_agent, e.ip)
+            found.setdefault(name, Counter())[key] += 1
+    return found
 
 
 def settle(server: Beanstalkd, tubes: list[str]) -> None:

@@ -18,7 +18,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import greenstalk
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -26,7 +25,7 @@ from ingest.enqueue import Enqueuer, Outcome
 from ingest.linger import ENOUGH_EVENTS
 from ingest.metrics import IngestMetrics
 from ingest.pool import PoolEnqueuer
-from tests.servers import Beanstalkd
+from tests.servers import Beanstalkd, taken_jobs
 from trackbuf import codec
 from trackbuf.events import new_event
 
@@ -42,16 +41,7 @@ def jobs(servers: list[Beanstalkd]) -> list[list[str]]:
     fresh binlog on a busy machine can) is handed to another server as well, by design
     (at-least-once; the consumer's insert absorbs the copy), so a job may be found
     twice: the same events, in two places."""
-    found = []
-    for server in servers:
-        with greenstalk.Client(("127.0.0.1", server.port), encoding=None, watch=TUBE) as c:
-            while True:
-                try:
-                    job = c.reserve(timeout=0)
-                except greenstalk.TimedOutError:
-                    break
-                found.append(sorted(e.recipient for e in codec.decode_job(bytes(job.body))))
-                c.delete(job)
+    found = [sorted(e.recipient for e in job) for s in servers for job in taken_jobs(s, TUBE)]
     return [list(job) for job in sorted({tuple(job) for job in found})]
 
 
