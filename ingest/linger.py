@@ -2,7 +2,7 @@
 
 Natural batching alone (take whatever arrived while the previous put was in flight)
 makes small jobs at moderate rates: a put on a nearby server answers in a tenth of a
-millisecond, and at 5,000 events/s the next event comes 0.2 ms later. Every job costs
+millisecond, and at 3,000 events/s the next event comes 0.3 ms later. Every job costs
 its own put, its own reserve and delete in the consumer, and its own records in
 beanstalkd's memory and binlog. Holding the first event of a job for a millisecond or
 two lets the next ones join it.
@@ -22,8 +22,10 @@ import asyncio
 __all__ = ["ENOUGH_EVENTS", "Linger"]
 
 # A job of this many events is worth putting now: past it, the put's own cost per event
-# is small next to the request's, and waiting longer only adds latency.
-ENOUGH_EVENTS = 16
+# (a put, a reserve, a delete, binlog records: about 0.4 ms of CPU across the pipeline)
+# is small next to the request's, and waiting longer only adds latency. 16 ended 5 ms
+# lingers at smooth 3,000 events/s before the job was worth it (BENCHMARKS.md).
+ENOUGH_EVENTS = 32
 
 
 class Linger:

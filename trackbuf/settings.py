@@ -86,7 +86,7 @@ class Settings:
         },
     )
     job_linger_ms: float = field(
-        default=2.0,
+        default=5.0,
         metadata={
             "help": "ingest: max wait of a job's first event for others to join it "
             "(0 to 50; 0 puts each job at once)"
