@@ -37,7 +37,7 @@ class Migration:
 
 def available() -> list[Migration]:
     found = []
-    for entry in resources.files("consumer").joinpath("migrations").iterdir():
+    for entry in resources.files("store").joinpath("migrations").iterdir():
         match = _FILE.match(entry.name)
         if match:
             found.append(Migration(int(match.group(1)), match.group(2), entry.read_text()))
@@ -73,7 +73,7 @@ async def migrate(conn: asyncpg.Connection, up_to: int | None = None) -> list[in
             log.info(kv("migration_applied", version=migration.version, name=migration.name))
             applied_now.append(migration.version)
         # Every deploy also makes the coming months' partitions of events (consumers do
-        # it hourly too; see consumer/partitions.py).
+        # it hourly too; see store/partitions.py).
         if await conn.fetchval("SELECT to_regproc('trackbuf_ensure_event_partitions')"):
             await conn.execute("SELECT trackbuf_ensure_event_partitions(2)")
     finally:
