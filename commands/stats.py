@@ -14,9 +14,6 @@ from store.reports import KINDS, BadRequest, Period, fetch, rate
 TOP = 10  # links and clients in the summary
 
 
-# Text -------------------------------------------------------------------------------
-
-
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value * 100:.1f}%"
 
