@@ -54,7 +54,8 @@ def violations(root: Path, package: str) -> list[str]:
     out = []
     for path in sorted((root / package).rglob("*.py")):
         imported = imported_packages(path) - {package}
-        allowed = ALLOWED[package] | ENTRY.get((package, path.name), set())
+        module = path.relative_to(root / package).as_posix()
+        allowed = ALLOWED[package] | ENTRY.get((package, module), set())
         wrong = (imported & OURS) - allowed
         if package in THIRD_PARTY:
             wrong |= imported - OURS - STDLIB - THIRD_PARTY[package]
