@@ -7,6 +7,8 @@ COPY pyproject.toml README.md ./
 COPY trackbuf ./trackbuf
 COPY ingest ./ingest
 COPY consumer ./consumer
+COPY store ./store
+COPY commands ./commands
 RUN pip install --no-cache-dir . && useradd --system --home /var/lib/trackbuf trackbuf \
     && mkdir -p /var/lib/trackbuf && chown trackbuf /var/lib/trackbuf
 USER trackbuf

@@ -138,7 +138,7 @@ class BucketHistogram(Collector):
         self._lock = threading.Lock()
         registry.register(self)
 
-    def observe(self, value: float, count: int = 1) -> None:
+    def observe_many(self, value: float, count: int = 1) -> None:
         # Prometheus buckets are "less than or equal": the first bound >= value.
         slot = bisect.bisect_left(self.bounds, value)
         with self._lock:

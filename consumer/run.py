@@ -11,13 +11,13 @@ import time
 from prometheus_client import CollectorRegistry
 
 from consumer import classify
-from consumer.forget import expire_loop
 from consumer.health import Health, serve
 from consumer.metrics import ConsumerMetrics
-from consumer.partitions import ensure_loop
 from consumer.queue_metrics import QueueCollector
 from consumer.turns import Turns
 from consumer.worker import Worker
+from store.forget import expire_loop
+from store.partitions import ensure_loop
 from trackbuf.log import kv
 from trackbuf.settings import Settings, parse_hostport
 

@@ -34,21 +34,21 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from consumer import queue
 from consumer.batch import Batch, halves
-from consumer.database import Database, DatabaseUnavailable, RejectedData, WriteResult
 from consumer.health import Health
 from consumer.metrics import ConsumerMetrics
 from consumer.pacing import Pace
-from consumer.sql import query
 from consumer.turns import Turn, Turns
-from trackbuf import codec
+from consumer.writer import EventWriter, WriteResult
+from store.database import DatabaseUnavailable, RejectedData
+from store.sql import query
+from trackbuf import beanstalk_client, codec
 from trackbuf.log import kv
 from trackbuf.settings import Settings
 
 log = logging.getLogger("trackbuf.consumer")
 
-Job = queue.Job
+Job = beanstalk_client.Job
 
 # Timeout of every blocking reserve (beanstalkd counts whole seconds). The worker waits
 # less than that on its own clock when a batch's linger ends sooner; the reserve stays
@@ -92,7 +92,7 @@ class Server:
     kicker: bool
     # Only the thread holding it collects a batch from this server (consumer/turns.py).
     turn: Turn = field(default_factory=Turn)
-    client: queue.Client | None = None
+    client: beanstalk_client.Client | None = None
     backoff: float = BACKOFF_START_S
     retry_at: float = 0.0
     next_kick: float = 0.0
@@ -141,7 +141,7 @@ class Worker:
         self.health = health
         self.stop = stop
         self.state = WorkerState()
-        self._db = Database(settings.require_database())
+        self._db = EventWriter(settings.require_database())
         pool = settings.beanstalkd_addresses
         turns = turns if turns is not None else Turns()
         # The first worker on a server (index < pool size) kicks its buried jobs: every
@@ -257,7 +257,7 @@ class Worker:
                 return batch
             if self.settings.burst:
                 # Drain what is queued and never wait: many jobs per round trip.
-                jobs = self._take(server, batch.jobs_wanted(PIPELINE_JOBS))
+                jobs = self._reserve_ready(server, batch.jobs_wanted(PIPELINE_JOBS))
                 server.empty = not jobs and not batch.items
                 if not jobs:
                     return batch
@@ -265,7 +265,7 @@ class Worker:
             wanted = batch.jobs_wanted(PIPELINE_JOBS)
             size = 0 if server.waiting else server.pace.round_size(wanted)
             if size:
-                jobs = self._take(server, size)
+                jobs = self._reserve_ready(server, size)
                 server.pace.took(size, len(jobs))
                 continue
             if not batch.items:
@@ -276,12 +276,12 @@ class Worker:
                 self._begin_wait(server)
             self._poll(batch.remaining(now), only=server)
 
-    def _take(self, server: Server, size: int) -> list[Job]:
+    def _reserve_ready(self, server: Server, size: int) -> list[Job]:
         """Up to ``size`` jobs that are ready now, in one round trip, into ``carried``."""
         assert server.client is not None
         try:
             jobs, deadline_soon = server.client.reserve_ready(size)
-        except queue.CONNECTION_ERRORS as exc:
+        except beanstalk_client.CONNECTION_ERRORS as exc:
             self._lost(server, exc)
             return []
         self.metrics.reserve_commands.inc(size)
@@ -294,7 +294,7 @@ class Worker:
         assert server.client is not None
         try:
             server.client.begin_reserve(RESERVE_TIMEOUT_S)
-        except queue.CONNECTION_ERRORS as exc:
+        except beanstalk_client.CONNECTION_ERRORS as exc:
             self._lost(server, exc)
             return
         server.sent_at = time.monotonic()
@@ -321,9 +321,9 @@ class Worker:
         assert server.client is not None
         try:
             job = server.client.finish_reserve()
-        except queue.DeadlineSoon:
+        except beanstalk_client.DeadlineSoon:
             server.deadline_soon = True
-        except queue.CONNECTION_ERRORS as exc:
+        except beanstalk_client.CONNECTION_ERRORS as exc:
             self._lost(server, exc)
             return
         else:
@@ -362,9 +362,9 @@ class Worker:
 
     def _connect(self, server: Server) -> None:
         try:
-            server.client = queue.connect(server.address, self.settings.tube)
-        except queue.CONNECTION_ERRORS as exc:
-            hung = isinstance(exc, queue.NotAnswering)
+            server.client = beanstalk_client.connect(server.address, self.settings.tube)
+        except beanstalk_client.CONNECTION_ERRORS as exc:
+            hung = isinstance(exc, beanstalk_client.NotAnswering)
             event = "beanstalkd_hung" if hung else "beanstalkd_unreachable"
             log.error(kv(event, worker=self.index, beanstalkd=where(server.address),
                          error=repr(exc)))  # fmt: skip
@@ -450,7 +450,7 @@ class Worker:
             occurred = codec.first_event_time(job.body)
             if occurred is not None:
                 count = codec.event_count(job.body) or 1
-                self.metrics.end_to_end.observe(committed - occurred, count)
+                self.metrics.end_to_end.observe_many(committed - occurred, count)
 
     def _salvage(self, job: Job, reason: str, pending: dict[int, Job]) -> None:
         """Store a job's good events one by one and set its bad ones aside."""
@@ -504,7 +504,7 @@ class Worker:
             # NOT_FOUND is not an error: TTR ran out and someone else has the job; their
             # insert skips what we stored.
             self.state.jobs_done += server.client.delete_many(jobs)
-        except queue.CONNECTION_ERRORS as exc:
+        except beanstalk_client.CONNECTION_ERRORS as exc:
             log.warning(kv("delete_failed", worker=self.index, error=repr(exc),
                            beanstalkd=where(server.address)))  # fmt: skip
             self._drop(server)
@@ -516,13 +516,13 @@ class Worker:
         for job in jobs:
             try:
                 server.client.release(job)
-            except queue.NotFound:
+            except beanstalk_client.NotFound:
                 pass  # gone (TTR): someone else has it
-            except queue.Buried:
+            except beanstalk_client.Buried:
                 # Kept, but buried by a server out of memory: counted (it pins binlog
                 # files and says beanstalkd is in trouble); the kicker brings it back.
                 self.metrics.buried_jobs.inc()
-            except queue.CONNECTION_ERRORS:
+            except beanstalk_client.CONNECTION_ERRORS:
                 self._drop(server)  # closing releases everything we still held
                 return
 
@@ -582,9 +582,9 @@ class Worker:
             if not buried:
                 return
             kicked = server.client.kick(KICK_BOUND)
-        except queue.NotFound:
+        except beanstalk_client.NotFound:
             return  # the tube does not exist yet: nothing was ever put
-        except queue.CONNECTION_ERRORS as exc:
+        except beanstalk_client.CONNECTION_ERRORS as exc:
             self._lost(server, exc)
             return
         self.metrics.kicked_jobs.inc(kicked)
@@ -618,4 +618,6 @@ def lost_or_hung(exc: BaseException) -> str:
     """The log event for a connection given up: a server that holds the connection and
     does not answer (memory pressure, a stuck disk, stopped) is not one that went away,
     and reconnecting does not cure it."""
-    return "beanstalkd_hung" if isinstance(exc, queue.NotAnswering) else "beanstalkd_lost"
+    return (
+        "beanstalkd_hung" if isinstance(exc, beanstalk_client.NotAnswering) else "beanstalkd_lost"
+    )

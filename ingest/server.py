@@ -197,7 +197,7 @@ def _run_workers(
         "TRACKBUF_WORKERS": "1",
         "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
     }
-    cmd = [sys.executable, "-m", "trackbuf", "ingest"]
+    cmd = [sys.executable, "-m", "commands", "ingest"]
     fds = [sock.fileno() for sock in (*listeners, *admin)]
 
     def spawn() -> subprocess.Popen[bytes]:

@@ -5,7 +5,7 @@ recipients at the full size, 20 links, 30 days, a share of them machines) is wri
 straight into ``events`` by SQL, its rollups are counted by ``trackbuf rollups
 rebuild`` (the same counts the consumer keeps; tests/integration/test_rollups.py holds
 the two to each other), and then the report is read the way the CLI reads it
-(``consumer.stats.fetch`` on an open connection), several times per shape. The
+(``store.reports.fetch`` on an open connection), several times per shape. The
 command as a whole (a new Python process and connection) is timed too, separately:
 most of that is Python starting up, whatever the campaign's size.
 """
@@ -22,8 +22,8 @@ from typing import Any
 
 import asyncpg
 
-from consumer import stats
 from loadtest import stack as st
+from store import reports
 
 CAMPAIGN = "big-campaign"
 ROUNDS = 15
@@ -78,11 +78,11 @@ async def _time_reports(dsn: str) -> dict[str, dict[str, float]]:
             since = None
             if "days" in shape:
                 since = time.strftime("%Y-%m-%d", time.gmtime(time.time() - shape["days"] * 86400))
-            period = stats.Period.parse(since, None, "UTC")
+            period = reports.Period.parse(since, None, "UTC")
             timings = []
             for _ in range(ROUNDS):
                 started = time.perf_counter()
-                report, stored = await stats.fetch(conn, CAMPAIGN, period, shape["by"])
+                report, stored = await reports.fetch(conn, CAMPAIGN, period, shape["by"])
                 timings.append((time.perf_counter() - started) * 1000)
                 if not stored or not report["open"]["total"]:
                     raise RuntimeError(f"stats {name}: the report is empty")
@@ -98,7 +98,7 @@ def bench_stats(work: Path, events: int) -> dict[str, Any]:
     try:
         fill_s = asyncio.run(_fill(stack.dsn, events))
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "trackbuf", "rollups", "rebuild",
+        subprocess.run([sys.executable, "-m", "commands", "rollups", "rebuild",
                         "--campaign", CAMPAIGN], env=stack.env(), check=True,
                        capture_output=True)  # fmt: skip
         rebuild_s = time.perf_counter() - started
@@ -112,7 +112,7 @@ def bench_stats(work: Path, events: int) -> dict[str, Any]:
         cli = []
         for _ in range(3):
             started = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "trackbuf", "stats", "--campaign", CAMPAIGN],
+            subprocess.run([sys.executable, "-m", "commands", "stats", "--campaign", CAMPAIGN],
                            env=stack.env(), check=True, capture_output=True)  # fmt: skip
             cli.append(time.perf_counter() - started)
         rollup_rows = int(str(stack.sql(

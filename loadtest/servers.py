@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from consumer import queue
+from trackbuf import beanstalk_client
 
 
 def rss_bytes(pid: int) -> int:
@@ -109,20 +109,20 @@ class Beanstalkd:
         assert self.proc is not None
         return rss_bytes(self.proc.pid)
 
-    def client(self, tube: str = "trackbuf-events") -> queue.Client:
+    def client(self, tube: str = "trackbuf-events") -> beanstalk_client.Client:
         """The consumer's own client: the one beanstalkd protocol layer trackbuf has."""
-        return queue.connect(("127.0.0.1", self.port), tube)
+        return beanstalk_client.connect(("127.0.0.1", self.port), tube)
 
     def stats(self) -> dict[str, int]:
         """The server-wide counters (``stats``): commands run, binlog indexes, limits."""
-        with queue.connect(("127.0.0.1", self.port), "default", watch=False) as client:
+        with beanstalk_client.connect(("127.0.0.1", self.port), "default", watch=False) as client:
             return _numbers(client.stats())
 
     def tube_stats(self, tube: str = "trackbuf-events") -> dict[str, int]:
-        with queue.connect(("127.0.0.1", self.port), "default", watch=False) as client:
+        with beanstalk_client.connect(("127.0.0.1", self.port), "default", watch=False) as client:
             try:
                 return _numbers(client.stats_tube(tube))
-            except queue.NotFound:
+            except beanstalk_client.NotFound:
                 return {"current-jobs-ready": 0, "current-jobs-reserved": 0,
                         "current-jobs-buried": 0, "current-jobs-delayed": 0}  # fmt: skip
 

@@ -64,7 +64,7 @@ class Stack:
         bs = Beanstalkd(work / f"{name}-binlog", "-f", "0").start()
         dsn = pg.dsn()
         subprocess.run(
-            [sys.executable, "-m", "trackbuf", "migrate"],
+            [sys.executable, "-m", "commands", "migrate"],
             env={**os.environ, "TRACKBUF_DATABASE_URL": dsn},
             check=True, capture_output=True, cwd=REPO,
         )  # fmt: skip
@@ -84,7 +84,7 @@ class Stack:
 
     def trackbuf(self, name: str, *args: str, **env: str) -> Proc:
         return Proc(
-            [sys.executable, "-m", "trackbuf", *args], self.work / f"{name}.log", self.env(**env)
+            [sys.executable, "-m", "commands", *args], self.work / f"{name}.log", self.env(**env)
         )
 
     def sql(self, query: str) -> object:

@@ -37,7 +37,7 @@ def run(coro):  # type: ignore[no-untyped-def]
 
 
 async def _migrate_template(dsn_admin: str, dsn_template: str) -> None:
-    from consumer.migrate import migrate
+    from store.migrate import migrate
 
     admin = await asyncpg.connect(dsn_admin)
     try:

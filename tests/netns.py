@@ -45,9 +45,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from consumer import queue
 from loadtest.servers import Postgres
 from tests.procs import ROOT, env_for
+from trackbuf import beanstalk_client
 from trackbuf.httpwait import wait_http
 from trackbuf.settings import Settings
 
@@ -261,14 +261,16 @@ class QueueServer:
 
     def stats(self) -> dict[str, int]:
         """Server-wide counters (``cmd-put``, ...), read from outside the host."""
-        with queue.connect((self.host.address, self.port), "default", False, 2) as client:
+        address = (self.host.address, self.port)
+        with beanstalk_client.connect(address, "default", False, 2) as client:
             return {k: v for k, v in client.stats().items() if isinstance(v, int)}
 
     def tube_stats(self, tube: str = "trackbuf-events") -> dict[str, int]:
-        with queue.connect((self.host.address, self.port), "default", False, 2) as client:
+        address = (self.host.address, self.port)
+        with beanstalk_client.connect(address, "default", False, 2) as client:
             try:
                 found = client.stats_tube(tube)
-            except queue.NotFound:
+            except beanstalk_client.NotFound:
                 return {"current-jobs-ready": 0, "current-jobs-reserved": 0, "cmd-put": 0}
         return {k: v for k, v in found.items() if isinstance(v, int)}
 
@@ -363,9 +365,9 @@ class Network:
         return self._netem
 
     def trackbuf(self, host: Host, settings: Settings, *args: str, name: str = "") -> HostProcess:
-        """``python -m trackbuf <args>`` inside ``host``, configured by ``settings``."""
+        """``python -m commands <args>`` inside ``host``, configured by ``settings``."""
         name = name or f"{args[0]}@{host.name}"
-        return HostProcess(host, name, [sys.executable, "-m", "trackbuf", *args],
+        return HostProcess(host, name, [sys.executable, "-m", "commands", *args],
                            self.workdir / f"{name}.log", env_for(settings))  # fmt: skip
 
     def start_ingest(self, host: Host, settings: Settings, name: str = "") -> HostProcess:

@@ -26,7 +26,7 @@ def trackbuf(
     settings: Settings, *args: str, timeout: float = 120, input: str | None = None, **extra: str
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "trackbuf", *args],
+        [sys.executable, "-m", "commands", *args],
         input=input,
         env=env_for(settings, **extra),
         capture_output=True,
@@ -49,7 +49,7 @@ class Process:
         out = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "trackbuf", *args],
+                [sys.executable, "-m", "commands", *args],
                 env=env_for(settings),
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 import yaml
 
+from commands import reference
 from ingest.server import STOP_GRACE_S
 from ingest.supervisor import EXIT_MARGIN_S
-from trackbuf import reference
 from trackbuf.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,7 +1,7 @@
 """The docs name only settings, metrics, commands and flags that exist, and miss none.
 
 Settings, commands and metrics are listed once, in tables generated from the code
-(``python -m trackbuf.reference``): the committed tables must equal what the code makes
+(``python -m commands.reference``): the committed tables must equal what the code makes
 now, so a new setting, flag, command or metric cannot ship undocumented. Everywhere
 else in the docs (README.md, docs/*.md, BENCHMARKS.md, and the deployment files under
 deploy/), every ``TRACKBUF_`` variable, ``trackbuf_`` metric, ``trackbuf <command>``
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from trackbuf import reference
+from commands import reference
 from trackbuf.settings import Settings, env_name, flag_name
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -214,7 +214,7 @@ def docs() -> dict[str, str]:
 
 
 def test_the_generated_tables_equal_what_the_code_makes() -> None:
-    # On failure: python -m trackbuf.reference rewrites them.
+    # On failure: python -m commands.reference rewrites them.
     assert reference.stale() == []
 
 

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from consumer.inspect import COLUMNS
+from commands.events import COLUMNS
 from trackbuf import links, tokens
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,7 +71,7 @@ def test_the_readme_is_short_and_links_on() -> None:
 
 
 def test_the_tours_events_output_is_what_trackbuf_events_prints() -> None:
-    # consumer/inspect.py prints a tab-separated header, then one row per event.
+    # commands/events.py prints a tab-separated header, then one row per event.
     # The fence that closes the command, the text, then the fence around the output.
     block = README.split("trackbuf events\n", 1)[1].split("```\n")[2]
     header, *rows = block.splitlines()

@@ -1,6 +1,8 @@
-"""trackbuf's shared core: events, wire codec, link tokens, settings.
+"""trackbuf's shared core: events, wire codec, link tokens, settings, the beanstalkd
+protocol and a blocking client.
 
-Standard library and orjson only; it imports neither ``ingest`` nor ``consumer``.
+Standard library and orjson only; it imports none of the packages above it
+(``store``, ``ingest``, ``consumer``, ``commands``).
 """
 
 __version__ = "0.1.0"

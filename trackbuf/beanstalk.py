@@ -2,7 +2,7 @@
 
 trackbuf talks to beanstalkd from two places: ingest puts from its asyncio event loop
 (``ingest/bsproto.py``) and the consumer reserves and deletes from blocking worker
-threads (``consumer/queue.py``). Both format their commands and read the server's
+threads (``trackbuf/beanstalk_client.py``). Both format their commands and read the server's
 replies with this module, so there is one protocol layer; each side only owns a socket
 and the way it waits on it.
 

@@ -26,7 +26,7 @@ def cli(
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKBUF_")}
     env.update(extra, PYTHONPATH=str(ROOT), COLUMNS="300")
     return subprocess.run(
-        [sys.executable, "-m", "trackbuf", *args],
+        [sys.executable, "-m", "commands", *args],
         env=env, capture_output=True, text=True, cwd=cwd, timeout=timeout,
     )  # fmt: skip
 
@@ -135,7 +135,7 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(
     os.close(read_end)  # a reader that is already gone: the first line meets EPIPE
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "trackbuf", "events"], env=env, stdout=write_end,
+            [sys.executable, "-m", "commands", "events"], env=env, stdout=write_end,
             stderr=subprocess.PIPE, text=True, cwd=tmp_path, timeout=60,
         )  # fmt: skip
     finally:
@@ -176,7 +176,7 @@ def test_help_never_breaks_a_value_inside_a_word(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKBUF_")}
     env.update(PYTHONPATH=str(ROOT), COLUMNS="80", TRACKBUF_DATABASE_URL=dsn)
     helped = subprocess.run(
-        [sys.executable, "-m", "trackbuf", "consume", "--help"],
+        [sys.executable, "-m", "commands", "consume", "--help"],
         env=env, capture_output=True, text=True, cwd=tmp_path, timeout=60,
     )  # fmt: skip
     assert dsn in helped.stdout, helped.stdout

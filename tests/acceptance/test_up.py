@@ -64,7 +64,7 @@ def test_up_serves_signed_links_and_rows_appear(data_dir: Path, tmp_path: Path) 
         pass  # held: by this test, or by a server already there
     log = open(tmp_path / "up.log", "wb")  # noqa: SIM115
     up = subprocess.Popen(
-        [sys.executable, "-m", "trackbuf", "up"],
+        [sys.executable, "-m", "commands", "up"],
         env=env, stdout=subprocess.PIPE, stderr=log, text=True, cwd=tmp_path,
     )  # fmt: skip
     try:
@@ -85,7 +85,7 @@ def test_up_serves_signed_links_and_rows_appear(data_dir: Path, tmp_path: Path) 
         deadline = time.monotonic() + 30
         while len(rows) < 2 and time.monotonic() < deadline:
             shown = subprocess.run(
-                [sys.executable, "-m", "trackbuf", "events"],
+                [sys.executable, "-m", "commands", "events"],
                 env=env, capture_output=True, text=True, cwd=tmp_path, timeout=30,
             )  # fmt: skip
             assert shown.returncode == 0, shown.stderr
@@ -140,7 +140,7 @@ def trackbuf(
     *args: str, env: dict[str, str], cwd: Path, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "trackbuf", *args],
+        [sys.executable, "-m", "commands", *args],
         env=env, capture_output=True, text=True, cwd=cwd, timeout=timeout,
     )  # fmt: skip
 
@@ -192,7 +192,7 @@ def test_up_beside_operator_commands_and_killed(data_dir: Path, tmp_path: Path) 
     listen, metrics = env["TRACKBUF_LISTEN"], env["TRACKBUF_METRICS_LISTEN"]
     log = open(tmp_path / "up.log", "wb")  # noqa: SIM115
     up = subprocess.Popen(
-        [sys.executable, "-m", "trackbuf", "up"],
+        [sys.executable, "-m", "commands", "up"],
         env=env, stdout=subprocess.PIPE, stderr=log, text=True, cwd=tmp_path,
     )  # fmt: skip
     try:

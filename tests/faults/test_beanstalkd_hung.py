@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from consumer import status
+from commands import status
 from tests.faults.test_outages import metric, start_consumer
 from tests.procs import start_ingest
 from tests.servers import Beanstalkd

@@ -176,7 +176,7 @@ import os, signal, subprocess, sys
 from ingest.supervisor import Supervisor
 
 def spawn():
-    worker = subprocess.Popen([sys.executable, "-m", "trackbuf", "ingest"])
+    worker = subprocess.Popen([sys.executable, "-m", "commands", "ingest"])
     # The stop arrives while the supervisor is still inside spawn(): the handler runs
     # before the new worker is known to it.
     os.kill(os.getpid(), signal.SIGTERM)

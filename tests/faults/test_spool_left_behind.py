@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from consumer import status
+from commands import status
 from tests.faults.test_outages import metric
 from tests.load import Load
 from tests.procs import start_ingest, trackbuf

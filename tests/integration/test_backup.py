@@ -17,7 +17,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from consumer.database import Database
+from consumer.writer import EventWriter
 from tests.conftest import KEYS
 from tests.procs import trackbuf
 from tests.servers import Postgres
@@ -43,7 +43,7 @@ def store(dsn: str, recipients: list[str]) -> None:
         for r in recipients
         for kind in ("open", "click")
     ]
-    db = Database(dsn)
+    db = EventWriter(dsn)
     try:
         assert db.insert_jobs(bodies, len(bodies)).inserted == len(bodies)
     finally:

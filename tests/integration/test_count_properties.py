@@ -25,9 +25,11 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
-from consumer import deadletters, forget, partitions, rebuild
-from consumer.database import Database
-from consumer.sql import query
+from commands import deadletters, rollups
+from consumer.classify import classifier
+from consumer.writer import EventWriter
+from store import forget, partitions
+from store.sql import query
 from tests.conftest import new_database
 from tests.integration.test_pipeline import drain, rows
 from tests.integration.test_rollups import (
@@ -150,7 +152,7 @@ def test_no_sequence_of_commands_makes_a_count_drift(
             super().__init__()
             self.settings = replace(base, database_url=new_database(postgres))
             self.dsn = self.settings.database_url
-            self.db = Database(self.dsn)
+            self.db = EventWriter(self.dsn)
             self.sent: list[Event] = []
             self.watermark = datetime.min.replace(tzinfo=UTC)
             # Scopes (campaign, kind, url, recipient) counted in a pruned month.
@@ -239,7 +241,7 @@ def test_no_sequence_of_commands_makes_a_count_drift(
 
         @rule()
         def rebuild(self) -> None:
-            asyncio.run(rebuild.run(self.dsn, None, False))
+            asyncio.run(rollups.run(self.dsn, None, False, classifier()))
 
         @invariant()
         def every_rollup_equals_the_recount(self) -> None:

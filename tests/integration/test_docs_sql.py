@@ -2,8 +2,8 @@
 
 Every fenced ```sql block of README.md, docs/*.md and BENCHMARKS.md runs, inside a
 transaction that is rolled back, on a fresh migrated database; a block that names one
-of the consumer's queries (``-- name: report_totals``) must also be that query, as
-consumer/queries.sql has it. So a renamed column or table fails here, not in front of
+of the named queries (``-- name: report_totals``) must also be that query, as
+store/queries.sql has it. So a renamed column or table fails here, not in front of
 an operator.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from consumer import sql as named_sql
+from store import sql as named_sql
 from tests.conftest import run
 
 pytestmark = pytest.mark.integration

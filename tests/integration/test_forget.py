@@ -16,7 +16,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from consumer import forget
+from store import forget
 from tests.integration.test_pipeline import drain, hit_all, rows
 from tests.procs import ROOT, env_for, start_ingest, trackbuf
 from tests.servers import Beanstalkd
@@ -208,7 +208,7 @@ def test_forget_waits_for_an_insert_that_started_before_the_tombstone(
                 )
                 started = time.monotonic()
                 proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "trackbuf", "forget", "--recipient", R,
+                    sys.executable, "-m", "commands", "forget", "--recipient", R,
                     env=env_for(settings), cwd=ROOT,
                     stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                 )  # fmt: skip

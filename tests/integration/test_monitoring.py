@@ -26,11 +26,11 @@ import jsonschema
 import pytest
 import yaml
 
+from commands.main import build_parser
 from loadtest.bench import scrape
 from tests.load import Load
 from tests.procs import Process, start_ingest
 from tests.servers import Beanstalkd, free_port, wait_port
-from trackbuf.cli import build_parser
 from trackbuf.settings import ENV_PREFIX, Settings, field_types
 from trackbuf.tokens import Keyring
 

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from consumer import queue
 from tests.pool import wait_stored
 from tests.servers import Beanstalkd
-from trackbuf import codec
+from trackbuf import beanstalk_client, codec
 from trackbuf.events import new_event
 
 pytestmark = pytest.mark.integration
@@ -22,7 +21,7 @@ TUBE = "pipelined"
 
 
 def test_reserve_ready_takes_many_jobs_in_one_round_trip(beanstalkd: Beanstalkd) -> None:
-    client = queue.connect(("127.0.0.1", beanstalkd.port), TUBE)
+    client = beanstalk_client.connect(("127.0.0.1", beanstalkd.port), TUBE)
     try:
         for i in range(5):
             client.put(b"job-%d" % i)
@@ -44,7 +43,7 @@ def test_reserve_ready_takes_many_jobs_in_one_round_trip(beanstalkd: Beanstalkd)
 
 
 def test_reserve_ready_reports_a_held_job_near_its_ttr(beanstalkd: Beanstalkd) -> None:
-    client = queue.connect(("127.0.0.1", beanstalkd.port), TUBE)
+    client = beanstalk_client.connect(("127.0.0.1", beanstalkd.port), TUBE)
     try:
         client.put(b"short", ttr=1)  # within beanstalkd's 1 s safety margin at once
         held = client.reserve(timeout=0)
@@ -57,8 +56,8 @@ def test_reserve_ready_reports_a_held_job_near_its_ttr(beanstalkd: Beanstalkd) -
 def test_a_blocking_reserve_waits_in_beanstalkd_and_is_answered_later(
     beanstalkd: Beanstalkd,
 ) -> None:
-    client = queue.connect(("127.0.0.1", beanstalkd.port), TUBE)
-    producer = queue.connect(("127.0.0.1", beanstalkd.port), TUBE)
+    client = beanstalk_client.connect(("127.0.0.1", beanstalkd.port), TUBE)
+    producer = beanstalk_client.connect(("127.0.0.1", beanstalkd.port), TUBE)
     try:
         client.begin_reserve(1)
         with pytest.raises(RuntimeError):
@@ -77,12 +76,12 @@ def test_a_blocking_reserve_waits_in_beanstalkd_and_is_answered_later(
 
 
 def test_a_blocking_reserve_reports_a_held_job_near_its_ttr(beanstalkd: Beanstalkd) -> None:
-    client = queue.connect(("127.0.0.1", beanstalkd.port), TUBE)
+    client = beanstalk_client.connect(("127.0.0.1", beanstalkd.port), TUBE)
     try:
         client.put(b"short", ttr=1)
         held = client.reserve(timeout=0)
         client.begin_reserve(1)
-        with pytest.raises(queue.DeadlineSoon):
+        with pytest.raises(beanstalk_client.DeadlineSoon):
             client.finish_reserve()
         assert client.delete_many([held]) == 1
     finally:
@@ -90,11 +89,11 @@ def test_a_blocking_reserve_reports_a_held_job_near_its_ttr(beanstalkd: Beanstal
 
 
 def test_a_closed_connection_is_a_connection_error(beanstalkd: Beanstalkd) -> None:
-    client = queue.connect(("127.0.0.1", beanstalkd.port), TUBE)
+    client = beanstalk_client.connect(("127.0.0.1", beanstalkd.port), TUBE)
     try:
         client.put(b"x")
         beanstalkd.kill()
-        with pytest.raises(queue.CONNECTION_ERRORS):
+        with pytest.raises(beanstalk_client.CONNECTION_ERRORS):
             client.reserve_ready(4)
     finally:
         client.close()
@@ -102,7 +101,7 @@ def test_a_closed_connection_is_a_connection_error(beanstalkd: Beanstalkd) -> No
 
 
 def test_the_commands_tools_and_the_kicker_use(beanstalkd: Beanstalkd) -> None:
-    with queue.connect(("127.0.0.1", beanstalkd.port), TUBE) as client:
+    with beanstalk_client.connect(("127.0.0.1", beanstalkd.port), TUBE) as client:
         first = client.put(b"one")
         client.put(b"two")
         assert client.peek_ready().body == b"one"
@@ -113,15 +112,15 @@ def test_the_commands_tools_and_the_kicker_use(beanstalkd: Beanstalkd) -> None:
         assert client.kick(10) == 1
         job = client.reserve(timeout=0)
         client.release(job)
-        with pytest.raises(queue.NotFound):
+        with pytest.raises(beanstalk_client.NotFound):
             client.release(job)  # released already: not ours
         client.pause_tube(TUBE, 0)
         assert client.stats()["current-jobs-ready"] == 2
-        with pytest.raises(queue.NotFound):
+        with pytest.raises(beanstalk_client.NotFound):
             client.stats_tube("no-such-tube")
     with (
-        queue.connect(("127.0.0.1", beanstalkd.port), "empty") as client,
-        pytest.raises(queue.ReserveTimedOut),
+        beanstalk_client.connect(("127.0.0.1", beanstalkd.port), "empty") as client,
+        pytest.raises(beanstalk_client.ReserveTimedOut),
     ):
         client.reserve(timeout=0)
 
@@ -137,8 +136,8 @@ def test_a_peer_that_is_not_beanstalkd_is_a_connection_error(beanstalkd: Beansta
                 conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
 
         threading.Thread(target=answer_http, daemon=True).start()
-        with pytest.raises(queue.CONNECTION_ERRORS):
-            queue.connect(server.getsockname(), TUBE)
+        with pytest.raises(beanstalk_client.CONNECTION_ERRORS):
+            beanstalk_client.connect(server.getsockname(), TUBE)
 
 
 def test_our_protocol_layer_agrees_with_an_independent_client(beanstalkd: Beanstalkd) -> None:
@@ -150,7 +149,7 @@ def test_our_protocol_layer_agrees_with_an_independent_client(beanstalkd: Beanst
     with greenstalk.Client(("127.0.0.1", beanstalkd.port), encoding=None, use=TUBE) as theirs:
         for body in bodies:
             theirs.put(body, ttr=60)
-        with queue.connect(("127.0.0.1", beanstalkd.port), TUBE) as ours:
+        with beanstalk_client.connect(("127.0.0.1", beanstalkd.port), TUBE) as ours:
             jobs, _ = ours.reserve_ready(10)
             assert [job.body for job in jobs] == bodies
             assert ours.delete_many(jobs[:3]) == 3

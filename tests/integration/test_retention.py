@@ -10,8 +10,8 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from consumer.database import Database
-from consumer.migrate import migrate
+from consumer.writer import EventWriter
+from store.migrate import migrate
 from tests.conftest import new_database
 from tests.procs import trackbuf
 from tests.servers import Postgres
@@ -106,7 +106,7 @@ def test_an_existing_table_is_partitioned_in_place_and_prune_drops_only_old_mont
     # consumer's own insert, whichever partition holds it.
     replay_id, replay_at = keys[0]
     job = {"v": 1, "e": [event(replay_id, replay_at, "someone-else")]}
-    db = Database(dsn)
+    db = EventWriter(dsn)
     try:
         assert db.insert_jobs([json.dumps(job).encode()], 1).inserted == 0
     finally:
@@ -157,7 +157,7 @@ def test_an_event_of_an_unexpected_month_is_stored_and_moved_when_its_month_come
 ) -> None:
     far = NOW + timedelta(days=400)
     job = {"v": 1, "e": [event(uuid.uuid4(), far, "user-1")]}
-    db = Database(database_url)
+    db = EventWriter(database_url)
     try:
         assert db.insert_jobs([json.dumps(job).encode()], 1).inserted == 1
         assert db.execute("SELECT trackbuf_event_partition($1)", far) == "SELECT 1"
@@ -183,7 +183,7 @@ def test_8_a_month_partition_that_failed_to_be_made_is_retried_promptly(
     import threading
     import time
 
-    from consumer import partitions
+    from store import partitions
 
     monkeypatch.setattr(partitions, "ENSURE_LOCK_TIMEOUT", "1s")
     ahead = (NOW.replace(day=1) + timedelta(days=64)).replace(day=1)

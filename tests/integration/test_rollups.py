@@ -344,8 +344,9 @@ def test_migration_0011_makes_stored_gmail_and_yahoo_opens_proxied_people(
 
     import asyncpg
 
-    from consumer import rebuild
-    from consumer.migrate import migrate
+    from commands import rollups
+    from consumer.classify import classifier
+    from store.migrate import migrate
     from tests.conftest import new_database
 
     dsn = new_database(postgres)
@@ -390,7 +391,7 @@ def test_migration_0011_makes_stored_gmail_and_yahoo_opens_proxied_people(
     assert stored_breakdown(dsn) == expected_breakdown(events)
     proxied = rows(dsn, "SELECT sum(proxied_total) AS n FROM rollups WHERE url = ''")
     assert proxied[0]["n"] == 3
-    asyncio.run(rebuild.run(dsn, None, False))
+    asyncio.run(rollups.run(dsn, None, False, classifier()))
     assert stored_rollups(dsn) == migrated
     assert +stored_breakdown(dsn) == +expected_breakdown(events)
     rebuilt = rows(dsn, "SELECT sum(proxied_total) AS n FROM rollups WHERE url = ''")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from commands import main as cli
 from tests.conftest import KEYS
-from trackbuf import cli
 
 
 @pytest.fixture(autouse=True)

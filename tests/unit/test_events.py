@@ -5,8 +5,8 @@ import uuid
 
 import pytest
 
-from consumer.sql import parse
 from ingest.pixel import GIF
+from store.sql import parse
 from trackbuf import events
 from trackbuf.events import MAX_USER_AGENT, clean_ip, forwarded_address, new_event
 

@@ -6,15 +6,16 @@ from datetime import UTC, datetime
 
 import pytest
 
-from consumer.forget import TARGETS, Outcome, render
-from trackbuf.cli import build_parser
+from commands.forget import render
+from commands.main import build_parser
+from store.forget import TARGETS, ForgetResult
 from trackbuf.settings import SettingsError, load
 
 UNTIL = datetime(2027, 1, 30, 9, 5, 12, tzinfo=UTC)
 
 
 def test_the_report_names_each_table_and_the_tombstone_date() -> None:
-    outcome = Outcome("user-42", None, (("events", 12), ("dead_letters", 1)), UNTIL, 0)
+    outcome = ForgetResult("user-42", None, (("events", 12), ("dead_letters", 1)), UNTIL, 0)
     assert render(outcome).splitlines() == [
         "forget recipient 'user-42', all campaigns:",
         "  events        12 row(s) deleted",
@@ -26,7 +27,7 @@ def test_the_report_names_each_table_and_the_tombstone_date() -> None:
 
 
 def test_a_second_run_says_nothing_was_left() -> None:
-    outcome = Outcome("user-42", "spring", (("events", 0), ("dead_letters", 0)), UNTIL, 2)
+    outcome = ForgetResult("user-42", "spring", (("events", 0), ("dead_letters", 0)), UNTIL, 2)
     text = render(outcome)
     assert text.startswith("forget recipient 'user-42', campaign 'spring':")
     assert "nothing to delete: no stored row matches" in text

@@ -68,8 +68,8 @@ def test_pause_lasts_its_time_when_nothing_happens() -> None:
 def test_end_to_end_histogram_takes_one_value_for_many_events() -> None:
     registry = CollectorRegistry()
     metrics = ConsumerMetrics.create(registry)
-    metrics.end_to_end.observe(0.1, 25)  # on a bound: Prometheus buckets are <=
-    metrics.end_to_end.observe(7200.0, 5)
+    metrics.end_to_end.observe_many(0.1, 25)  # on a bound: Prometheus buckets are <=
+    metrics.end_to_end.observe_many(7200.0, 5)
 
     def bucket(le: str) -> float | None:
         name = "trackbuf_consumer_end_to_end_latency_seconds_bucket"

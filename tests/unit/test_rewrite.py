@@ -333,7 +333,7 @@ def run_rewrite(tmp_path: Path, document: bytes, from_file: bool) -> bytes:
     if from_file:
         source.write_bytes(document)
         who += ["--input", str(source), "--output", str(tracked)]
-    done = subprocess.run([sys.executable, "-m", "trackbuf", "rewrite", *who],
+    done = subprocess.run([sys.executable, "-m", "commands", "rewrite", *who],
                           input=None if from_file else document, env=env, cwd=ROOT,
                           capture_output=True, timeout=60)  # fmt: skip
     assert done.returncode == 0, done.stderr

@@ -78,7 +78,7 @@ def test_missing_database_is_a_clear_error() -> None:
 def test_an_unusable_setting_stops_ingest_with_the_reason_and_no_traceback() -> None:
     env = {**os.environ, "TRACKBUF_MAX_JOB_BYTES": "2000000", "TRACKBUF_SIGNING_KEYS": KEYS}
     done = subprocess.run(
-        [sys.executable, "-m", "trackbuf", "ingest"], env=env, capture_output=True, text=True,
+        [sys.executable, "-m", "commands", "ingest"], env=env, capture_output=True, text=True,
         timeout=30,
     )  # fmt: skip
     assert done.returncode == 2

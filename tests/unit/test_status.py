@@ -9,9 +9,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from consumer.status import gather, render, scrape
+from commands import main as cli
+from commands.status import gather, render, scrape
 from tests.servers import free_port
-from trackbuf import cli
 from trackbuf.settings import load
 
 RATE = 1000.0  # events/s the fake pages report, whatever the scrapes cost

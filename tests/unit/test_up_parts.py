@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from trackbuf import envfile, up
+from commands import up
+from trackbuf import envfile
 from trackbuf.settings import load
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from consumer.database import WriteResult
+from consumer.writer import WriteResult
 
 
 def test_duplicates_are_the_events_the_insert_skipped() -> None:

@@ -1,4 +1,5 @@
-"""``trackbuf forget --recipient R [--campaign C]``: erase a person's rows for good.
+"""Erasing a person's rows for good: ``forget`` (what ``trackbuf forget --recipient R
+[--campaign C]`` runs, from ``commands/forget.py``) and the consumer's ``expire_loop``.
 
 The order is the guarantee that nothing of R is stored afterwards:
 
@@ -14,7 +15,7 @@ The order is the guarantee that nothing of R is stored afterwards:
    pruned are anonymous history and stay.
 
 Every step is idempotent: run again, the tombstone is renewed and 0 rows are deleted.
-Tombstones expire after ``TRACKBUF_FORGET_KEEP_DAYS``; expired ones are deleted by this
+Tombstones expire after ``TRACKBUF_FORGET_KEEP_DAYS``; expired ones are deleted by the
 command and by the consumer (``expire_loop``).
 """
 
@@ -27,11 +28,10 @@ from datetime import datetime
 
 import asyncpg
 
-from consumer.database import Database
-from consumer.sql import query
-from consumer.upkeep import every, run_command
+from store.database import Database
+from store.sql import query
+from store.upkeep import repeat_until_stopped
 from trackbuf.log import kv
-from trackbuf.settings import Settings
 
 log = logging.getLogger("trackbuf.consumer.forget")
 
@@ -72,7 +72,7 @@ class ForgetError(Exception):
 
 
 @dataclass(frozen=True)
-class Outcome:
+class ForgetResult:
     recipient: str
     campaign: str | None
     deleted: tuple[tuple[str, int], ...]  # (table, rows) for each table present
@@ -84,41 +84,9 @@ class Outcome:
         return sum(rows for _, rows in self.deleted)
 
 
-def render(outcome: Outcome) -> str:
-    """What ``forget`` prints: rows removed per table, and how long the tombstone lasts."""
-    scope = "all campaigns" if outcome.campaign is None else f"campaign {outcome.campaign!r}"
-    lines = [f"forget recipient {outcome.recipient!r}, {scope}:"]
-    width = max((len(table) for table, _ in outcome.deleted), default=0)
-    for table, rows in outcome.deleted:
-        lines.append(f"  {table:<{width}}  {rows} row(s) deleted")
-    if outcome.total:
-        lines.append(f"{outcome.total} row(s) deleted in all")
-    else:
-        lines.append(
-            "nothing to delete: no stored row matches (already forgotten, or never stored)"
-        )
-    until = outcome.keep_until.strftime("%Y-%m-%d %H:%M UTC")
-    lines.append(
-        f"tombstone kept until {until}: until then every event for this recipient"
-        f"{'' if outcome.campaign is None else ' in this campaign'} is dropped, whether it"
-        " is still queued, spooled, or new"
-    )
-    if outcome.expired_tombstones:
-        lines.append(f"{outcome.expired_tombstones} expired tombstone(s) removed")
-    return "\n".join(lines)
-
-
-def run(settings: Settings, recipient: str, campaign: str | None) -> int:
-    """The command: erase, print what was removed; exit 1 if it could not finish (then
-    nothing, or only the tombstone, is in place, and a second run finishes the job)."""
-    database_url = settings.require_database()
-    work = forget(database_url, recipient, campaign, settings.forget_keep_days)
-    return run_command("forget", work, render, ForgetError)
-
-
 async def forget(
     database_url: str, recipient: str, campaign: str | None, keep_days: int
-) -> Outcome:
+) -> ForgetResult:
     conn = await asyncpg.connect(database_url)
     try:
         expired = _count(await conn.execute(query("forget_expire")))
@@ -146,7 +114,7 @@ async def forget(
             ) from None
     finally:
         await conn.close()
-    return Outcome(recipient, campaign, tuple(deleted), keep_until, expired)
+    return ForgetResult(recipient, campaign, tuple(deleted), keep_until, expired)
 
 
 async def _delete(
@@ -187,4 +155,4 @@ def expire_loop(database_url: str, stop: threading.Event) -> None:
         if expired:
             log.info(kv("tombstones_expired", count=expired))
 
-    every(database_url, stop, EXPIRE_INTERVAL_S, expire, "tombstone_expiry_failed")
+    repeat_until_stopped(database_url, stop, EXPIRE_INTERVAL_S, expire, "tombstone_expiry_failed")

@@ -1,4 +1,4 @@
-"""Read-side commands for operators: recent events (``trackbuf events``)."""
+"""``trackbuf events [--tail]``: the most recently stored events, and new ones as they come."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
-from consumer.sql import query
+from store.sql import query
 
 TAIL_POLL_S = 1.0
 TAIL_OVERLAP = timedelta(seconds=10)

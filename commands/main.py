@@ -1,7 +1,9 @@
 """The ``trackbuf`` command. Every flag also reads ``TRACKBUF_<FLAG>``; the flag wins.
 
-This module dispatches to ``ingest`` and ``consumer`` lazily, so the core never
-imports them at module level and each command loads only what it runs.
+The one module of ``commands`` that imports the services, ``ingest`` and ``consumer``
+(``trackbuf ingest``, ``trackbuf consume``, the classifier a rebuild uses, the metric
+registries the docs' reference is made from), lazily, so each command loads only what
+it runs.
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from commands.parser import SuggestingParser
+from commands.up import UpError
 from trackbuf import envfile
 from trackbuf import log as tlog
-from trackbuf.cliparse import SuggestingParser
-from trackbuf.redact import masked, masked_dsn
+from trackbuf.redact import masked
 from trackbuf.settings import Settings, SettingsError, env_name, flag_name, load
 from trackbuf.tokens import MAX_FIELD, MAX_URL, KeyringError, LinkError
-from trackbuf.up import UpError
 
 _FIELDS = {f.name: f for f in fields(Settings)}
 
@@ -295,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from trackbuf import up
+    from commands import up
 
     return up.run(_settings(args), _explicit(args))
 
@@ -318,20 +320,9 @@ def _cmd_consume(args: argparse.Namespace) -> int:
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
-    import asyncpg
+    from commands import migrate
 
-    from consumer import migrate
-
-    database_url = _settings(args).require_database()
-    try:
-        applied = asyncio.run(migrate.run(database_url))
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        # Unreachable, refused, no such database, bad password: the message says which.
-        print(f"trackbuf migrate: cannot migrate {masked_dsn(database_url)}: {exc}",
-              file=sys.stderr)  # fmt: skip
-        return 1
-    print(f"migrations applied: {applied or 'none (schema is current)'}")
-    return 0
+    return migrate.run(_settings(args).require_database())
 
 
 def _cmd_link(args: argparse.Namespace) -> int:
@@ -414,7 +405,7 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def _cmd_dead(args: argparse.Namespace) -> int:
-    from consumer import deadletters
+    from commands import deadletters
 
     settings = _settings(args)
     action = args.dead_action
@@ -436,7 +427,7 @@ def _cmd_spool(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from consumer import status
+    from commands import status
 
     settings = _settings(args)
     # Ingest's /metrics is on its private admin address, never on the public one.
@@ -467,7 +458,7 @@ def _where_from(args: argparse.Namespace, name: str) -> str:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    from consumer import stats
+    from commands import stats
 
     settings = _settings(args)
     return asyncio.run(
@@ -477,30 +468,49 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_rollups(args: argparse.Namespace) -> int:
-    from consumer import classify, rebuild
+    from commands import rollups
+    from consumer import classify
 
     settings = _settings(args)
+    # The verdicts are the consumer's, read from the same rules and egress file.
     classify.configure(settings.apple_egress_csv)
-    return asyncio.run(rebuild.run(settings.require_database(), args.campaign, args.reclassify))
+    return asyncio.run(rollups.run(settings.require_database(), args.campaign, args.reclassify,
+                                   classify.classifier()))  # fmt: skip
 
 
 def _cmd_forget(args: argparse.Namespace) -> int:
-    from consumer import forget
+    from commands import forget
 
     return forget.run(_settings(args), args.recipient, args.campaign)
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
-    from consumer import partitions
+    from commands import prune
 
-    return partitions.run(_settings(args), args.older_than)
+    return prune.run(_settings(args), args.older_than)
 
 
 def _cmd_events(args: argparse.Namespace) -> int:
-    from consumer import inspect
+    from commands import events
 
     settings = _settings(args)
-    return asyncio.run(inspect.events(settings.require_database(), args.limit, args.tail))
+    return asyncio.run(events.events(settings.require_database(), args.limit, args.tail))
+
+
+def metric_makers() -> list[tuple[str, Callable[[Any], Any]]]:
+    """What makes each process's metrics (given a registry), with the process serving
+    them: the docs' metric table (``commands/reference.py``) is generated from these."""
+    from consumer.metrics import ConsumerMetrics
+    from ingest.metrics import IngestMetrics
+
+    return [("ingest", IngestMetrics.create), ("consumer", ConsumerMetrics.create)]
+
+
+def queue_metric_families() -> Sequence[Any]:
+    """The queue metrics the consumer reads from beanstalkd at scrape time, empty."""
+    from consumer.queue_metrics import families
+
+    return families()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,9 +21,8 @@ from collections.abc import Sequence
 import asyncpg
 import orjson
 
-from consumer import queue
-from consumer.sql import query
-from trackbuf import codec
+from store.sql import query
+from trackbuf import beanstalk_client, codec
 from trackbuf.settings import Settings
 
 
@@ -65,7 +64,7 @@ class Pool:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.addresses = list(settings.beanstalkd_addresses)
-        self._client: queue.Client | None = None
+        self._client: beanstalk_client.Client | None = None
 
     def put(self, body: bytes) -> None:
         """Put ``body`` into some server; raises Buried (kept, buried) or, when every
@@ -74,12 +73,14 @@ class Pool:
             address = self.addresses[0]
             try:
                 if self._client is None:
-                    self._client = queue.connect(address, self.settings.tube, watch=False)
+                    self._client = beanstalk_client.connect(
+                        address, self.settings.tube, watch=False
+                    )
                 self._client.put(body, ttr=self.settings.job_ttr)
                 return
-            except queue.Buried:
+            except beanstalk_client.Buried:
                 raise
-            except (queue.BeanstalkError, OSError, EOFError) as exc:
+            except (beanstalk_client.BeanstalkError, OSError, EOFError) as exc:
                 print(f"trackbuf dead kick: beanstalkd {address[0]}:{address[1]} failed "
                       f"({exc!r}); trying the next server", file=sys.stderr)  # fmt: skip
                 self.close()
@@ -112,13 +113,13 @@ async def kick(settings: Settings, ids: Sequence[int], everything: bool) -> int:
                 await conn.execute(query("dead_delete"), [row["id"]])
                 try:
                     pool.put(as_job(bytes(row["body"])))
-                except queue.Buried:
+                except beanstalk_client.Buried:
                     # Stored, but buried (beanstalkd is short of memory): the consumer
                     # kicks buried jobs back, so the dead letter has been handed over.
                     print(f"trackbuf dead kick: {row['id']} was buried by beanstalkd; "
                           "the consumer kicks it back", file=sys.stderr)  # fmt: skip
             kicked += 1
-    except (queue.BeanstalkError, OSError, EOFError) as exc:
+    except (beanstalk_client.BeanstalkError, OSError, EOFError) as exc:
         print(f"trackbuf dead kick: beanstalkd refused the put: {exc!r}", file=sys.stderr)
         return 1
     finally:

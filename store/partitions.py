@@ -4,9 +4,10 @@
 ``trackbuf_ensure_event_partitions`` makes the current month's partition, the next two
 and a DEFAULT one (which takes any event no month covers, so no insert is refused); a
 consumer calls it at start and hourly (``ensure_loop``), ``trackbuf migrate`` at every
-run. ``trackbuf prune`` drops month partitions that lie wholly before its cutoff: a
-``DROP TABLE`` of a partition is instant, where a DELETE of the same rows would scan,
-write WAL and leave bloat. Before the drops it advances the retention watermark (the
+run. ``trackbuf prune`` (``prune`` here; the command around it is ``commands/prune.py``)
+drops month partitions that lie wholly before its cutoff: a ``DROP TABLE`` of a
+partition is instant, where a DELETE of the same rows would scan, write WAL and leave
+bloat. Before the drops it advances the retention watermark (the
 insert skips events older than it from then on); after them it deletes the
 ``first_events`` rows of recipients no stored event names any more, and marks the
 others as counted in a pruned month. Rollups are never touched: they are all that is
@@ -23,11 +24,10 @@ from datetime import datetime, timedelta
 
 import asyncpg
 
-from consumer.database import Database
-from consumer.sql import query
-from consumer.upkeep import every, run_command
+from store.database import Database
+from store.sql import query
+from store.upkeep import repeat_until_stopped
 from trackbuf.log import kv
-from trackbuf.settings import Settings
 
 log = logging.getLogger("trackbuf.consumer.partitions")
 
@@ -55,8 +55,8 @@ def ensure_loop(database_url: str, stop: threading.Event) -> None:
         made = db.execute(query("ensure_event_partitions"))
         log.debug(kv("event_partitions_checked", status=made))
 
-    every(database_url, stop, ENSURE_INTERVAL_S, ensure, "event_partitions_failed",
-          retry_s=ENSURE_RETRY_S)  # fmt: skip
+    repeat_until_stopped(database_url, stop, ENSURE_INTERVAL_S, ensure,
+                         "event_partitions_failed", retry_s=ENSURE_RETRY_S)  # fmt: skip
 
 
 class PruneError(Exception):
@@ -70,27 +70,6 @@ class Pruned:
     default_rows: int  # rows of pruned months deleted from the DEFAULT partition
     kept: int  # month partitions left
     first_events: int = 0  # first-event rows of recipients no stored event names
-
-
-def render(result: Pruned) -> str:
-    cutoff = result.cutoff.strftime("%Y-%m-%d %H:%M UTC")
-    lines = [f"prune events older than {cutoff}:"]
-    lines += [f"  dropped {name}" for name in result.dropped]
-    if result.default_rows:
-        lines.append(f"  deleted {result.default_rows} row(s) from {DEFAULT_PARTITION}")
-    if result.first_events:
-        lines.append(f"  deleted {result.first_events} first-event row(s) of recipients "
-                     "with no event left")  # fmt: skip
-    if not result.dropped and not result.default_rows:
-        lines.append("  nothing to drop: no partition lies wholly before the cutoff")
-    lines.append(f"{result.kept} month partition(s) kept")
-    return "\n".join(lines)
-
-
-def run(settings: Settings, older_than_s: int) -> int:
-    database_url = settings.require_database()
-    work = prune(database_url, timedelta(seconds=older_than_s))
-    return run_command("prune", work, render, PruneError)
 
 
 async def prune(database_url: str, older_than: timedelta) -> Pruned:

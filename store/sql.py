@@ -22,7 +22,7 @@ def parse(text: str) -> dict[str, str]:
 
 @cache
 def queries() -> dict[str, str]:
-    return parse(resources.files("consumer").joinpath("queries.sql").read_text())
+    return parse(resources.files("store").joinpath("queries.sql").read_text())
 
 
 def query(name: str) -> str:

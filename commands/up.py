@@ -276,7 +276,7 @@ def _local_beanstalkd(data_dir: Path, wanted: str) -> Iterator[str]:
 @contextlib.contextmanager
 def _child(args: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "trackbuf", *args],
+        [sys.executable, "-m", "commands", *args],
         env=env,
         start_new_session=True,
         preexec_fn=die_with_parent(),
@@ -289,7 +289,7 @@ def _child(args: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[by
 
 def _trackbuf(args: list[str], env: dict[str, str]) -> int:
     done = subprocess.run(
-        [sys.executable, "-m", "trackbuf", *args], env=env, preexec_fn=die_with_parent()
+        [sys.executable, "-m", "commands", *args], env=env, preexec_fn=die_with_parent()
     )
     return done.returncode
 

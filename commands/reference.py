@@ -6,8 +6,8 @@ table (from the metric registries of ingest and the consumer). Each table sits b
 ``<!-- generated:NAME:start -->`` and ``<!-- generated:NAME:end -->``; everything
 outside those markers is written by hand.
 
-    python -m trackbuf.reference           # rewrite the tables in place
-    python -m trackbuf.reference --check   # exit 1 if a committed table is stale
+    python -m commands.reference           # rewrite the tables in place
+    python -m commands.reference --check   # exit 1 if a committed table is stale
 
 ``tests/test_docs.py`` fails when a committed table differs from what this makes, so a
 new setting, flag, command or metric cannot ship undocumented.
@@ -23,6 +23,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from commands.main import build_parser, metric_makers, queue_metric_families
 from trackbuf.settings import Settings, env_name, flag_name
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,12 +61,8 @@ def metrics() -> list[Metric]:
     """Every metric ingest and the consumer export, in registry order."""
     from prometheus_client import CollectorRegistry
 
-    from consumer.metrics import ConsumerMetrics
-    from consumer.queue_metrics import families
-    from ingest.metrics import IngestMetrics
-
     found: list[Metric] = []
-    for process, make in (("ingest", IngestMetrics.create), ("consumer", ConsumerMetrics.create)):
+    for process, make in metric_makers():
         registry = CollectorRegistry()
         made = make(registry)
         # prometheus-client keeps a metric's label names only on the object (its
@@ -77,7 +74,7 @@ def metrics() -> list[Metric]:
         }
         for family in registry.collect():
             found.append(_metric(family, labels.get(family.name, ()), process))
-    for family in families():
+    for family in queue_metric_families():
         found.append(_metric(family, tuple(getattr(family, "_labelnames", ())), "consumer"))
     return found
 
@@ -90,8 +87,6 @@ def _metric(family: Any, labels: tuple[str, ...], process: str) -> Metric:
 def commands(parser: argparse.ArgumentParser | None = None) -> list[Command]:
     """Every ``trackbuf`` command and subcommand that runs something, with its flags."""
     if parser is None:
-        from trackbuf.cli import build_parser
-
         parser = build_parser()
     setting_flags = {flag_name(f.name) for f in fields(Settings)}
     return list(_walk(parser, "", "", setting_flags))
@@ -127,8 +122,6 @@ def _walk(
 def global_options(parser: argparse.ArgumentParser | None = None) -> tuple[str, ...]:
     """Options taken before the command (``--log-level``)."""
     if parser is None:
-        from trackbuf.cli import build_parser
-
         parser = build_parser()
     return tuple(
         spelling
@@ -228,13 +221,13 @@ def _rendered(root: Path) -> dict[str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trackbuf.reference", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m commands.reference", description=__doc__)
     parser.add_argument("--check", action="store_true", help="exit 1 if a table is stale")
     args = parser.parse_args(argv)
     if args.check:
         behind = stale()
         for path in behind:
-            print(f"{path}: generated tables are stale; run python -m trackbuf.reference",
+            print(f"{path}: generated tables are stale; run python -m commands.reference",
                   file=sys.stderr)  # fmt: skip
         return 1 if behind else 0
     for path, text in _rendered(ROOT).items():

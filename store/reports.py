@@ -1,4 +1,5 @@
-"""``trackbuf stats --campaign C``: what a mail team reads, from the rollups.
+"""The reports, read from the rollups: what ``trackbuf stats --campaign C`` prints
+(``commands/stats.py``) and the benchmarks time.
 
 Totals and unique recipients for opens and clicks, people apart from machines (with
 the machine share by reason), the click-to-open rate, the top links and the mail
@@ -9,19 +10,16 @@ rollups the consumer maintains (docs/ANALYTICS.md), never from a scan of raw eve
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import asyncpg
-import orjson
 
-from consumer.sql import query
+from store.sql import query
 
 KINDS = ("open", "click")
-TOP = 10  # links and clients in the summary
 
 
 class BadRequest(ValueError):
@@ -95,7 +93,7 @@ def _counts(row: Any | None) -> dict[str, Any]:
     }
 
 
-def _rate(part: int, whole: int) -> float | None:
+def rate(part: int, whole: int) -> float | None:
     return round(part / whole, 4) if whole else None
 
 
@@ -120,24 +118,24 @@ def build(
         reasons = {r["value"]: r["total"] for r in breakdown
                    if r["kind"] == kind and r["dimension"] == "reason"}  # fmt: skip
         counts["machine_by_reason"] = [
-            {"reason": reason, "total": n, "share": _rate(n, counts["total"])}
+            {"reason": reason, "total": n, "share": rate(n, counts["total"])}
             for reason, n in reasons.items()
         ]
-        counts["machine_share"] = _rate(counts["machine_total"], counts["total"])
-        counts["proxied_share"] = _rate(counts["proxied_total"], counts["total"])
+        counts["machine_share"] = rate(counts["machine_total"], counts["total"])
+        counts["proxied_share"] = rate(counts["proxied_total"], counts["total"])
         counts["proxied_by_proxy"] = [
-            {"proxy": r["value"], "total": r["total"], "share": _rate(r["total"], counts["total"])}
+            {"proxy": r["value"], "total": r["total"], "share": rate(r["total"], counts["total"])}
             for r in breakdown
             if r["kind"] == kind and r["dimension"] == "proxy"
         ]
         counts["clients"] = [
             {"client": r["value"], "total": r["total"],
-             "share": _rate(r["total"], counts["human_total"] - counts["proxied_total"])}
+             "share": rate(r["total"], counts["human_total"] - counts["proxied_total"])}
             for r in breakdown
             if r["kind"] == kind and r["dimension"] == "client"
         ]  # fmt: skip
         report[kind] = counts
-    report["click_to_open_rate"] = _rate(
+    report["click_to_open_rate"] = rate(
         report["click"]["human_unique_recipients"], report["open"]["human_unique_recipients"]
     )
     report["links"] = [_link(row) for row in links]
@@ -172,77 +170,6 @@ def _days(rows: list[Any]) -> list[dict[str, Any]]:
     return [{"day": d["day"], **{k: d.get(k, dict(empty)) for k in KINDS}} for d in out.values()]
 
 
-# Text -------------------------------------------------------------------------------
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value * 100:.1f}%"
-
-
-def render(report: dict[str, Any], by: str | None) -> str:
-    lines = [f"campaign {report['campaign']}  ({_span(report)})", ""]
-    lines.append(f"{'':8}{'total':>10}{'unique':>10}{'human':>10}{'human uniq':>12}"
-                 f"{'proxied':>10}{'machine':>10}")  # fmt: skip
-    for kind in KINDS:
-        r = report[kind]
-        lines.append(f"{kind + 's':8}{r['total']:>10,}{r['unique_recipients']:>10,}"
-                     f"{r['human_total']:>10,}{r['human_unique_recipients']:>12,}"
-                     f"{r['proxied_total']:>10,}{r['machine_total']:>10,}")  # fmt: skip
-    lines.append("")
-    lines.append(f"click-to-open rate {_pct(report['click_to_open_rate'])}"
-                 "  (unique human clicks / unique human opens)")  # fmt: skip
-    lines += ["", "share of all events: people direct / through a proxy / machines"]
-    for kind in KINDS:
-        r = report[kind]
-        direct = _rate(r["human_total"] - r["proxied_total"], r["total"])
-        lines.append(f"  {kind + 's':<8}{_pct(direct):>8}{_pct(r['proxied_share']):>8}"
-                     f"{_pct(r['machine_share']):>8}")  # fmt: skip
-    proxied = [(kind, p) for kind in KINDS for p in report[kind]["proxied_by_proxy"]]
-    if proxied:
-        lines += ["", "people through a proxy (device and address hidden), by proxy"]
-        lines += [f"  {p['proxy']:<20}{kind + 's':<8}{p['total']:>10,}{_pct(p['share']):>8}"
-                  for kind, p in proxied]  # fmt: skip
-    machines = [(kind, m) for kind in KINDS for m in report[kind]["machine_by_reason"]]
-    if machines:
-        lines += ["", "machine share by reason (of all events of that kind)"]
-        lines += [f"  {m['reason']:<20}{kind + 's':<8}{m['total']:>10,}{_pct(m['share']):>8}"
-                  for kind, m in machines]  # fmt: skip
-    if by == "day":
-        lines += ["", f"by day ({report['tz']}; unique = first seen that day)"]
-        lines.append(f"  {'day':<12}{'opens':>9}{'new uniq':>10}{'human':>9}"
-                     f"{'clicks':>9}{'new uniq':>10}{'human':>9}")  # fmt: skip
-        for d in report["days"]:
-            o, c = d["open"], d["click"]
-            lines.append(f"  {d['day']:<12}{o['total']:>9,}{o['new_unique_recipients']:>10,}"
-                         f"{o['human_total']:>9,}{c['total']:>9,}"
-                         f"{c['new_unique_recipients']:>10,}{c['human_total']:>9,}")  # fmt: skip
-    links = report["links"] if by == "link" else report["links"][:TOP]
-    if links:
-        title = "links" if by == "link" else f"top links (of {len(report['links'])})"
-        lines += ["", f"{title}, by unique human clickers"]
-        lines.append(f"  {'human uniq':>10}{'human':>8}{'unique':>8}{'clicks':>8}  url")
-        lines += [
-            f"  {x['human_unique_clickers']:>10,}{x['human_clicks']:>8,}"
-            f"{x['unique_clickers']:>8,}{x['clicks']:>8,}  {x['url']}"
-            for x in links
-        ]
-    clients = report["open"]["clients"][:TOP]
-    if clients:
-        lines += ["", "mail clients (people's direct opens)"]
-        lines += [f"  {c['client']:<30}{c['total']:>10,}{_pct(c['share']):>8}" for c in clients]
-    return "\n".join(lines)
-
-
-def _span(report: dict[str, Any]) -> str:
-    since, until = report["since"], report["until"]
-    if not since and not until:
-        return f"all days, {report['tz']}"
-    return f"{since or 'start'} to {until or 'now'}, {report['tz']}"
-
-
-# Command ----------------------------------------------------------------------------
-
-
 async def fetch(
     conn: asyncpg.Connection, name: str, period: Period, by: str | None
 ) -> tuple[dict[str, Any], bool]:
@@ -256,38 +183,3 @@ async def fetch(
     report = build(name, period, list(totals), list(breakdown), list(links),
                    None if days is None else list(days))  # fmt: skip
     return report, bool(totals)
-
-
-async def campaign(
-    database_url: str,
-    name: str,
-    as_json: bool,
-    by: str | None = None,
-    since: str | None = None,
-    until: str | None = None,
-    tz: str = "UTC",
-) -> int:
-    try:
-        period = Period.parse(since, until, tz)
-    except BadRequest as exc:
-        print(f"trackbuf stats: {exc}", file=sys.stderr)
-        return 2
-    if by == "day" and not period.whole_hours():
-        print(f"trackbuf stats: note: {tz} is not a whole number of hours from UTC; the "
-              "rollups are hourly, so its days start up to 30 minutes off",
-              file=sys.stderr)  # fmt: skip
-    conn = await asyncpg.connect(database_url)
-    try:
-        report, stored = await fetch(conn, name, period, by)
-    finally:
-        await conn.close()
-    if as_json:
-        print(orjson.dumps(report).decode())
-    elif not stored:
-        print(
-            f"no events stored for campaign {name!r} (names are case-sensitive)"
-            + ("" if not (since or until) else f" ({_span(report)})")
-        )
-    else:
-        print(render(report, by))
-    return 0

@@ -1,13 +1,16 @@
-"""``trackbuf migrate``: apply the numbered SQL files in ``migrations/`` once each.
+"""The schema: apply the numbered SQL files in ``migrations/`` once each (what
+``trackbuf migrate`` runs, from ``commands/migrate.py``; tests build databases with it).
 
 Idempotent and safe to run concurrently (an advisory lock serialises migrators), so
 every deployment can run it at start.
 
-Numbers only ever grow, and a number once applied somewhere is never reused or
-renumbered: ``trackbuf_migrations`` records versions, so a renamed file would run
-twice (or never). The gap from 0005 to 0009 is one of those: two changes were written
-in parallel, one took 0005 and the other 0009 to stay clear of it, and both had been
-applied by the time they met. A new migration takes the number after the highest one.
+A migration is ``migrations/NNNN_what_it_does.sql``: four digits, then a name; a file
+named otherwise is not a migration and is never applied. Numbers only ever grow, and
+a number once applied somewhere is never reused or renumbered: ``trackbuf_migrations``
+records versions, so a renamed file would run twice (or never). The gap from 0005 to
+0009 is one of those: two changes were written in parallel, one took 0005 and the
+other 0009 to stay clear of it, and both had been applied by the time they met. A new
+migration takes the number after the highest one.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ class Migration:
 
 def available() -> list[Migration]:
     found = []
-    for entry in resources.files("consumer").joinpath("migrations").iterdir():
+    for entry in resources.files("store").joinpath("migrations").iterdir():
         match = _FILE.match(entry.name)
         if match:
             found.append(Migration(int(match.group(1)), match.group(2), entry.read_text()))
@@ -73,7 +76,7 @@ async def migrate(conn: asyncpg.Connection, up_to: int | None = None) -> list[in
             log.info(kv("migration_applied", version=migration.version, name=migration.name))
             applied_now.append(migration.version)
         # Every deploy also makes the coming months' partitions of events (consumers do
-        # it hourly too; see consumer/partitions.py).
+        # it hourly too; see store/partitions.py).
         if await conn.fetchval("SELECT to_regproc('trackbuf_ensure_event_partitions')"):
             await conn.execute("SELECT trackbuf_ensure_event_partitions(2)")
     finally:

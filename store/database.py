@@ -2,6 +2,10 @@
 
 asyncpg is asynchronous but each worker thread is a plain blocking loop, so every
 ``Database`` runs its own private event loop: no loop is shared between threads.
+
+The insert takes events already classified (one JSON array): the verdicts are the
+consumer's (``consumer/writer.py`` classifies, then calls ``insert_events``), the SQL
+and what a failure means are the database side's.
 """
 
 from __future__ import annotations
@@ -9,14 +13,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import asyncpg
 
-from consumer.classify import classifier
-from consumer.sql import query
-from consumer.verdicts import Annotated, Unreadable, annotate
+from store.sql import query
 
 log = logging.getLogger("trackbuf.consumer.database")
 
@@ -44,26 +45,11 @@ class RejectedData(Exception):
     """The database refused the data itself; retrying the same batch cannot succeed."""
 
 
-@dataclass(frozen=True)
-class WriteResult:
-    events: int
-    inserted: int
-
-    @property
-    def duplicates(self) -> int:
-        """Events skipped as already stored. ``events`` is the sum of the job headers'
-        counts, which only size batches: the insert stores every event a job holds,
-        so a header that under-counts gives more rows than ``events``, never fewer
-        than zero duplicates."""
-        return max(self.events - self.inserted, 0)
-
-
 class Database:
     def __init__(self, dsn: str) -> None:
         self._dsn = dsn
         self._loop = asyncio.new_event_loop()
         self._conn: asyncpg.Connection | None = None
-        self._classifier = classifier()
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self._loop.run_until_complete(coro)
@@ -92,17 +78,34 @@ class Database:
         """Raises DatabaseUnavailable, with the server's reason, unless it answers."""
         self._call(lambda conn: conn.fetchval("SELECT 1"))
 
-    def insert_jobs(self, bodies: Sequence[bytes], events: int) -> WriteResult:
-        """Classify and insert every event of these job bodies, and count the ones
-        added into the rollups, in one transaction (one statement)."""
-        try:
-            batch = annotate(bodies, self._classifier)
-        except Unreadable as exc:
-            raise RejectedData(str(exc)) from None
-        inserted: int = self._call(lambda conn: self._insert(conn, batch))
-        return WriteResult(events, inserted)
+    def insert_events(
+        self,
+        payload: str,
+        clicker_campaigns: Sequence[str],
+        clicker_recipients: Sequence[str],
+        burst_window_s: float,
+        burst_min_links: int,
+    ) -> int:
+        """Insert a batch's classified events (one JSON array) and count the ones added
+        into the rollups, in one transaction; returns how many rows were added.
 
-    async def _insert(self, conn: asyncpg.Connection, batch: Annotated) -> int:
+        The clickers (campaigns and recipients, paired by position) are who clicked in
+        the batch, for the burst rule's locks."""
+        added: int = self._call(
+            lambda conn: self._insert(conn, payload, clicker_campaigns, clicker_recipients,
+                                      burst_window_s, burst_min_links)
+        )  # fmt: skip
+        return added
+
+    async def _insert(
+        self,
+        conn: asyncpg.Connection,
+        payload: str,
+        clicker_campaigns: Sequence[str],
+        clicker_recipients: Sequence[str],
+        window: float,
+        links: int,
+    ) -> int:
         """The insert and, when it found clicks that may make a burst, the burst rule
         over those recipients' stored clicks, in one transaction: a burst is marked
         whole, or the batch is not stored.
@@ -111,14 +114,10 @@ class Database:
         clicks of the same recipient then run one after the other, the second seeing
         all the first stored and marked, so the burst rule and people's uniques come
         out as a recount of the stored clicks would make them, whatever the threads."""
-        burst = self._classifier.rules.burst
-        window, links = burst.window_seconds, burst.min_links
         async with conn.transaction():
-            if batch.clicker_campaigns:
-                await conn.execute(
-                    query("click_locks"), batch.clicker_campaigns, batch.clicker_recipients
-                )
-            row = await conn.fetchrow(query("insert_jobs"), batch.payload, window, links)
+            if clicker_campaigns:
+                await conn.execute(query("click_locks"), clicker_campaigns, clicker_recipients)
+            row = await conn.fetchrow(query("insert_jobs"), payload, window, links)
             if row["campaigns"]:
                 who = (row["campaigns"], row["recipients"])
                 await conn.execute(query("burst_mark"), *who, window, links)

@@ -1,6 +1,7 @@
-"""The consumer's beanstalkd connection: one per worker thread, rebuilt after errors.
+"""A blocking beanstalkd client: the consumer's connection (one per worker thread,
+rebuilt after errors), and what operator commands use to read or put into the queue.
 
-A small blocking client that owns its socket; commands and replies come from
+A small client that owns its socket; commands and replies come from
 ``trackbuf.beanstalk``, the protocol layer ingest's asyncio client uses too. It
 pipelines where the consumer needs throughput: ``reserve_ready`` and ``delete_many``
 send k commands in one write and read the k replies back, one round trip instead of

@@ -24,9 +24,9 @@ from typing import Generic, TypeVar
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from consumer.queue import NotAnswering
-from consumer.queue_metrics import STATES, QueueSnapshot, server_name, snapshots
 from trackbuf import metric_names as names
+from trackbuf.beanstalk_client import NotAnswering
+from trackbuf.queue_snapshot import STATES, QueueSnapshot, server_name, snapshots
 from trackbuf.settings import Settings
 
 # Reserve commands per second beyond 3 per job reserved that say the consumer polls

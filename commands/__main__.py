@@ -1,0 +1,3 @@
+from commands.main import main
+
+raise SystemExit(main())

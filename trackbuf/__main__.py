@@ -1,3 +1,0 @@
-from trackbuf.cli import main
-
-raise SystemExit(main())
