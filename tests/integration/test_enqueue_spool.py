@@ -46,7 +46,7 @@ def test_a_backlog_spooled_under_the_largest_job_limit_is_replayed_whole(
 
     async def scenario() -> list[Outcome]:
         spool = Spool(tmp_path / "spool", max_bytes=1 << 30)
-        enq = Enqueuer(("127.0.0.1", server.port), TUBE, ttr=60, max_job_bytes=4 << 20,
+        enq = Enqueuer([("127.0.0.1", server.port)], TUBE, ttr=60, max_job_bytes=4 << 20,
                        metrics=IngestMetrics.create(registry), spool=spool)  # fmt: skip
         await enq.start()
         futures = [enq.submit(codec.encode_event(event)) for event in events]
@@ -97,7 +97,7 @@ def test_a_spool_write_that_outlasts_its_timeout_is_counted_when_it_ends(
     spool = HungDiskSpool(tmp_path / "spool", full=full)
 
     async def scenario() -> tuple[list[Outcome], float, float, float, float, int]:
-        enq = Enqueuer(("127.0.0.1", free_port()), TUBE, ttr=60, max_job_bytes=60000,
+        enq = Enqueuer([("127.0.0.1", free_port())], TUBE, ttr=60, max_job_bytes=60000,
                        metrics=IngestMetrics.create(registry), spool=spool)  # fmt: skip
         await enq.start()
         started = time.monotonic()
