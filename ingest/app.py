@@ -49,7 +49,7 @@ def respond(answer: Answer) -> web.Response:
 
 class ShutdownClock:
     """One deadline for the whole graceful stop: the server waits for in-flight
-    requests and then the enqueue task flushes, and together they must fit in
+    requests and then the enqueuer flushes, and together they must fit in
     ``shutdown_timeout`` rather than each taking all of it."""
 
     def __init__(self) -> None:
@@ -144,7 +144,7 @@ class Ingest:
             self.counted(decision, started)
             return respond(decision.answer)
         try:
-            # No timeout here: the enqueue task settles every future (its own I/O has
+            # No timeout here: the enqueuer settles every future (its own I/O has
             # timeouts), and wait_for would cost a task per request on the hot path.
             outcome = await self.submit(record)
         except Exception:

@@ -423,7 +423,8 @@ class Enqueuer:
             lane.timed(time.perf_counter() - started)
 
     async def _replay_some(self, lane: Lane) -> None:
-        if self._closing or self._replaying.locked() or not lane.healthy:
+        # An empty spool is the usual case, after every live batch: no lock for it.
+        if self._writer.empty or self._closing or self._replaying.locked() or not lane.healthy:
             return
         async with self._replaying:
             await lane.replayer.round()
