@@ -23,7 +23,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
 from ingest.decide import NO_INDEX, TEXT, Answer, Decision, Record, Rules, decide
-from ingest.enqueuers import AnyEnqueuer, make_enqueuer
+from ingest.enqueue import Enqueuer
 from ingest.metrics import IngestMetrics
 from ingest.outcomes import Outcome
 from ingest.spool import Spool
@@ -49,7 +49,7 @@ def respond(answer: Answer) -> web.Response:
 
 class ShutdownClock:
     """One deadline for the whole graceful stop: the server waits for in-flight
-    requests and then the enqueue task flushes, and together they must fit in
+    requests and then the enqueuer flushes, and together they must fit in
     ``shutdown_timeout`` rather than each taking all of it."""
 
     def __init__(self) -> None:
@@ -83,7 +83,7 @@ class Ingest:
         self._flusher: asyncio.Task[None] | None = None
         self.shutdown = ShutdownClock()
         spool = Spool(Path(settings.spool_path), settings.spool_max_bytes, settings.spool_fsync)
-        self.enqueuer: AnyEnqueuer = make_enqueuer(settings, self.metrics, spool)
+        self.enqueuer = Enqueuer.from_settings(settings, self.metrics, spool)
         self.rules = Rules(
             self.keyring,
             self.redirect_hosts,
@@ -144,13 +144,13 @@ class Ingest:
             self.counted(decision, started)
             return respond(decision.answer)
         try:
-            # No timeout here: the enqueue task settles every future (its own I/O has
+            # No timeout here: the enqueuer settles every future (its own I/O has
             # timeouts), and wait_for would cost a task per request on the hot path.
             outcome = await self.submit(record)
         except Exception:
             self.record_failed(record.kind, started)
         else:
-            self.settled(record, outcome, started)
+            self.record_outcome(record, outcome, started)
         return respond(decision.answer)
 
     async def handle_admin(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -168,7 +168,7 @@ class Ingest:
             return
         if decision.invalid is not None:
             self.metrics.invalid_token_counter(route, decision.invalid).inc()
-        self.observe(route, decision.label or "", started)
+        self.tally_request(route, decision.label or "", started)
 
     def submit(self, record: Record) -> Awaitable[Outcome]:
         """Hand the event of a valid request to the enqueuer; its outcome once durable."""
@@ -183,7 +183,7 @@ class Ingest:
         log.exception(kv("request_failed", route=kind))
         self.metrics.event_counter(kind, "lost").inc()
         log.error(kv("event_lost", kind=kind, reason="request_failed"))
-        self.observe(kind, "error", started)
+        self.tally_request(kind, "error", started)
 
     def encode(
         self,
@@ -206,14 +206,14 @@ class Ingest:
             prefetch=prefetch,
         )
 
-    def settled(self, record: Record, outcome: Outcome, started: float) -> None:
+    def record_outcome(self, record: Record, outcome: Outcome, started: float) -> None:
         """Count what became of an event handed to the enqueuer."""
         kind = record.kind
         if outcome is not Outcome.UNCONFIRMED:  # counted by the spool writer when it ends
             self.tally.event(kind, outcome.value)
         if outcome is Outcome.LOST:
             log.error(kv("event_lost", kind=kind, campaign=record.payload.campaign))
-        self.observe(kind, outcome.value, started)
+        self.tally_request(kind, outcome.value, started)
 
     def client_ip(self, forwarded: list[str], remote: str | None) -> str | None:
         """The address to store: from the socket or, with ``trust_forwarded``, the last
@@ -232,7 +232,8 @@ class Ingest:
             return remote  # from the socket: already a valid address, no parsing
         return clean_ip(remote, mode)
 
-    def observe(self, route: str, outcome: str, started: float) -> None:
+    def tally_request(self, route: str, outcome: str, started: float) -> None:
+        """Count a finished request and its time since ``started``, by route and outcome."""
         self.tally.request(route, outcome, time.perf_counter() - started)
 
     def metrics_page(self) -> web.Response:

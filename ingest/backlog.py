@@ -114,7 +114,7 @@ class Backlog:
         if not self.full:
             self._set_full(True, "out_of_memory")
 
-    def observe(self, jobs: int, put_at_ask: int) -> None:
+    def note_queue_stats(self, jobs: int, put_at_ask: int) -> None:
         """A stats answer: ``jobs`` on the server, asked when _put_bytes was
         ``put_at_ask`` (puts after that are not in the count)."""
         self.jobs = jobs
@@ -155,7 +155,7 @@ class Backlog:
         stats = await conn.stats()
         jobs = sum(_int(stats.get(f"current-jobs-{state}")) for state in JOB_STATES)
         self._clear_hung()
-        self.observe(jobs, asked)
+        self.note_queue_stats(jobs, asked)
 
     async def _run(self) -> None:
         conn: bsproto.Connection | None = None

@@ -306,7 +306,7 @@ class FastConnection(asyncio.Protocol):
             except (Exception, asyncio.CancelledError):
                 ingest.record_failed(record.kind, started)
             else:
-                ingest.settled(record, outcome, started)
+                ingest.record_outcome(record, outcome, started)
             self._answer(request, answer)
 
         cast("asyncio.Future[Outcome]", future).add_done_callback(durable)

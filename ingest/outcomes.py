@@ -1,4 +1,4 @@
-"""What became of an event handed to the enqueue task."""
+"""What became of an event handed to the enqueuer."""
 
 from __future__ import annotations
 

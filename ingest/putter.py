@@ -5,12 +5,12 @@ reconnects in the background), the stall timer armed around every command, packi
 events into jobs under the size limit, splitting a job the server refuses as too big,
 and learning the server's real limit when it is lower than the configured one.
 
-A command still in flight after the stall bound (``PUT_STALL_S``; a pool passes its
-shorter one) means beanstalkd is hung. The putter does not cancel it (the events in a
-put that was handed to beanstalkd may still be stored, and spooling them too would
-store them twice); it calls ``on_stall`` so its owner can answer later requests
-elsewhere (the spool, or another server of a pool), and ``on_resume`` once the
-command has ended either way.
+A command still in flight after the stall bound (``PUT_STALL_S`` for a single server,
+``POOL_STALL_S`` when there are others to hand its requests to) means beanstalkd is
+hung. The putter does not cancel it (the events in a put that was handed to beanstalkd
+may still be stored, and spooling them too would store them twice); it calls
+``on_stall`` so its owner can answer later requests elsewhere (the spool, or another
+server), and ``on_resume`` once the command has ended either way.
 
 It also keeps the server under its high-water mark (``backlog.Backlog``): ``full``
 says the server holds more than it should be given, and the owner then sends live
@@ -41,6 +41,13 @@ log = logging.getLogger("trackbuf.ingest.enqueue")
 # hung, and later batches stop waiting for it. Set too low it only sends batches to the
 # spool early, never loses one.
 PUT_STALL_S = 0.25
+# Among several servers, a put still unanswered after this goes to another server.
+# Shorter than PUT_STALL_S because there a stall costs only a re-put on a healthy
+# server, not a trip to the spool, and the requests inside the stalled put wait exactly
+# this long. A healthy put answers in about a millisecond, so 0.1 s still leaves room
+# for a slower network or an fsyncing server; set too low it only makes duplicates the
+# consumer drops.
+POOL_STALL_S = 0.1
 MAX_EVENTS_PER_JOB = 1000
 
 T = TypeVar("T")

@@ -42,8 +42,8 @@ class Replayer:
         self._writer = writer
         self._putter = putter
         self._metrics = metrics
-        self._live_waiting = live_waiting  # do requests wait for the enqueue task?
-        self._come_back = come_back  # ask the enqueue task for another round soon
+        self._live_waiting = live_waiting  # do requests wait for a lane to take them?
+        self._come_back = come_back  # ask the lanes for another round soon
 
     @property
     def usable(self) -> bool:

@@ -92,7 +92,7 @@ async def serve(
     """Serve the public sockets (pixels, redirects, health) and the private admin ones
     (/metrics) until SIGTERM/SIGINT (or ``stop``), then shut down gracefully.
 
-    Graceful: stop accepting, let in-flight requests finish, flush the enqueue task;
+    Graceful: stop accepting, let in-flight requests finish, flush the enqueuer;
     all bounded by ``shutdown_timeout``.
     """
     stop = stop or asyncio.Event()

@@ -4,7 +4,7 @@ host.
 For the spool of an ingest host that is gone (scaled down, replaced, its disk moved
 to another machine): the same claim as an ingest start (files a live ingest holds
 are left to it, ``spool.Spool.open``) and the same put path and high-water mark as
-ingest (``enqueuers.make_enqueuer``), so a replay never overfills beanstalkd; it
+ingest (``enqueue.Enqueuer.from_settings``), so a replay never overfills beanstalkd; it
 waits for the consumer to drain a full server, up to ``--timeout``.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from ingest.enqueuers import make_enqueuer
+from ingest.enqueue import Enqueuer
 from ingest.metrics import IngestMetrics
 from ingest.spool import Spool
 from trackbuf.settings import Settings, SettingsError
@@ -34,7 +34,7 @@ async def _replay(settings: Settings, path: Path, timeout: float) -> int:
     deadline = time.monotonic() + timeout
     spool = Spool(path, settings.spool_max_bytes, settings.spool_fsync)
     metrics = IngestMetrics.create(CollectorRegistry())
-    enqueuer = make_enqueuer(settings, metrics, spool)
+    enqueuer = Enqueuer.from_settings(settings, metrics, spool)
     await enqueuer.start()  # claims the files nobody holds
     found, found_bytes = spool.pending_events, spool.pending_bytes
     print(f"{path}: {found:,} event(s), {found_bytes:,} bytes to replay", flush=True)

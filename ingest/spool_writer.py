@@ -1,4 +1,4 @@
-"""The spool as the enqueue task uses it: on one disk thread, with a timeout.
+"""The spool as the enqueuer uses it: on one disk thread, with a timeout.
 
 Spool I/O (appends, fsyncs, replay reads) runs on a single thread so appends stay in
 order and an fsync never stalls the event loop. A write that outlasts

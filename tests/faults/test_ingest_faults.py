@@ -282,7 +282,7 @@ def test_a_corrupt_spool_record_is_counted_lost_and_the_rest_stored(
 
 def enqueuer(server: Beanstalkd, tmp_path: Path, registry: CollectorRegistry) -> Enqueuer:
     return Enqueuer(
-        ("127.0.0.1", server.port),
+        [("127.0.0.1", server.port)],
         TUBE,
         ttr=60,
         max_job_bytes=60000,
@@ -343,7 +343,7 @@ def test_an_oversized_event_in_a_split_job_is_lost_alone(tmp_path: Path) -> None
         await wait_connected(enq)
         # Ingest learns max-job-size when it connects, so only a batch packed before
         # that (a race with a reconnect) meets a smaller limit; pack as if it had.
-        enq._putter.job_bytes = 60000
+        enq._lanes[0].putter.job_bytes = 60000
         outcomes = await submit_together(enq, batch_with_one_oversized_event())
         assert await enq.close(5)
         return outcomes

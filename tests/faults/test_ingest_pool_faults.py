@@ -17,9 +17,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from ingest import bsproto
+from ingest.enqueue import Enqueuer
 from ingest.metrics import IngestMetrics
 from ingest.outcomes import Outcome
-from ingest.pool import POOL_STALL_S, PoolEnqueuer
+from ingest.putter import POOL_STALL_S
 from ingest.spool import Spool
 from tests.faults.test_outages import report
 from tests.servers import Beanstalkd, take_recipients
@@ -45,7 +46,7 @@ def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
 class Steady:
     """Clients that each send an event, wait for the answer, pause, and again."""
 
-    enq: PoolEnqueuer
+    enq: Enqueuer
     answered: dict[str, Outcome] = field(default_factory=dict)
     latencies: list[float] = field(default_factory=list)
     running: bool = True
@@ -66,8 +67,8 @@ class Steady:
         return ordered[int(len(ordered) * 0.99)]
 
 
-def pool(servers: list[Beanstalkd], tmp_path: Path, registry: CollectorRegistry) -> PoolEnqueuer:
-    return PoolEnqueuer(
+def pool(servers: list[Beanstalkd], tmp_path: Path, registry: CollectorRegistry) -> Enqueuer:
+    return Enqueuer(
         [("127.0.0.1", s.port) for s in servers], TUBE, ttr=60, max_job_bytes=1 << 16,
         metrics=IngestMetrics.create(registry), spool=Spool(tmp_path / "spool", 1 << 24),
     )  # fmt: skip

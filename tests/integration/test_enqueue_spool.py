@@ -7,6 +7,7 @@ only what was really lost: a spool write that outlasts its timeout may still lan
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 import time
 from pathlib import Path
@@ -46,7 +47,7 @@ def test_a_backlog_spooled_under_the_largest_job_limit_is_replayed_whole(
 
     async def scenario() -> list[Outcome]:
         spool = Spool(tmp_path / "spool", max_bytes=1 << 30)
-        enq = Enqueuer(("127.0.0.1", server.port), TUBE, ttr=60, max_job_bytes=4 << 20,
+        enq = Enqueuer([("127.0.0.1", server.port)], TUBE, ttr=60, max_job_bytes=4 << 20,
                        metrics=IngestMetrics.create(registry), spool=spool)  # fmt: skip
         await enq.start()
         futures = [enq.submit(codec.encode_event(event)) for event in events]
@@ -97,7 +98,7 @@ def test_a_spool_write_that_outlasts_its_timeout_is_counted_when_it_ends(
     spool = HungDiskSpool(tmp_path / "spool", full=full)
 
     async def scenario() -> tuple[list[Outcome], float, float, float, float, int]:
-        enq = Enqueuer(("127.0.0.1", free_port()), TUBE, ttr=60, max_job_bytes=60000,
+        enq = Enqueuer([("127.0.0.1", free_port())], TUBE, ttr=60, max_job_bytes=60000,
                        metrics=IngestMetrics.create(registry), spool=spool)  # fmt: skip
         await enq.start()
         started = time.monotonic()
@@ -127,3 +128,33 @@ def test_a_spool_write_that_outlasts_its_timeout_is_counted_when_it_ends(
         assert (lost, spooled, records) == (3, 0, 0)
     else:
         assert (lost, spooled, records) == (0, 3, 1)
+
+
+def test_a_lone_server_that_refuses_puts_is_asked_again_by_the_next_batch(
+    beanstalkd: Beanstalkd, tmp_path: Path
+) -> None:
+    """One server in drain mode (SIGUSR1: every put answers DRAINING). With no other
+    server to hand the events to, each refused batch goes to the spool at once, with no
+    re-put and no rest: the next batch asks the server again."""
+    assert beanstalkd.proc is not None
+    beanstalkd.proc.send_signal(signal.SIGUSR1)
+    registry = CollectorRegistry()
+    spool = Spool(tmp_path / "spool", max_bytes=1 << 20)
+
+    async def scenario() -> list[Outcome]:
+        enq = Enqueuer([("127.0.0.1", beanstalkd.port)], TUBE, ttr=60, max_job_bytes=60000,
+                       metrics=IngestMetrics.create(registry), spool=spool)  # fmt: skip
+        await enq.start()
+        outcomes = []
+        for i in range(3):
+            encoded = codec.encode_event(new_event("open", "drain", f"r{i}"))
+            outcomes.append(await enq.submit(encoded))
+        await enq.close(0.5)  # the spool stays: the server refuses its replay too
+        return outcomes
+
+    outcomes = asyncio.run(scenario())
+    assert outcomes == [Outcome.SPOOLED] * 3
+    # Three live puts at least (replay rounds may add more), each refused.
+    assert beanstalkd.stats()["cmd-put"] >= 3
+    reputs = registry.get_sample_value("trackbuf_ingest_jobs_reput_total", {"reason": "refused"})
+    assert not reputs

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
+from ingest.enqueue import Enqueuer
 from ingest.metrics import IngestMetrics
 from ingest.outcomes import Outcome
-from ingest.pool import PoolEnqueuer
 from ingest.spool import Spool
 from tests.servers import Beanstalkd, take_recipients
 from trackbuf import codec
@@ -34,8 +34,8 @@ def three(beanstalkd_pool: list[Beanstalkd]) -> list[Beanstalkd]:
 
 
 def pool(servers: list[Beanstalkd], tmp_path: Path, registry: CollectorRegistry,
-         spool_bytes: int = 1 << 24) -> PoolEnqueuer:  # fmt: skip
-    return PoolEnqueuer(
+         spool_bytes: int = 1 << 24) -> Enqueuer:  # fmt: skip
+    return Enqueuer(
         [("127.0.0.1", s.port) for s in servers], TUBE, ttr=60, max_job_bytes=1 << 16,
         metrics=IngestMetrics.create(registry),
         spool=Spool(tmp_path / "spool", max_bytes=spool_bytes) if spool_bytes else None,
@@ -47,7 +47,7 @@ def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
 
 
 async def send(
-    enq: PoolEnqueuer, recipients: list[str], clients: int, latencies: list[float] | None = None
+    enq: Enqueuer, recipients: list[str], clients: int, latencies: list[float] | None = None
 ) -> list[Outcome]:
     """Send these events from ``clients`` concurrent requesters, each waiting for its
     answer before sending the next, as HTTP clients do."""
@@ -196,7 +196,7 @@ def test_a_server_behind_a_slow_link_is_passed_over(
         )
         slow = ("127.0.0.1", proxy.sockets[0].getsockname()[1])
         async with proxy:
-            enq = PoolEnqueuer(
+            enq = Enqueuer(
                 [slow] + [("127.0.0.1", s.port) for s in three[1:]], TUBE, ttr=60,
                 max_job_bytes=1 << 16, metrics=IngestMetrics.create(registry),
                 spool=Spool(tmp_path / "spool", max_bytes=1 << 24),

@@ -24,7 +24,6 @@ from prometheus_client import CollectorRegistry
 from ingest.enqueue import Enqueuer, Outcome
 from ingest.linger import ENOUGH_EVENTS
 from ingest.metrics import IngestMetrics
-from ingest.pool import PoolEnqueuer
 from tests.servers import Beanstalkd, taken_jobs
 from trackbuf import codec
 from trackbuf.events import new_event
@@ -45,14 +44,11 @@ def jobs(servers: list[Beanstalkd]) -> list[list[str]]:
     return [list(job) for job in sorted({tuple(job) for job in found})]
 
 
-def enqueuer(servers: list[Beanstalkd], linger_s: float) -> Enqueuer | PoolEnqueuer:
+def enqueuer(servers: list[Beanstalkd], linger_s: float) -> Enqueuer:
     metrics = IngestMetrics.create(CollectorRegistry())
     addresses = [("127.0.0.1", s.port) for s in servers]
-    if len(addresses) == 1:
-        return Enqueuer(addresses[0], TUBE, ttr=60, max_job_bytes=60000, metrics=metrics,
-                        linger_s=linger_s)  # fmt: skip
-    return PoolEnqueuer(addresses, TUBE, ttr=60, max_job_bytes=60000, metrics=metrics,
-                        linger_s=linger_s)  # fmt: skip
+    return Enqueuer(addresses, TUBE, ttr=60, max_job_bytes=60000, metrics=metrics,
+                    linger_s=linger_s)  # fmt: skip
 
 
 def trickle(

@@ -19,7 +19,6 @@ from prometheus_client import CollectorRegistry
 from ingest.enqueue import Enqueuer
 from ingest.metrics import IngestMetrics
 from ingest.outcomes import Outcome
-from ingest.pool import PoolEnqueuer
 from ingest.spool import Spool
 from tests.servers import Beanstalkd, take_in_order
 from trackbuf import codec
@@ -35,7 +34,7 @@ def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
     return registry.get_sample_value(name, labels) or 0.0
 
 
-async def push(enq: Enqueuer | PoolEnqueuer, recipients: list[str]) -> list[Outcome]:
+async def push(enq: Enqueuer, recipients: list[str]) -> list[Outcome]:
     """Send in bursts of 50 concurrent requests, each burst answered before the next."""
     outcomes: list[Outcome] = []
     for start in range(0, len(recipients), 50):
@@ -45,7 +44,7 @@ async def push(enq: Enqueuer | PoolEnqueuer, recipients: list[str]) -> list[Outc
     return outcomes
 
 
-async def drain(enq: Enqueuer | PoolEnqueuer, servers: list[Beanstalkd]) -> list[list[str]]:
+async def drain(enq: Enqueuer, servers: list[Beanstalkd]) -> list[list[str]]:
     """Empty the servers as a consumer would, until the spool is empty and nothing is
     left: what each server gave, in the order it gave it."""
     spool = enq.spool
@@ -76,13 +75,8 @@ def test_above_high_water_events_go_to_disk_and_come_back_oldest_first(
         addresses = [("127.0.0.1", s.port) for s in pool]
         metrics = IngestMetrics.create(registry)
         spool = Spool(tmp_path / "spool", max_bytes=1 << 30)
-        enq: Enqueuer | PoolEnqueuer
-        if servers == 1:
-            enq = Enqueuer(addresses[0], TUBE, ttr=60, max_job_bytes=1 << 16, metrics=metrics,
-                           spool=spool, queue_max_bytes=HIGH_WATER)  # fmt: skip
-        else:
-            enq = PoolEnqueuer(addresses, TUBE, ttr=60, max_job_bytes=1 << 16, metrics=metrics,
-                               spool=spool, queue_max_bytes=HIGH_WATER)  # fmt: skip
+        enq = Enqueuer(addresses, TUBE, ttr=60, max_job_bytes=1 << 16, metrics=metrics,
+                       spool=spool, queue_max_bytes=HIGH_WATER)  # fmt: skip
         await enq.start()
         outcomes = await push(enq, recipients)
         for server in pool:
@@ -127,7 +121,7 @@ def test_out_of_memory_spills_to_disk_and_nothing_is_lost(tmp_path: Path) -> Non
 
     async def scenario() -> tuple[list[Outcome], list[list[str]]]:
         spool = Spool(tmp_path / "spool", max_bytes=1 << 30)
-        enq = Enqueuer(("127.0.0.1", server.port), TUBE, ttr=60, max_job_bytes=1 << 16,
+        enq = Enqueuer([("127.0.0.1", server.port)], TUBE, ttr=60, max_job_bytes=1 << 16,
                        metrics=IngestMetrics.create(registry), spool=spool)  # fmt: skip
         await enq.start()
         outcomes = await push(enq, recipients)

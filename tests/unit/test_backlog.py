@@ -38,12 +38,12 @@ def test_full_until_the_server_drains_below_low_water() -> None:
     assert b.full
     per_job = b.mean_job_bytes + JOB_OVERHEAD_BYTES
     # The poll saw the 100 jobs (asked after all the puts): still full.
-    b.observe(100, put_at_ask=b._put_bytes)
+    b.note_queue_stats(100, put_at_ask=b._put_bytes)
     assert b.full
     # Drained to between the marks: still full (no flapping at the mark).
-    b.observe(int(100_000 * 0.9 / per_job), put_at_ask=b._put_bytes)
+    b.note_queue_stats(int(100_000 * 0.9 / per_job), put_at_ask=b._put_bytes)
     assert b.full
-    b.observe(int(100_000 * LOW_WATER / per_job) - 1, put_at_ask=b._put_bytes)
+    b.note_queue_stats(int(100_000 * LOW_WATER / per_job) - 1, put_at_ask=b._put_bytes)
     assert not b.full and seen == [True, False]
 
 
@@ -51,19 +51,19 @@ def test_puts_after_the_stats_was_asked_still_count() -> None:
     b, _, _ = backlog(high=1 << 30)
     asked = b._put_bytes
     b.put(5000)  # in flight while stats was answered
-    b.observe(0, put_at_ask=asked)
+    b.note_queue_stats(0, put_at_ask=asked)
     assert b.held_bytes == 5000 + JOB_OVERHEAD_BYTES
 
 
 def test_out_of_memory_makes_the_server_full_at_what_it_holds() -> None:
     b, seen, _ = backlog(high=1 << 30)
-    b.observe(1000, put_at_ask=0)
+    b.note_queue_stats(1000, put_at_ask=0)
     held = b.held_bytes
     b.out_of_memory()
     assert b.full and seen == [True]
     assert b.low_water == int(held * LOW_WATER)
-    b.observe(800, put_at_ask=0)  # 80% of what it held: not yet
+    b.note_queue_stats(800, put_at_ask=0)  # 80% of what it held: not yet
     assert b.full
-    b.observe(700, put_at_ask=0)
+    b.note_queue_stats(700, put_at_ask=0)
     assert not b.full
     assert b.low_water == int((1 << 30) * LOW_WATER)  # the configured mark is back
