@@ -28,7 +28,7 @@ from aiohttp import web
 
 from ingest.pixel import GIF, PIXEL_HEADERS
 from trackbuf import tokens
-from trackbuf.events import new_event
+from trackbuf.events import Event, new_event
 
 POOL = web.AppKey("pool", asyncpg.Pool)
 KEYRING = web.AppKey("keyring", tokens.Keyring)
@@ -58,6 +58,14 @@ def bare_app() -> web.Application:
     return app
 
 
+async def _insert(request: web.Request, event: Event) -> None:
+    """The naive design: the answer waits for the database, and an outage is an error."""
+    await request.app[POOL].execute(
+        INSERT, event.event_id, event.kind, event.occurred_at, event.campaign,
+        event.recipient, event.url, event.user_agent, event.ip,
+    )  # fmt: skip
+
+
 async def naive_pixel(request: web.Request) -> web.Response:
     try:
         payload = tokens.verify(request.app[KEYRING], request.match_info["token"], "open")
@@ -67,11 +75,7 @@ async def naive_pixel(request: web.Request) -> web.Response:
         "open", payload.campaign, payload.recipient,
         user_agent=request.headers.get("User-Agent"), ip=request.remote,
     )  # fmt: skip
-    # The naive design: the answer waits for the database, and an outage is an error.
-    await request.app[POOL].execute(
-        INSERT, event.event_id, event.kind, event.occurred_at, event.campaign,
-        event.recipient, event.url, event.user_agent, event.ip,
-    )  # fmt: skip
+    await _insert(request, event)
     return web.Response(body=GIF, headers=PIXEL_HEADERS)
 
 
@@ -85,10 +89,7 @@ async def naive_click(request: web.Request) -> web.Response:
         "click", payload.campaign, payload.recipient, url=payload.url,
         user_agent=request.headers.get("User-Agent"), ip=request.remote,
     )  # fmt: skip
-    await request.app[POOL].execute(
-        INSERT, event.event_id, event.kind, event.occurred_at, event.campaign,
-        event.recipient, event.url, event.user_agent, event.ip,
-    )  # fmt: skip
+    await _insert(request, event)
     assert payload.url is not None  # verify() gives every click its target
     return web.Response(status=302, headers={"Location": payload.url})
 
