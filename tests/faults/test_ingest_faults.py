@@ -122,7 +122,7 @@ def test_a_hung_beanstalkd_does_not_slow_ingest_down(
     # waiting on the put that was in flight when beanstalkd stopped; doubled, so a
     # machine twice as slow (or with a core busy) still meets it. Waiting out the hang
     # itself would take the whole 4 s.
-    bound = 2 * (enqueue.PUT_STALL_S + 0.25)
+    assert 2 * (enqueue.PUT_STALL_S + 0.25) <= 1.0, "the bucket below no longer bounds it"
     in_hang = answered(before, during)
     slow = in_hang - answered(before, during, "1.0")  # the label as Prometheus writes it
     p99 = histogram_quantile(0.99, before, during, DURATION)
@@ -138,9 +138,11 @@ def test_a_hung_beanstalkd_does_not_slow_ingest_down(
     assert spooled > 0, "nothing went to the spool: the hang was not exercised"
     assert in_hang > 600, "ingest answered too few requests while beanstalkd hung"
     # At most one put was in flight, and it cannot hold more than the client's
-    # concurrency; everyone else was answered within the bound.
+    # concurrency; everyone else was answered within the bound. (A p99 is no verdict
+    # here: the requests of that one put are by design more than 1% of the hang's
+    # answers whenever fewer than 100 per waiting request come in, as on a busy
+    # machine, where the put also held more of them; it is printed above.)
     assert slow <= concurrency, f"{slow:.0f} requests waited for the hung beanstalkd"
-    assert p99 < bound, f"p99 {p99:.3f}s while beanstalkd hung"
     assert consumer.terminate() == 0 and ingest.terminate() == 0
 
 
