@@ -51,7 +51,9 @@ class Answer:
 
 
 @dataclass
-class Outcome:
+class ProbeResult:
+    """What one probe got back: its answers, or how the server ended the exchange."""
+
     probe: Probe
     answers: list[Answer] = field(default_factory=list)
     error: str | None = None  # the server closed or stayed silent (a fine answer to junk)
@@ -377,8 +379,8 @@ def _percent_some(rng: random.Random, token: str) -> str:
 # The client -------------------------------------------------------------------------
 
 
-async def exchange(host: str, port: int, probe: Probe) -> Outcome:
-    outcome = Outcome(probe)
+async def exchange(host: str, port: int, probe: Probe) -> ProbeResult:
+    outcome = ProbeResult(probe)
     try:
         reader, writer = await asyncio.open_connection(host, port)
     except OSError as exc:
@@ -424,10 +426,10 @@ async def read_answer(reader: asyncio.StreamReader, head: bool) -> Answer | None
     return answer
 
 
-async def slow_client(host: str, port: int, data: bytes, seconds: float) -> Outcome:
+async def slow_client(host: str, port: int, data: bytes, seconds: float) -> ProbeResult:
     """Sends ``data`` one byte a second for at most ``seconds``, then reads what comes."""
     probe = Probe("slow-client", data)
-    outcome = Outcome(probe)
+    outcome = ProbeResult(probe)
     reader, writer = await asyncio.open_connection(host, port)
     try:
         for i in range(min(len(data), int(seconds))):

@@ -31,7 +31,7 @@ import pytest
 import schemathesis
 
 from tests.conftest import KEYS
-from tests.hostile import CAMPAIGN, Generator, Outcome, Probe, exchange, request, slow_client
+from tests.hostile import CAMPAIGN, Generator, Probe, ProbeResult, exchange, request, slow_client
 from tests.procs import LIVE, start_ingest
 from tests.servers import Beanstalkd, free_port, rss_bytes, take_recipients
 from trackbuf import links
@@ -48,17 +48,17 @@ SEED = int(os.environ.get("TRACKBUF_HOSTILE_SEED", random.SystemRandom().randran
 SECRETS = {kid: secret.encode() for kid, _, secret in (k.partition(":") for k in KEYS.split(","))}
 
 
-async def run_all(host: str, port: int, probes: list[Probe]) -> list[Outcome]:
+async def run_all(host: str, port: int, probes: list[Probe]) -> list[ProbeResult]:
     gate = asyncio.Semaphore(CONCURRENCY)
 
-    async def one(probe: Probe) -> Outcome:
+    async def one(probe: Probe) -> ProbeResult:
         async with gate:
             return await exchange(host, port, probe)
 
     return list(await asyncio.gather(*(one(p) for p in probes)))
 
 
-def check(outcomes: list[Outcome], targets: set[str]) -> list[str]:
+def check(outcomes: list[ProbeResult], targets: set[str]) -> list[str]:
     """What must never happen, as readable lines (empty when all is well)."""
     problems = []
     for outcome in outcomes:
@@ -101,7 +101,7 @@ def test_hostile_requests_never_5xx_never_redirect_never_enqueue(
     gen = Generator(SEED, keyring, SECRETS, "run")
     probes = gen.batch(HOSTILE_COUNT)
 
-    async def hostile_run() -> tuple[list[Outcome], list[Outcome]]:
+    async def hostile_run() -> tuple[list[ProbeResult], list[ProbeResult]]:
         slow = [
             # Complete tiny requests, a byte a second: answered once they arrive.
             slow_client(host, port, b"GET /o/ HTTP/1.0\r\n\r\n", seconds=25),
