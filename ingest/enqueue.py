@@ -60,7 +60,8 @@ The spool is used only when no server may answer: each is down, resting, above i
 high-water mark, or has had a command in flight for the single server's
 ``PUT_STALL_S`` (every server "stalled" at once for a moment is more often this host
 short of CPU than every server hung). So a hung beanstalkd makes no request much slower
-than ``PUT_STALL_S`` (plus a replay slice), except those inside a stalled put.
+than ``PUT_STALL_S`` (plus a replay slice and the job linger: a spool record, like a
+job, waits for more events), except those inside a stalled put.
 
 Each lane runs its own commands (a put, a replay round, a ping): a task per put made
 every batch wait two more turns of the event loop, and with 64 clients waiting on their
@@ -435,29 +436,47 @@ class Enqueuer:
         """Answer from the spool while no server may: each down, resting, full, or
         stalled for PUT_STALL_S."""
         while True:
+            try:
+                await self._spooler_round()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # Like a lane, the spooler must outlive any bug: if it died, no later
+                # outage would be answered from the spool, and /readyz, which sees spool
+                # room, would still say ready.
+                log.exception(kv("enqueue_spooler_error"))
+                await asyncio.sleep(0.1)
+
+    async def _spooler_round(self) -> None:
+        wait = self._spool_wait() if self._pending else IDLE_CHECK_S
+        if wait is None and not self._closing:
+            # A spool record is a job too: its first event waits for others, as a
+            # put's would (at most the job linger).
+            await self._linger.wait(len(self._pending))
             wait = self._spool_wait() if self._pending else IDLE_CHECK_S
-            if wait is None and not self._closing:
-                # A spool record is a job too: its first event waits for others, as a
-                # put's would.
-                await self._linger.wait(len(self._pending))
-                wait = self._spool_wait() if self._pending else IDLE_CHECK_S
-            if wait is None:
-                batch, self._pending = self._pending, []
-                self._spooler_holds = batch  # a stop waits for these, not an idle spooler
-                try:
-                    reason = self._why_spool()
-                    for chunk in self._pack(batch):
-                        await self._spool_chunk(chunk, reason)
-                finally:
-                    self._spooler_holds = []
-                continue
-            self._nudge.clear()
-            # The lanes and submit() set the event on every change that matters, and
-            # this task looks at the pending list itself before waiting, so clearing it
-            # here cannot make it miss work.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(wait, IDLE_CHECK_S)):
-                    await self._nudge.wait()
+        if wait is None:
+            batch, self._pending = self._pending, []
+            self._spooler_holds = batch  # a stop waits for these, not an idle spooler
+            try:
+                reason = self._why_spool()
+                for chunk in self._pack(batch):
+                    await self._spool_chunk(chunk, reason)
+            except Exception:
+                # A request whose future nobody settles waits forever: answer what this
+                # round took and did not settle, with the loss counted and logged.
+                log.exception(kv("spool_round_crashed", events=len(batch)))
+                settle_unsettled(batch, Outcome.LOST)
+                raise
+            finally:
+                self._spooler_holds = []
+            return
+        self._nudge.clear()
+        # The lanes and submit() set the event on every change that matters, and
+        # this task looks at the pending list itself before waiting, so clearing it
+        # here cannot make it miss work.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(min(wait, IDLE_CHECK_S)):
+                await self._nudge.wait()
 
     def _spool_wait(self) -> float | None:
         """None when the spool must answer now (no server may answer); otherwise how
@@ -505,4 +524,12 @@ def still_waiting(items: list[Pending]) -> bool:
 def settle(chunk: list[Pending], outcomes: list[Outcome]) -> None:
     for (_, future), outcome in zip(chunk, outcomes, strict=True):
         if not future.done():  # a client that hung up cancelled its request
+            future.set_result(outcome)
+
+
+def settle_unsettled(items: list[Pending], outcome: Outcome) -> None:
+    """``outcome`` for every request of ``items`` still waiting (the others were
+    settled already, or their client hung up)."""
+    for _, future in items:
+        if not future.done():
             future.set_result(outcome)

@@ -158,3 +158,41 @@ def test_a_lone_server_that_refuses_puts_is_asked_again_by_the_next_batch(
     assert beanstalkd.stats()["cmd-put"] >= 3
     reputs = registry.get_sample_value("trackbuf_ingest_jobs_reput_total", {"reason": "refused"})
     assert not reputs
+
+
+def test_a_bug_in_a_spool_round_answers_its_requests_and_the_spooler_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The only server is down, so the spool answers. One spool round fails on a bug:
+    its requests are answered (as lost, which the request's handler counts), not left
+    waiting forever, and later events are spooled again: the spooler outlived the bug."""
+    registry = CollectorRegistry()
+    events = [new_event("open", "bug", f"r{i}") for i in range(6)]
+    failures = iter([RuntimeError("a bug in a spool round")])
+
+    async def scenario() -> tuple[list[Outcome], list[Outcome], bool]:
+        spool = Spool(tmp_path / "spool", max_bytes=1 << 20)
+        enq = Enqueuer([("127.0.0.1", free_port())], TUBE, ttr=60, max_job_bytes=1 << 16,
+                       metrics=IngestMetrics.create(registry), spool=spool)  # fmt: skip
+        why = enq._why_spool
+
+        def why_spool_once_broken() -> str:
+            error = next(failures, None)
+            if error is not None:
+                raise error
+            return why()
+
+        monkeypatch.setattr(enq, "_why_spool", why_spool_once_broken)
+        await enq.start()
+        first = [enq.submit(codec.encode_event(e)) for e in events[:3]]
+        first_outcomes = await asyncio.wait_for(asyncio.gather(*first), 10)
+        later = [enq.submit(codec.encode_event(e)) for e in events[3:]]
+        later_outcomes = await asyncio.wait_for(asyncio.gather(*later), 10)
+        ready = enq.ready()
+        await enq.close(1)
+        return list(first_outcomes), list(later_outcomes), ready
+
+    first, later, ready = asyncio.run(scenario())
+    assert first == [Outcome.LOST] * 3
+    assert later == [Outcome.SPOOLED] * 3
+    assert ready
