@@ -310,7 +310,8 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     # Checked here, before any worker starts: a bad key is one clear error and exit 2,
     # not workers dying and being replaced over and over.
     load_keyring(settings)
-    return server.run(settings)
+    # Each worker of `--workers N` is this command again, one process each.
+    return server.run(settings, worker_argv=[sys.executable, "-m", "commands", "ingest"])
 
 
 def _cmd_consume(args: argparse.Namespace) -> int:

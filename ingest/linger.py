@@ -4,8 +4,8 @@ Natural batching alone (take whatever arrived while the previous put was in flig
 makes small jobs at moderate rates: a put on a nearby server answers in a tenth of a
 millisecond, and at 3,000 events/s the next event comes 0.3 ms later. Every job costs
 its own put, its own reserve and delete in the consumer, and its own records in
-beanstalkd's memory and binlog. Holding the first event of a job for a millisecond or
-two lets the next ones join it.
+beanstalkd's memory and binlog. Holding the first event of a job for a few
+milliseconds (5 by default) lets the next ones join it.
 
 The wait is counted from the arrival of the job's *first* event, so no event waits
 more than ``seconds`` for the linger, and a job that already waited (behind a put in

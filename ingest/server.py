@@ -10,7 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from aiohttp import web
@@ -34,17 +34,19 @@ SUPERVISOR_PID_VARIABLE = "_TRACKBUF_INGEST_SUPERVISOR_PID"
 SUPERVISOR_CHECK_S = 0.5
 
 
-def run(settings: Settings) -> int:
+def run(settings: Settings, worker_argv: Sequence[str]) -> int:
     """Exit code: 0 after a clean stop, 1 when the stop was not clean (see
     ``serve`` and ingest/supervisor.py); a listen address that cannot be bound raises
-    ``ListenError`` before anything starts (the CLI exits 2)."""
+    ``ListenError`` before anything starts (the CLI exits 2). ``worker_argv`` starts one
+    worker when ``settings.workers`` > 1: the command line is its caller's to know, so
+    ingest depends on no command-line package."""
     listeners = listen.inherited()  # a worker of a supervisor: its sockets
     admin = listen.inherited(variable=listen.ADMIN_FDS_VARIABLE) or []
     if listeners is None:
         listeners = listen.bind(settings.listen)
         admin = listen.bind(settings.admin_listen, "admin_listen")
         if settings.workers > 1:
-            return _run_workers(settings, listeners, admin)
+            return _run_workers(settings, listeners, admin, worker_argv)
     _use_uvloop()
     return asyncio.run(serve(settings, listeners, admin))
 
@@ -176,7 +178,10 @@ def _use_uvloop() -> None:
 
 
 def _run_workers(
-    settings: Settings, listeners: list[socket.socket], admin: list[socket.socket]
+    settings: Settings,
+    listeners: list[socket.socket],
+    admin: list[socket.socket],
+    worker_argv: Sequence[str],
 ) -> int:
     """Start ``workers`` single-process servers on the supervisor's sockets and
     supervise them (ingest/supervisor.py).
@@ -197,7 +202,7 @@ def _run_workers(
         "TRACKBUF_WORKERS": "1",
         "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
     }
-    cmd = [sys.executable, "-m", "commands", "ingest"]
+    cmd = list(worker_argv)
     fds = [sock.fileno() for sock in (*listeners, *admin)]
 
     def spawn() -> subprocess.Popen[bytes]:

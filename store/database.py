@@ -19,7 +19,7 @@ import asyncpg
 
 from store.sql import query
 
-log = logging.getLogger("trackbuf.consumer.database")
+log = logging.getLogger("trackbuf.store.database")
 
 T = TypeVar("T")
 

@@ -33,7 +33,7 @@ from store.sql import query
 from store.upkeep import repeat_until_stopped
 from trackbuf.log import kv
 
-log = logging.getLogger("trackbuf.consumer.forget")
+log = logging.getLogger("trackbuf.store.forget")
 
 
 @dataclass(frozen=True)

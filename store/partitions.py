@@ -29,7 +29,7 @@ from store.sql import query
 from store.upkeep import repeat_until_stopped
 from trackbuf.log import kv
 
-log = logging.getLogger("trackbuf.consumer.partitions")
+log = logging.getLogger("trackbuf.store.partitions")
 
 # Two months are made ahead, so an hourly round that fails for weeks loses nothing.
 ENSURE_INTERVAL_S = 3600.0

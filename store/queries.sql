@@ -1,4 +1,4 @@
--- Every query the consumer runs, under a `-- name: <name>` header.
+-- The consumer's, the reports' and the rebuild's queries, each under a `-- name: <name>` header.
 
 -- name: insert_jobs
 -- One statement per batch: store the events, then count the ones it added into the

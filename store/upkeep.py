@@ -15,7 +15,7 @@ from collections.abc import Callable
 from store.database import Database, DatabaseUnavailable
 from trackbuf.log import kv
 
-log = logging.getLogger("trackbuf.consumer")
+log = logging.getLogger("trackbuf.store.upkeep")
 
 
 def repeat_until_stopped(
