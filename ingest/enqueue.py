@@ -465,7 +465,7 @@ class Enqueuer:
                 # A request whose future nobody settles waits forever: answer what this
                 # round took and did not settle, with the loss counted and logged.
                 log.exception(kv("spool_round_crashed", events=len(batch)))
-                settle_unsettled(batch, Outcome.LOST)
+                settle(batch, [Outcome.LOST] * len(batch))  # skips the settled ones
                 raise
             finally:
                 self._spooler_holds = []
@@ -524,12 +524,4 @@ def still_waiting(items: list[Pending]) -> bool:
 def settle(chunk: list[Pending], outcomes: list[Outcome]) -> None:
     for (_, future), outcome in zip(chunk, outcomes, strict=True):
         if not future.done():  # a client that hung up cancelled its request
-            future.set_result(outcome)
-
-
-def settle_unsettled(items: list[Pending], outcome: Outcome) -> None:
-    """``outcome`` for every request of ``items`` still waiting (the others were
-    settled already, or their client hung up)."""
-    for _, future in items:
-        if not future.done():
             future.set_result(outcome)
